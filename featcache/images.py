@@ -1,0 +1,78 @@
+"""Decode image files to RGB, whatever mode they were saved in.
+
+Rules (each tested):
+  - EXIF orientation is applied (a photo shot in portrait reads upright).
+  - Grayscale ("L", "1"), palette ("P"), CMYK and YCbCr convert to RGB with PIL's own matrices.
+  - Alpha ("RGBA", "LA", "P" with transparency) is dropped, as timm's and torchvision's
+    ``ImageFolder`` loaders do, so pixels match what the pretrained models were fed.
+  - 16- and 32-bit integer images ("I;16", "I") are scaled to 8 bits by their type's range
+    (value * 255 / 65535), not clipped at 255; float images ("F") are taken as [0, 1].
+Anything PIL cannot open or fully decode becomes a ``BadImageError`` naming the file and reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from featcache.errors import BadImageError
+
+__all__ = ["decode_image", "to_rgb"]
+
+
+def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
+    array = np.asarray(image)
+    if image.mode == "F":
+        scaled = np.clip(array, 0.0, 1.0) * 255.0
+    else:
+        scaled = np.clip(array.astype(np.float64), 0, 65535) * (255.0 / 65535.0)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Return an RGB copy of ``image`` per the module rules (EXIF already applied)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _high_bit_depth_to_l(image)
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image file (path or bytes) as RGB.
+
+    Raises ``BadImageError`` for missing, empty, truncated, corrupt or non-image files and for
+    images over PIL's decompression-bomb limit; ``name`` (default: the path) labels the error.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    try:
+        if isinstance(source, bytes):
+            if not source:
+                raise BadImageError(label, "empty file (0 bytes)")
+            handle = io.BytesIO(source)
+        else:
+            if not os.path.exists(source):
+                raise BadImageError(label, "file not found")
+            if os.path.getsize(source) == 0:
+                raise BadImageError(label, "empty file (0 bytes)")
+            handle = open(source, "rb")  # noqa: SIM115  (closed below)
+        with handle, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(handle)
+            image.load()  # decode now: truncation shows here, not later in a worker
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImageError(label, f"over PIL's decompression-bomb limit ({err})") from err
+    except Image.UnidentifiedImageError as err:
+        raise BadImageError(label, "not an image PIL can identify") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadImageError(label, f"cannot decode: {err}") from err
