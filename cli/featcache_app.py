@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli._console import console, reports_errors
+from cli._console import console, err_console, reports_errors
 
 app = typer.Typer(
     help="Run frozen vision foundation models once and cache their token features.",
@@ -116,6 +116,226 @@ def demo(
             encoder.fingerprint[:12],
         )
     console.print(table)
+
+
+def _parse_layers(text: str) -> list[int]:
+    from featcache.errors import FeatcacheError
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise FeatcacheError(
+            f"Expected --layers as comma-separated integers such as 2,6,10. Got {text!r} instead."
+        ) from None
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1024 or unit == "TB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} TB"
+
+
+@app.command()
+@reports_errors
+def extract(
+    model: list[str] = typer.Option(..., "--model", help="Encoder (repeat for several)."),
+    data: str = typer.Option(..., help="Image folder (one subfolder per class) or CSV/JSONL."),
+    out: str = typer.Option(..., help="Root for stores: local path or fsspec URL (s3://...)."),
+    layers: str = typer.Option("2,6,10,14,18,22,24", help="Layers to store, e.g. 2,6,10."),
+    split: str | None = typer.Option(None, help="Dataset split (default: the first)."),
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    device: str = typer.Option("auto", help="cuda, cpu or auto (CUDA when present)."),
+    tokens: str = typer.Option("all", help="all | prefix | pooled"),
+    compression: str = typer.Option("none", help="none | zstd | bitround:K"),
+    dtype: str = typer.Option("float16", help="float16 | bfloat16 (uint16 bits) | float32"),
+    shard: str = typer.Option("0/1", help="I/N: process shards i with i % N == I."),
+    shard_size: int = typer.Option(256, help="Images per shard (unit of writing/resuming)."),
+    on_bad_image: str = typer.Option("fail", help="fail | skip (skips are recorded)."),
+    num_workers: int = typer.Option(2, help="Decoding threads."),
+    weights: list[str] = typer.Option([], help="NAME=FILE.safetensors weights for a model."),
+    random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary at the end."),
+) -> None:
+    """Extract layer token features of one or more encoders into Zarr v3 stores."""
+    import json
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from featcache.extract import (
+        ExtractConfig,
+        images_in_shards,
+        parse_shard,
+        plan_extraction,
+        run_extraction,
+    )
+
+    config = ExtractConfig(
+        models=model,
+        data=data,
+        out=out,
+        layers=_parse_layers(layers),
+        split=split,
+        batch_size=batch_size,
+        device=device,
+        tokens=tokens,
+        compression=compression,
+        dtype=dtype,
+        shard=parse_shard(shard),
+        on_bad_image=on_bad_image,
+        num_workers=num_workers,
+        shard_size=shard_size,
+        random_init=random_init,
+        weights=dict(item.split("=", 1) for item in weights),
+    )
+    plan = plan_extraction(config)
+    out_console = err_console if as_json else console
+    table = Table(title=f"planned stores ({plan.split}: {len(plan.records)} images)")
+    for column in ("encoder", "layers", "store", "estimated size"):
+        table.add_column(column)
+    for encoder, spec, url in zip(plan.encoders, plan.specs, plan.urls, strict=True):
+        table.add_row(
+            encoder.name,
+            ",".join(map(str, spec.layers)),
+            url,
+            _human_bytes(plan.estimated_bytes(spec)),
+        )
+    out_console.print(table)
+    total = images_in_shards(plan, config.shard_size, config.shard[1], config.shard[0])
+    started = time.perf_counter()
+    written = {"bytes": 0}
+    with Progress(
+        TextColumn("[bold]extract"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=out_console,
+        transient=as_json,
+    ) as bar:
+        task = bar.add_task("extract", total=total, rate="")
+
+        def advance(images: int, nbytes: int) -> None:
+            written["bytes"] += nbytes
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            done = bar.tasks[0].completed + images
+            rate = f"{done / elapsed:.1f} img/s {written['bytes'] / elapsed / 1e6:.1f} MB/s"
+            bar.update(task, advance=images, rate=rate)
+
+        summaries = run_extraction(plan, progress=advance)
+    elapsed = time.perf_counter() - started
+    if as_json:
+        print(json.dumps({"stores": summaries, "seconds": elapsed}, indent=2))
+        return
+    for summary in summaries:
+        state = (
+            "complete"
+            if summary["complete"]
+            else (f"{summary['shards_done']}/{summary['num_shards']} shards")
+        )
+        console.print(f"[bold]{summary['encoder']}[/]: {summary['url']} ({state})")
+        for item in summary["skipped"]:
+            console.print(f"  skipped {item['id']}: {item['reason']}")
+
+
+@app.command(name="ls")
+@reports_errors
+def list_stores(root: str = typer.Argument(..., help="Directory or URL holding stores.")) -> None:
+    """List the stores under ROOT: encoder, dataset, split, layers, images, size, complete."""
+    from featcache.store import find_stores
+
+    table = Table(title=f"stores under {root}")
+    for column in ("store", "encoder", "dataset", "split", "layers", "images", "size", "complete"):
+        table.add_column(column)
+    for store in find_stores(root):
+        s = store.summary()
+        table.add_row(
+            s["url"],
+            s["encoder"],
+            s["dataset"],
+            s["split"],
+            ",".join(map(str, s["layers"])) or "-",
+            str(s["images"]),
+            _human_bytes(s["bytes"]),
+            "yes" if s["complete"] else f"no ({s['shards_done']}/{s['num_shards']})",
+        )
+    console.print(table)
+
+
+@app.command()
+@reports_errors
+def info(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show a store's attributes, arrays and completion."""
+    import json
+
+    from featcache.store import FeatureStore
+
+    opened = FeatureStore.open(store)
+    payload = {
+        "summary": opened.summary(),
+        "attrs": opened.attrs,
+        "arrays": {
+            name: {"shape": list(a.shape), "dtype": str(a.dtype)}
+            for name, a in opened.group.arrays()
+        },
+    }
+    if "layers" in opened.group:
+        payload["arrays"].update(
+            {
+                f"layers/{n}": {"shape": list(a.shape), "dtype": str(a.dtype)}
+                for n, a in opened.group["layers"].arrays()
+            }
+        )
+    if as_json:
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        console.print_json(json.dumps(payload, default=str))
+
+
+@app.command()
+@reports_errors
+def verify(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    fingerprint: str | None = typer.Option(None, help="Expected encoder fingerprint."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Check markers, checksums, NaN-free rows and fingerprint; exit 1 on any fault."""
+    import json
+
+    from featcache.store import FeatureStore
+
+    faults = FeatureStore.open(store).verify(expected_fingerprint=fingerprint)
+    if as_json:
+        print(json.dumps({"store": store, "ok": not faults, "faults": faults}))
+    else:
+        for fault in faults:
+            err_console.print(f"[red]fault:[/] {fault}", highlight=False)
+        if not faults:
+            console.print(f"[green]ok[/] {store}")
+    if faults:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@reports_errors
+def rm(store: str = typer.Argument(..., help="Store path or URL to delete.")) -> None:
+    """Delete a store (refuses anything that is not a featcache store)."""
+    from featcache.store import FeatureStore
+
+    FeatureStore.open(store).delete()
+    console.print(f"removed {store}")
 
 
 def main() -> None:

@@ -113,6 +113,7 @@ class Encoder(nn.Module):
         self.module.eval()
         self.module.requires_grad_(False)
         self._fingerprint: str | None = None
+        self._pooled_width: int | None = None
 
     # -- geometry -----------------------------------------------------------------------------
     @property
@@ -183,6 +184,26 @@ class Encoder(nn.Module):
         final = self._final_norm(tokens)
         return final, self._pool(tokens, final)
 
+    def run_layers(
+        self, images: torch.Tensor, layers: list[int] | tuple[int, ...]
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """One pass returning ``({n: layer-n tokens}, final, pooled)`` for the given layers.
+
+        Equal to ``run(images, upto=n)`` for each n and ``run_from(run(images), N)``: the
+        blocks run once and the requested layers are taken on the way (what extraction uses).
+        """
+        for n in layers:
+            self._check_layer(n, "layer")
+        wanted = set(layers)
+        tokens, context = self._embed(images)  # (B, T, D)
+        taken = {0: tokens} if 0 in wanted else {}
+        for index in range(self.depth):
+            tokens = self._block(index, tokens, context)
+            if index + 1 in wanted:
+                taken[index + 1] = tokens
+        final = self._final_norm(tokens)
+        return taken, final, self._pool(tokens, final)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole encoder: ``(final, pooled)`` for preprocessed images."""
         return self.run_from(self.run(images, upto=0), 0)
@@ -231,6 +252,16 @@ class Encoder(nn.Module):
             self._fingerprint = digest.hexdigest()[:32]
         return self._fingerprint
 
+    @property
+    def pooled_width(self) -> int:
+        """Channels of ``pooled`` (differs from ``width`` where a projection follows the pool)."""
+        if self._pooled_width is None:
+            device = next(self.module.parameters()).device
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, *self.image_size, device=device)
+                self._pooled_width = int(self(probe)[1].shape[-1])
+        return self._pooled_width
+
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary: what a store records about the encoder that wrote it."""
         return {
@@ -242,6 +273,7 @@ class Encoder(nn.Module):
             "layout": self.layout.to_dict(),
             "image_size": list(self.image_size),
             "pooling": self.pooling,
+            "pooled_width": self.pooled_width,
             "preprocessing": self.preprocessing.to_dict(),
             "fingerprint": self.fingerprint,
         }

@@ -1,0 +1,298 @@
+"""Image datasets: a folder of class subfolders, or a CSV / JSONL manifest.
+
+Rules (each tested in tests/test_data.py):
+  - A folder holds one subfolder per class; labels follow the sorted subfolder names, and images
+    (``IMAGE_EXTENSIONS``, any case) are found recursively in each. If every top-level subfolder is
+    a split name (``SPLIT_NAMES``), each is a split of class subfolders and the class list is the
+    sorted union over splits. Otherwise all images are split "train". Hidden entries are ignored.
+  - A manifest (``.csv`` with a header row, or ``.jsonl`` with one object a line) needs a ``path``
+    column; ``label``, ``split`` (default "train") and ``mask`` are optional, others ignored.
+    Paths are relative to the manifest's folder and may not leave it; they need not exist yet
+    (the extractor reports missing files at decode time).
+  - Labels are either all integers >= 0 (class indices, classes "0".."max") or all class names
+    (indexed by sorted name). Without a label column every label is -1 and there are no classes.
+  - A split has a mask on every row or on none.
+Every record's ``id`` is its normalised path relative to the data root, with ``/`` separators,
+so ``manifest_hash`` does not change when the dataset folder moves.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import PureWindowsPath
+from typing import Any
+
+import numpy as np
+
+from featcache.errors import FeatcacheError
+
+__all__ = ["IMAGE_EXTENSIONS", "SPLIT_NAMES", "Dataset", "ManifestError", "Record", "load_dataset"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SPLIT_NAMES = frozenset({"train", "val", "valid", "validation", "test"})
+
+_INTEGER = re.compile(r"[+-]?\d+")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_ACCEPTED_LABELS = "labels that are all integers >= 0 (class indices) or all class names"
+
+
+class ManifestError(FeatcacheError, ValueError):
+    """A dataset folder or manifest that cannot be read; the message names file, row and value."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image: ``id`` is its path relative to the data root (posix), ``path`` is absolute."""
+
+    id: str
+    path: str
+    label: int
+    split: str
+    mask: str | None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Every record of a dataset, sorted by id, with the class names in label order."""
+
+    source: str
+    root: str
+    classes: tuple[str, ...]
+    records: tuple[Record, ...]
+
+    def splits(self) -> list[str]:
+        """The split names present, sorted."""
+        return sorted({record.split for record in self.records})
+
+    def split(self, name: str) -> list[Record]:
+        """The records of split ``name`` sorted by id; an unknown split is a ``ManifestError``."""
+        chosen = [record for record in self.records if record.split == name]
+        if not chosen:
+            present = ", ".join(repr(s) for s in self.splits())
+            raise ManifestError(
+                f"Expected a split of {self.source}: one of {present}. Got {name!r} instead."
+            )
+        return chosen
+
+    def ordered(self, name: str, seed: int = 0) -> list[Record]:
+        """The split permuted by ``np.random.default_rng(seed)``: same order on every machine."""
+        records = self.split(name)
+        return [records[i] for i in np.random.default_rng(seed).permutation(len(records))]
+
+    def manifest_hash(self, name: str) -> str:
+        """32 hex chars of sha256 over classes and (id, label, mask id) rows; path-independent."""
+        rows = [
+            [r.id, r.label, None if r.mask is None else _relative_id(self.root, r.mask)]
+            for r in self.split(name)
+        ]
+        text = json.dumps({"classes": list(self.classes), "records": rows}, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+    def has_masks(self, name: str) -> bool:
+        """Whether split ``name`` has a mask per record (a split has all masks or none)."""
+        return all(record.mask is not None for record in self.split(name))
+
+
+def load_dataset(path: str | os.PathLike) -> Dataset:
+    """Read a class-folder tree, a ``.csv`` or a ``.jsonl`` manifest (rules in the module doc)."""
+    source = os.path.abspath(os.fspath(path))
+    if os.path.isdir(source):
+        return _load_folder(source)
+    suffix = os.path.splitext(source)[1].lower()
+    accepted = "a directory of class folders, a .csv or a .jsonl manifest"
+    if suffix not in (".csv", ".jsonl"):
+        raise ManifestError(f"Expected {accepted} as --data. Got {source} instead.")
+    if not os.path.isfile(source):
+        raise ManifestError(
+            f"Expected {accepted} as --data. Got {source}, which does not exist, instead."
+        )
+    rows = _read_csv(source) if suffix == ".csv" else _read_jsonl(source)
+    return _load_rows(source, rows)
+
+
+def _relative_id(root: str, path: str) -> str:
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def _absolute(root: str, rid: str) -> str:
+    return os.path.join(root, *rid.split("/"))
+
+
+def _visible_dirs(folder: str) -> list[str]:
+    return sorted(
+        entry.name
+        for entry in os.scandir(folder)
+        if entry.is_dir() and not entry.name.startswith(".")
+    )
+
+
+def _images_under(root: str, folder: str) -> list[str]:
+    found = []
+    for current, dirs, files in os.walk(os.path.join(root, folder)):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(_relative_id(root, os.path.join(current, name)))
+    return found
+
+
+def _load_folder(root: str) -> Dataset:
+    top = _visible_dirs(root)
+    if top and all(name in SPLIT_NAMES for name in top):
+        layout = {split: (f"{split}/", _visible_dirs(os.path.join(root, split))) for split in top}
+    else:
+        layout = {"train": ("", top)}
+    classes = tuple(sorted({c for _, names in layout.values() for c in names}))
+    index = {name: label for label, name in enumerate(classes)}
+    records = [
+        Record(rid, _absolute(root, rid), index[name], split, None)
+        for split, (prefix, names) in layout.items()
+        for name in names
+        for rid in _images_under(root, prefix + name)
+    ]
+    if not records:
+        raise ManifestError(
+            f"Expected image files ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders of "
+            f"{root}. Got none instead."
+        )
+    return Dataset(root, root, classes, tuple(sorted(records, key=lambda r: r.id)))
+
+
+def _read_csv(file: str) -> list[tuple[int, dict[str, Any]]]:
+    """Data rows as (line number, column -> value), the header being line 1."""
+    with open(file, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        columns = [column.strip() for column in header or []]
+        if "path" not in columns:
+            raise ManifestError(
+                f"Expected a header row with a 'path' column in {file}. "
+                f"Got columns {columns} instead."
+            )
+        return [
+            (reader.line_num, dict(zip(columns, (field.strip() for field in fields), strict=False)))
+            for fields in reader
+            if any(field.strip() for field in fields)
+        ]
+
+
+def _read_jsonl(file: str) -> list[tuple[int, dict[str, Any]]]:
+    """Objects as (line number, key -> value); blank lines skipped but counted."""
+    rows = []
+    with open(file, encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                row, got = None, f"invalid JSON ({err})"
+            else:
+                got = f"keys {sorted(row)}" if isinstance(row, dict) else f"{line.strip()!r}"
+            if not isinstance(row, dict) or "path" not in row:
+                raise ManifestError(
+                    f"Expected a JSON object with a 'path' key on line {number} of {file}. "
+                    f"Got {got} instead."
+                )
+            rows.append((number, row))
+    return rows
+
+
+def _relative_path(value: Any, column: str, where: str, root: str) -> str:
+    """The normalised posix path of ``value`` under ``root``, or a ``ManifestError``."""
+    text = "" if value is None else str(value).strip()
+    posix = posixpath.normpath(text.replace("\\", "/")) if text else ""
+    if not text:
+        got = "an empty value"
+    elif posix.startswith("/") or PureWindowsPath(text).drive:
+        got = f"the absolute path {text!r}"
+    elif posix in (".", "..") or posix.startswith("../"):
+        got = f"{text!r}, which is {'the root itself' if posix == '.' else 'outside it'},"
+    else:
+        return posix
+    raise ManifestError(
+        f"Expected a {column} relative to the data root {root} on {where}. Got {got} instead."
+    )
+
+
+def _label_kind(value: Any) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "empty"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return "other"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    text = value.strip()
+    return (
+        "integer" if _INTEGER.fullmatch(text) else "number" if _NUMBER.fullmatch(text) else "name"
+    )
+
+
+def _labels(entries: list[tuple[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
+    """Label indices and class names for (where, value) pairs, or a ``ManifestError``."""
+    kinds = [_label_kind(value) for _, value in entries]
+    count = {"integer": kinds.count("integer"), "name": kinds.count("name")}
+    expected = max(count, key=lambda kind: (count[kind], kinds[0] == kind))
+    for (where, value), kind in zip(entries, kinds, strict=True):
+        if kind == expected and not (kind == "integer" and int(value) < 0):
+            continue
+        reason = {
+            "number": "not a whole number",
+            "empty": "empty",
+            "other": "neither a number nor a string",
+        }.get(kind, "negative" if kind == expected else f"mixed with {count[expected]} {expected}s")
+        raise ManifestError(
+            f"Expected {_ACCEPTED_LABELS}. Got {value!r} on {where} ({reason}) instead."
+        )
+    if expected == "integer":
+        labels = [int(value) for _, value in entries]
+        return labels, tuple(str(i) for i in range(max(labels) + 1))
+    names = [value.strip() for _, value in entries]
+    classes = tuple(sorted(set(names)))
+    return [classes.index(name) for name in names], classes
+
+
+def _load_rows(source: str, rows: list[tuple[int, dict[str, Any]]]) -> Dataset:
+    root = os.path.dirname(source)
+    if not rows:
+        raise ManifestError(f"Expected at least one data row in {source}. Got none instead.")
+    seen: dict[str, int] = {}
+    parsed = []  # (where, id, split, mask id or None, label value)
+    for line, row in rows:
+        where = f"line {line} of {source}"
+        rid = _relative_path(row.get("path"), "path", where, root)
+        if rid in seen:
+            raise ManifestError(
+                f"Expected each path once in {source}. Got {rid!r} on line {seen[rid]} "
+                f"and again on line {line} instead."
+            )
+        seen[rid] = line
+        mask = row.get("mask")
+        mask = None if mask in (None, "") else _relative_path(mask, "mask", where, root)
+        split = "train" if row.get("split") is None else str(row["split"]).strip() or "train"
+        parsed.append((where, rid, split, mask, row.get("label")))
+    if any("label" in row for _, row in rows):
+        labels, classes = _labels([(p[0], p[4]) for p in parsed])
+    else:
+        labels, classes = [-1] * len(parsed), ()
+    for split in sorted({p[2] for p in parsed}):
+        # has a mask -> first such row in file order (reversed: the earliest row is kept)
+        masked = {p[3] is not None: p[0] for p in reversed(parsed) if p[2] == split}
+        if len(masked) == 2:
+            raise ManifestError(
+                f"Expected a mask on every row of split {split!r} or on none ({masked[True]} has "
+                f"one). Got no mask on {masked[False]} instead."
+            )
+    records = [
+        Record(rid, _absolute(root, rid), label, split, mask and _absolute(root, mask))
+        for (_, rid, split, mask, _), label in zip(parsed, labels, strict=True)
+    ]
+    return Dataset(source, root, classes, tuple(sorted(records, key=lambda r: r.id)))
