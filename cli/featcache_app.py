@@ -231,12 +231,12 @@ def extract(
             rate = f"{done / elapsed:.1f} img/s {written['bytes'] / elapsed / 1e6:.1f} MB/s"
             bar.update(task, advance=images, rate=rate)
 
-        summaries = run_extraction(plan, progress=advance)
-    elapsed = time.perf_counter() - started
+        result = run_extraction(plan, progress=advance)
+    result["seconds"] = time.perf_counter() - started
     if as_json:
-        print(json.dumps({"stores": summaries, "seconds": elapsed}, indent=2))
+        print(json.dumps(result, indent=2))
         return
-    for summary in summaries:
+    for summary in result["stores"]:
         state = (
             "complete"
             if summary["complete"]

@@ -30,7 +30,7 @@ from featcache.data import Dataset, Record, load_dataset
 from featcache.encoders import Encoder, load_encoder
 from featcache.errors import BadImageError, FeatcacheError
 from featcache.images import decode_image
-from featcache.store import FeatureStore, StoreSpec
+from featcache.store import FeatureStore, StoreError, StoreSpec
 
 __all__ = ["ExtractConfig", "ExtractPlan", "plan_extraction", "run_extraction", "parse_shard"]
 
@@ -100,37 +100,57 @@ class ExtractPlan:
     urls: list[str]
 
     def estimated_bytes(self, spec: StoreSpec) -> int:
+        """Uncompressed bytes of the feature arrays of one store."""
         bytes_per_value = 4 if spec.dtype == "float32" else 2
-        layout = spec.encoder["layout"]
-        tokens = len(layout["prefix"]) + layout["grid"][0] * layout["grid"][1]
-        if spec.tokens == "prefix":
-            tokens = len(layout["prefix"])
-        token_arrays = 0 if spec.tokens == "pooled" else len(spec.layers) + 1  # + final
-        per_image = token_arrays * tokens * spec.encoder["width"] + spec.encoder["pooled_width"]
-        return per_image * bytes_per_value * spec.num_images
+        values = sum(math.prod(shape) for shape in spec.feature_row_shapes().values())
+        return values * bytes_per_value * spec.num_images
 
 
 def _store_url(root: str, split: str, encoder: Encoder, spec: StoreSpec) -> str:
-    """Where a store lives: derived from what defines it, so equal work lands in one place."""
+    """Where a store lives: derived from what defines it, so equal work lands in one place.
+
+    ``ROOT/<split>/<encoder name>-<store id>.zarr``; an ``--out`` that itself ends in ``.zarr``
+    names the store directly (one model only).
+    """
+    if root.rstrip("/").endswith(".zarr"):
+        return root.rstrip("/")
     safe_name = encoder.name.replace(":", "_").replace("/", "_").replace("@", "_")
     return f"{root.rstrip('/')}/{split}/{safe_name}-{spec.store_id[:12]}.zarr"
 
 
-def plan_extraction(config: ExtractConfig) -> ExtractPlan:
-    """Load the dataset and encoders, validate layers, and derive one store spec per encoder."""
+def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None) -> ExtractPlan:
+    """Load the dataset and encoders, validate layers, and derive one store spec per encoder.
+
+    ``encoders`` replaces loading ``config.models`` by name (for models built in Python).
+    """
+    if config.out.rstrip("/").endswith(".zarr") and len(encoders or config.models) != 1:
+        raise FeatcacheError(
+            f"Expected one --model when --out names a store ({config.out}). "
+            f"Got {len(encoders or config.models)}; give a root directory instead."
+        )
     dataset = load_dataset(config.data)
     splits = dataset.splits()
     split = config.split or ("train" if "train" in splits else splits[0])
     records = dataset.ordered(split, seed=config.seed)
     device = resolve_device(config.device)
-    encoders, specs, urls = [], [], []
-    for name in config.models:
-        encoder = load_encoder(
-            name,
-            weights=config.weights.get(name),
-            random_init=config.random_init,
-            device=device,
-        )
+    if encoders is None:
+        encoders = [
+            load_encoder(
+                name,
+                weights=config.weights.get(name),
+                random_init=config.random_init,
+                device=device,
+            )
+            for name in config.models
+        ]
+    specs, urls = [], []
+    for encoder in encoders:
+        name = encoder.name
+        if config.tokens == "prefix" and encoder.num_prefix_tokens == 0:
+            raise FeatcacheError(
+                f"Expected an encoder with prefix tokens for --tokens prefix. {name} has none "
+                "(use --tokens all or pooled)."
+            )
         bad = [n for n in config.layers if not 0 <= n <= encoder.depth]
         if bad:
             raise FeatcacheError(
@@ -154,32 +174,36 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
             shard_size=config.shard_size,
             mask_shape=tuple(encoder.image_size) if dataset.has_masks(split) else None,
         )
-        encoders.append(encoder)
         specs.append(spec)
         urls.append(_store_url(config.out, split, encoder, spec))
     return ExtractPlan(config, dataset, split, records, encoders, specs, urls)
 
 
 @dataclass
-class _Decoded:
+class _Item:
+    """One image of a shard, decoded once and preprocessed for every encoder of the run."""
+
     record: Record
-    image: Image.Image | None
-    mask: Image.Image | None
-    error: str | None
+    inputs: list[torch.Tensor] | None  # per encoder: (3, H, W) float32
+    masks: list[np.ndarray] | None  # per encoder: (H, W) int64 label map, when the split has masks
+    error: str | None  # why the image was unreadable, else None
 
 
-def _decode(record: Record) -> _Decoded:
+def _prepare(record: Record, encoders: list[Encoder]) -> _Item:
+    """Decode an image (and its mask) once; apply each encoder's own preprocessing."""
     try:
         image = decode_image(record.path, name=record.id)
         mask = None
         if record.mask is not None:
             with Image.open(record.mask) as handle:
                 mask = handle.copy()
-        return _Decoded(record, image, mask, None)
     except BadImageError as err:
-        return _Decoded(record, None, None, err.reason)
+        return _Item(record, None, None, err.reason)
     except OSError as err:
-        return _Decoded(record, None, None, f"mask {record.mask}: {err}")
+        return _Item(record, None, None, f"mask {record.mask}: {err}")
+    inputs = [encoder.preprocess(image) for encoder in encoders]
+    masks = None if mask is None else [e.preprocessing.mask(mask) for e in encoders]
+    return _Item(record, inputs, masks, None)
 
 
 def _prefetched(pool: ThreadPoolExecutor, items: list, fn: Callable, depth: int) -> Iterator:
@@ -192,65 +216,55 @@ def _prefetched(pool: ThreadPoolExecutor, items: list, fn: Callable, depth: int)
         yield result
 
 
-def _shard_arrays(
-    encoder: Encoder,
-    spec: StoreSpec,
-    decoded: list[_Decoded],
-    batch_size: int,
-    pool: ThreadPoolExecutor,
+def _encode_shard(
+    which: int, encoder: Encoder, spec: StoreSpec, items: list[_Item], batch_size: int
 ) -> dict[str, np.ndarray]:
-    """Run one encoder over a shard's decoded images; float32 arrays keyed by store array."""
-    rows = len(decoded)
-    layout = spec.encoder["layout"]
-    keep_tokens = slice(None) if spec.tokens == "all" else slice(0, len(layout["prefix"]))
-    arrays: dict[str, np.ndarray] = {}
-    valid_rows = [i for i, item in enumerate(decoded) if item.error is None]
+    """Run encoder number ``which`` over a shard; float32 rows keyed by store array name.
+
+    Rows of unreadable images stay NaN. Batches hold consecutive readable rows of this shard
+    only, so every run (fresh, resumed, another ``--shard`` split) forms the same batches.
+    """
+    rows = len(items)
+    arrays = {
+        name: np.full((rows, *shape), np.nan, np.float32)
+        for name, shape in spec.feature_row_shapes().items()
+    }
+    keep = slice(None) if spec.tokens == "all" else slice(0, len(spec.encoder["layout"]["prefix"]))
+    readable = [i for i, item in enumerate(items) if item.error is None]
     device = next(encoder.module.parameters()).device
-    for start in range(0, len(valid_rows), batch_size):
-        batch_rows = valid_rows[start : start + batch_size]
-        tensors = list(pool.map(lambda i: encoder.preprocess(decoded[i].image), batch_rows))
-        images = torch.stack(tensors).to(device)  # (B, 3, H, W)
+    for start in range(0, len(readable), batch_size):
+        batch_rows = readable[start : start + batch_size]
+        images = torch.stack([items[i].inputs[which] for i in batch_rows])  # (B, 3, H, W)
         with torch.inference_mode():
-            taken, final, pooled = encoder.run_layers(images, spec.layers)
+            taken, final, pooled = encoder.run_layers(images.to(device), spec.layers)
         outputs = {"pooled": pooled}
         if spec.tokens != "pooled":
-            outputs.update({f"layers/{n}": taken[n][:, keep_tokens] for n in spec.layers})
-            outputs["final"] = final[:, keep_tokens]
+            outputs.update({f"layers/{n}": taken[n][:, keep] for n in spec.layers})
+            outputs["final"] = final[:, keep]
         for name, values in outputs.items():
-            values = values.float().cpu().numpy()
-            if name not in arrays:
-                arrays[name] = np.full((rows, *values.shape[1:]), np.nan, np.float32)
-            arrays[name][batch_rows] = values
-    if not valid_rows:  # every image of the shard was skipped: all rows stay NaN
-        width = spec.encoder["width"]
-        tokens = len(layout["prefix"]) + layout["grid"][0] * layout["grid"][1]
-        if spec.tokens == "prefix":
-            tokens = len(layout["prefix"])
-        arrays["pooled"] = np.full((rows, spec.encoder["pooled_width"]), np.nan, np.float32)
-        if spec.tokens != "pooled":
-            for name in [f"layers/{n}" for n in spec.layers] + ["final"]:
-                arrays[name] = np.full((rows, tokens, width), np.nan, np.float32)
-    _check_float16_range(arrays, spec, decoded)
+            arrays[name][batch_rows] = values.float().cpu().numpy()
+    _check_float16_range(arrays, spec, items)
     if spec.mask_shape is not None:
         masks = np.full((rows, *spec.mask_shape), -1, np.int16)
-        for i in valid_rows:
-            masks[i] = encoder.preprocessing.mask(decoded[i].mask)
+        for i in readable:
+            masks[i] = items[i].masks[which]
         arrays["masks"] = masks
     return arrays
 
 
-def _check_float16_range(arrays: dict[str, np.ndarray], spec: StoreSpec, decoded) -> None:
+def _check_float16_range(arrays: dict[str, np.ndarray], spec: StoreSpec, items) -> None:
     """float16 tops out at 65504: ViT "massive activations" can exceed it. Refuse to store inf."""
     if spec.dtype != "float16":
         return
     limit = float(np.finfo(np.float16).max)
     for name, values in arrays.items():
-        peak = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 0.0
-        if peak > limit:
-            row = int(np.nanargmax(np.abs(values).reshape(len(values), -1).max(axis=1)))
+        magnitude = np.where(np.isnan(values), 0.0, np.abs(values))  # skipped rows are NaN
+        row_peaks = magnitude.reshape(len(values), -1).max(axis=1)
+        if len(row_peaks) and row_peaks.max() > limit:
+            row = int(row_peaks.argmax())
             raise FeatcacheError(
-                f"{name} of {spec.encoder['name']} reaches {peak:.4g} on image "
-                f"{decoded[row].record.id}, over float16's max 65504. Re-run with --dtype "
+                f"{name} of {spec.encoder['name']} reaches {row_peaks[row]:.4g} on image "
+                f"{items[row].record.id}, over float16's max 65504. Re-run with --dtype "
                 "bfloat16 (stored as uint16 bits, same range as float32) or float32."
             )
 
@@ -258,12 +272,12 @@ def _check_float16_range(arrays: dict[str, np.ndarray], spec: StoreSpec, decoded
 ProgressFn = Callable[[int, int], None]
 
 
-def run_extraction(
-    plan: ExtractPlan, *, progress: ProgressFn | None = None
-) -> list[dict[str, Any]]:
-    """Create or reopen every planned store, fill its missing shards, return summaries.
+def run_extraction(plan: ExtractPlan, *, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Create or reopen every planned store, fill its missing shards, return a summary.
 
-    ``progress(images_done, bytes_written)`` is called after each shard.
+    ``progress(images_done, bytes_written)`` is called after each shard. The summary holds
+    ``stores`` (``FeatureStore.summary()`` each, with skipped files), ``shards_processed`` and
+    ``timings``: seconds spent waiting for decoded images, computing, and writing.
     """
     config = plan.config
     stores = [
@@ -272,69 +286,70 @@ def run_extraction(
     ]
     for store in stores:
         store.remove_partials()
-    num_shards = stores[0].num_shards
     index, count = config.shard
+    marked = [store.marked_shards() for store in stores]
     todo = [
         shard
-        for shard in range(num_shards)
-        if shard % count == index and any(shard not in s.marked_shards() for s in stores)
+        for shard in range(stores[0].num_shards)
+        if shard % count == index and any(shard not in done for done in marked)
     ]
-    timings = {"decode_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
-    skipped_all: list[dict[str, str]] = []
-    # Two pools: one thread reads the next shard ahead (decoding through the worker pool) while
-    # the main thread computes; sharing one pool could deadlock a shard task on its own subtasks.
+    timings = {"wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
+
+    def read_shard(shard: int) -> list[_Item]:
+        start, stop = stores[0].shard_rows(shard)
+        return list(pool.map(lambda r: _prepare(r, plan.encoders), plan.records[start:stop]))
+
+    # The reader thread decodes the next shard (through the worker pool) while the main thread
+    # computes this one; one shared pool could deadlock a shard task on its own subtasks.
     with (
         ThreadPoolExecutor(max_workers=max(1, config.num_workers)) as pool,
         ThreadPoolExecutor(max_workers=1) as reader,
     ):
-        decode_iter = _prefetched(
-            reader, todo, lambda s: _decode_shard(plan, stores[0], s, pool), depth=1
-        )
+        shards_ahead = _prefetched(reader, todo, read_shard, depth=1)
         for shard in todo:
             started = time.perf_counter()
-            decoded = next(decode_iter)
-            timings["decode_s"] += time.perf_counter() - started
-            skipped = [{"id": d.record.id, "reason": d.error} for d in decoded if d.error]
+            items = next(shards_ahead)
+            timings["wait_s"] += time.perf_counter() - started
+            skipped = [{"id": item.record.id, "reason": item.error} for item in items if item.error]
             if skipped and config.on_bad_image == "fail":
-                first = skipped[0]
                 raise BadImageError(
-                    first["id"],
-                    f"{first['reason']} ({len(skipped)} unreadable image(s) in shard {shard}; "
-                    "nothing of this shard was written; use --on-bad-image skip to record and "
-                    "skip them)",
+                    skipped[0]["id"],
+                    f"{skipped[0]['reason']} ({len(skipped)} unreadable image(s) in shard "
+                    f"{shard}; nothing of this shard was written; --on-bad-image skip records "
+                    "and skips them)",
                 )
-            skipped_all.extend(skipped)
+            common = {
+                "ids": np.array([item.record.id for item in items], dtype=object),
+                "labels": np.array([item.record.label for item in items], np.int64),
+                "valid": np.array([item.error is None for item in items], bool),
+            }
             written = 0
-            for encoder, spec, store in zip(plan.encoders, plan.specs, stores, strict=True):
-                if shard in store.marked_shards():
+            for which, (encoder, spec, store) in enumerate(
+                zip(plan.encoders, plan.specs, stores, strict=True)
+            ):
+                if shard in marked[which]:
                     continue
                 started = time.perf_counter()
-                arrays = _shard_arrays(encoder, spec, decoded, config.batch_size, pool)
-                arrays["ids"] = np.array([d.record.id for d in decoded], dtype=object)
-                arrays["labels"] = np.array([d.record.label for d in decoded], np.int64)
-                arrays["valid"] = np.array([d.error is None for d in decoded], bool)
+                arrays = {**_encode_shard(which, encoder, spec, items, config.batch_size), **common}
                 timings["compute_s"] += time.perf_counter() - started
                 started = time.perf_counter()
-                store.write_shard(
-                    shard, arrays, {"rows": list(store.shard_rows(shard)), "skipped": skipped}
-                )
+                info = {"rows": list(store.shard_rows(shard)), "skipped": skipped}
+                try:
+                    written += store.write_shard(shard, arrays, info)
+                except OSError as err:
+                    raise StoreError(
+                        f"Writing shard {shard} of {store.url} failed: {err}. That shard has no "
+                        "completion marker; free the space or fix the cause and re-run the same "
+                        "command to complete it."
+                    ) from err
                 timings["write_s"] += time.perf_counter() - started
-                written += (
-                    sum(a.nbytes for k, a in arrays.items() if k in store.feature_arrays()) // 2
-                )
             if progress is not None:
-                progress(len(decoded), written)
-    summaries = []
-    for store in stores:
-        summary = store.summary()
-        summary["timings"] = timings
-        summaries.append(summary)
-    return summaries
-
-
-def _decode_shard(plan: ExtractPlan, store: FeatureStore, shard: int, pool) -> list[_Decoded]:
-    start, stop = store.shard_rows(shard)
-    return list(pool.map(_decode, plan.records[start:stop]))
+                progress(len(items), written)
+    return {
+        "stores": [store.summary() for store in stores],
+        "shards_processed": len(todo),
+        "timings": timings,
+    }
 
 
 def images_in_shards(plan: ExtractPlan, shard_size: int, count: int, index: int) -> int:

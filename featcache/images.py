@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -44,6 +43,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _check_pixel_limit(image: Image.Image) -> None:
+    """Refuse images over ``Image.MAX_IMAGE_PIXELS`` (PIL itself only warns below 2x the limit).
+
+    Checked explicitly rather than by turning PIL's warning into an error, because warning
+    filters are process-global and decoding runs in threads.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = image.size[0] * image.size[1]
+    if limit and pixels > limit:
+        raise Image.DecompressionBombError(
+            f"{pixels} pixels ({image.size[0]}x{image.size[1]}) > limit {limit}"
+        )
+
+
 def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None) -> Image.Image:
     """Open and fully decode an image file (path or bytes) as RGB.
 
@@ -62,15 +75,15 @@ def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None) 
             if os.path.getsize(source) == 0:
                 raise BadImageError(label, "empty file (0 bytes)")
             handle = open(source, "rb")  # noqa: SIM115  (closed below)
-        with handle, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(handle)
+        with handle:
+            image = Image.open(handle)  # reads the header only
+            _check_pixel_limit(image)
             image.load()  # decode now: truncation shows here, not later in a worker
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
     except BadImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except Image.DecompressionBombError as err:
         raise BadImageError(label, f"over PIL's decompression-bomb limit ({err})") from err
     except Image.UnidentifiedImageError as err:
         raise BadImageError(label, "not an image PIL can identify") from err

@@ -106,6 +106,25 @@ class StoreSpec:
     def num_images(self) -> int:
         return int(self.dataset["num_images"])
 
+    def feature_row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-image shape of every feature array: ``{"layers/6": (T, D), ..., "pooled": (D',)}``.
+
+        T is every token (prefix + patches) for ``tokens="all"``, the prefix tokens only for
+        ``"prefix"``; ``"pooled"`` stores no token arrays.
+        """
+        layout = self.encoder["layout"]
+        prefix = len(layout["prefix"])
+        tokens = (
+            prefix if self.tokens == "prefix" else prefix + layout["grid"][0] * layout["grid"][1]
+        )
+        width = self.encoder["width"]
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.tokens != "pooled":
+            shapes.update({f"layers/{n}": (tokens, width) for n in sorted(self.layers)})
+            shapes["final"] = (tokens, width)
+        shapes["pooled"] = (self.encoder["pooled_width"],)
+        return shapes
+
     @property
     def store_id(self) -> str:
         """Hash of what defines the contents (not of where or when it was written)."""
@@ -236,42 +255,21 @@ class FeatureStore:
         create_array = _create_if_absent(group)
         codecs = _codecs(spec)
         n = spec.num_images
-        width = spec.encoder["width"]
-        tokens = spec.encoder["layout"]
-        num_tokens = len(tokens["prefix"]) + tokens["grid"][0] * tokens["grid"][1]
-        if spec.tokens == "prefix":
-            num_tokens = len(tokens["prefix"])
+        shard = spec.shard_size
         feature_kw = dict(
             dtype=_feature_storage_dtype(spec), fill_value=_feature_fill(spec), **codecs
         )
-        shard = spec.shard_size
-        if spec.tokens != "pooled":
-            for layer in spec.layers:
-                create_array(
-                    f"layers/{layer}",
-                    shape=(n, num_tokens, width),
-                    chunks=(1, num_tokens, width),
-                    shards=(shard, num_tokens, width),
-                    dimension_names=("image", "token", "channel"),
-                    **feature_kw,
-                )
+        for name, row_shape in spec.feature_row_shapes().items():
             create_array(
-                "final",
-                shape=(n, num_tokens, width),
-                chunks=(1, num_tokens, width),
-                shards=(shard, num_tokens, width),
-                dimension_names=("image", "token", "channel"),
+                name,
+                shape=(n, *row_shape),
+                chunks=(1, *row_shape),
+                shards=(shard, *row_shape),
+                dimension_names=("image", "token", "channel")
+                if len(row_shape) == 2
+                else ("image", "channel"),
                 **feature_kw,
             )
-        pooled_width = spec.encoder.get("pooled_width", width)
-        create_array(
-            "pooled",
-            shape=(n, pooled_width),
-            chunks=(1, pooled_width),
-            shards=(shard, pooled_width),
-            dimension_names=("image", "channel"),
-            **feature_kw,
-        )
         create_array(
             "ids",
             shape=(n,),
@@ -474,8 +472,8 @@ class FeatureStore:
         return removed
 
     # -- writing --------------------------------------------------------------------------------
-    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:
-        """Write every array's rows of one shard, then its marker.
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> int:
+        """Write every array's rows of one shard, then its marker; return feature bytes written.
 
         ``arrays`` maps array names ("layers/6", "final", "pooled", "ids", "labels", "valid",
         "masks") to numpy arrays of the shard's rows; features arrive as float32 and are cast to
@@ -483,16 +481,20 @@ class FeatureStore:
         """
         start, stop = self.shard_rows(shard)
         _, keepbits = parse_compression(self.attrs["compression"])
+        feature_names = set(self.feature_arrays())
+        written = 0
         for name, values in arrays.items():
             if len(values) != stop - start:
                 raise ValueError(
                     f"Shard {shard} of {self.url} holds rows {start}..{stop - 1}: expected "
                     f"{stop - start} rows for {name!r}. Got {len(values)} instead."
                 )
-            if name in self.feature_arrays():
+            if name in feature_names:
                 values = self.encode_features(values, keepbits)
+                written += values.nbytes
             self.group[name][start:stop] = values
         self.write_marker(shard, info)
+        return written
 
     def feature_arrays(self) -> list[str]:
         names = [f"layers/{n}" for n in self.layers]

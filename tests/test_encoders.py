@@ -209,3 +209,29 @@ def test_unknown_model_lists_close_matches(name, expected):
 def test_unknown_open_clip_tag():
     with pytest.raises(UnknownModelError, match="openai"):
         featcache.load_encoder("open_clip:ViT-L-14-336@nope")
+
+
+def test_random_init_is_identical_across_processes():
+    """Seeded random weights give one fingerprint in every process (threading must not leak in)."""
+    import subprocess
+    import sys
+
+    names = ["dinov2-tiny", "dinov3-tiny", "siglip2-tiny", "clip-tiny"]
+    code = (
+        "import featcache\n"
+        f"for name in {names!r}:\n"
+        "    print(featcache.load_encoder(name).fingerprint)\n"
+        "print(featcache.load_encoder('timm:vit_small_patch14_dinov2', random_init=True,"
+        " depth=2, img_size=112).fingerprint)\n"
+    )
+    here = [featcache.load_encoder(name).fingerprint for name in names]
+    here.append(
+        featcache.load_encoder(
+            "timm:vit_small_patch14_dinov2", random_init=True, depth=2, img_size=112
+        ).fingerprint
+    )
+    for _ in range(3):
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        assert result.stdout.split() == here

@@ -94,7 +94,7 @@ def test_missing_file(tmp_path):
 
 def test_decompression_bomb(tmp_path, monkeypatch):
     path = _save(Image.fromarray(_gradient(100, 100)), tmp_path / "big.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 100x100 = 10000 pixels
     with pytest.raises(BadImageError, match="decompression-bomb"):
         decode_image(path)
 

@@ -15,6 +15,7 @@ Weights, in order of precedence:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
@@ -135,7 +136,7 @@ def load_encoder(
             f"{name} needs weights and pretrained=False forbids the hub. {_HOW_TO_SUPPLY}"
         )
     spec = {"library": preset.library, "model": preset.model, "overrides": arch}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _single_threaded(use_random):
         torch.manual_seed(seed)
         if preset.library == "timm":
             encoder = _load_timm(name, preset.model, arch, spec, weights_path, use_random)
@@ -144,6 +145,22 @@ def load_encoder(
         if preset.tiny and weights_path is None:
             _scale_tiny_init(encoder.module)
     return encoder.to(device)
+
+
+@contextlib.contextmanager
+def _single_threaded(active: bool):
+    """Run random init on one thread: multi-threaded ``erfinv_`` (timm's ``trunc_normal_``)
+    gives last-bit differences between runs, so a seeded random model would not have a stable
+    fingerprint across processes (seen: 2 runs in 12 differed in ``pos_embed``)."""
+    if not active:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _scale_tiny_init(module: torch.nn.Module) -> None:
