@@ -67,57 +67,6 @@ def models() -> None:
     console.print(models_table())
 
 
-@app.command()
-@reports_errors
-def demo(
-    out: Path = typer.Option(Path("demo-out"), help="Where the generated dataset goes."),
-) -> None:
-    """Generate the built-in dataset and run every tiny encoder on it."""
-    import torch
-
-    from featcache.demo_data import make_demo_dataset
-    from featcache.encoders import PRESETS, load_encoder
-    from featcache.images import decode_image
-
-    console.print(models_table())
-    manifest = make_demo_dataset(out / "data")
-    console.print(f"dataset: [bold]{manifest}[/]")
-    paths = sorted((out / "data" / "images").rglob("*.png"))[:8]
-    images = [decode_image(p) for p in paths]
-    table = Table(title=f"tiny encoders on {len(images)} demo images")
-    for column in (
-        "preset",
-        "family",
-        "layer 0",
-        "layer N",
-        "final",
-        "pooled",
-        "ms",
-        "fingerprint",
-    ):
-        table.add_column(column)
-    for name in [n for n, p in PRESETS.items() if p.tiny]:
-        encoder = load_encoder(name)
-        batch = torch.stack([encoder.preprocess(image) for image in images])  # (B, 3, H, W)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            first = encoder.run(batch, upto=0)
-            last = encoder.run(batch)
-            final, pooled = encoder.run_from(last, encoder.depth)
-        elapsed = (time.perf_counter() - start) * 1e3
-        table.add_row(
-            name,
-            encoder.family,
-            str(tuple(first.shape)),
-            str(tuple(last.shape)),
-            str(tuple(final.shape)),
-            str(tuple(pooled.shape)),
-            f"{elapsed:.0f}",
-            encoder.fingerprint[:12],
-        )
-    console.print(table)
-
-
 def _parse_layers(text: str) -> list[int]:
     from featcache.errors import FeatcacheError
 
@@ -135,6 +84,55 @@ def _human_bytes(count: float) -> str:
             return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
         count /= 1024
     return f"{count:.1f} TB"
+
+
+def _extract_with_progress(config, out_console, *, transient: bool = False) -> dict:
+    """Plan, print the planned stores, run with a progress bar (images/s, MB/s, ETA)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from featcache.extract import images_in_shards, plan_extraction, run_extraction
+
+    plan = plan_extraction(config)
+    table = Table(title=f"planned stores ({plan.split}: {len(plan.records)} images)")
+    for column in ("encoder", "layers", "store", "estimated size"):
+        table.add_column(column)
+    for encoder, spec, url in zip(plan.encoders, plan.specs, plan.urls, strict=True):
+        layers = ",".join(map(str, spec.layers))
+        size = _human_bytes(plan.estimated_bytes(spec))
+        table.add_row(encoder.name, layers, url, size)
+    out_console.print(table)
+    total = images_in_shards(plan, config.shard_size, config.shard[1], config.shard[0])
+    started = time.perf_counter()
+    written = {"bytes": 0}
+    with Progress(
+        TextColumn("[bold]extract"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=out_console,
+        transient=transient,
+    ) as bar:
+        task = bar.add_task("extract", total=total, rate="")
+
+        def advance(images: int, nbytes: int) -> None:
+            written["bytes"] += nbytes
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            done = bar.tasks[0].completed + images
+            rate = f"{done / elapsed:.1f} img/s {written['bytes'] / elapsed / 1e6:.1f} MB/s"
+            bar.update(task, advance=images, rate=rate)
+
+        result = run_extraction(plan, progress=advance)
+    result["seconds"] = time.perf_counter() - started
+    return result
 
 
 @app.command()
@@ -161,22 +159,7 @@ def extract(
     """Extract layer token features of one or more encoders into Zarr v3 stores."""
     import json
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from featcache.extract import (
-        ExtractConfig,
-        images_in_shards,
-        parse_shard,
-        plan_extraction,
-        run_extraction,
-    )
+    from featcache.extract import ExtractConfig, parse_shard
 
     config = ExtractConfig(
         models=model,
@@ -196,43 +179,8 @@ def extract(
         random_init=random_init,
         weights=dict(item.split("=", 1) for item in weights),
     )
-    plan = plan_extraction(config)
     out_console = err_console if as_json else console
-    table = Table(title=f"planned stores ({plan.split}: {len(plan.records)} images)")
-    for column in ("encoder", "layers", "store", "estimated size"):
-        table.add_column(column)
-    for encoder, spec, url in zip(plan.encoders, plan.specs, plan.urls, strict=True):
-        table.add_row(
-            encoder.name,
-            ",".join(map(str, spec.layers)),
-            url,
-            _human_bytes(plan.estimated_bytes(spec)),
-        )
-    out_console.print(table)
-    total = images_in_shards(plan, config.shard_size, config.shard[1], config.shard[0])
-    started = time.perf_counter()
-    written = {"bytes": 0}
-    with Progress(
-        TextColumn("[bold]extract"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=out_console,
-        transient=as_json,
-    ) as bar:
-        task = bar.add_task("extract", total=total, rate="")
-
-        def advance(images: int, nbytes: int) -> None:
-            written["bytes"] += nbytes
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            done = bar.tasks[0].completed + images
-            rate = f"{done / elapsed:.1f} img/s {written['bytes'] / elapsed / 1e6:.1f} MB/s"
-            bar.update(task, advance=images, rate=rate)
-
-        result = run_extraction(plan, progress=advance)
-    result["seconds"] = time.perf_counter() - started
+    result = _extract_with_progress(config, out_console, transient=as_json)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -247,10 +195,8 @@ def extract(
             console.print(f"  skipped {item['id']}: {item['reason']}")
 
 
-@app.command(name="ls")
-@reports_errors
-def list_stores(root: str = typer.Argument(..., help="Directory or URL holding stores.")) -> None:
-    """List the stores under ROOT: encoder, dataset, split, layers, images, size, complete."""
+def stores_table(root: str) -> Table:
+    """One row per store under ``root``."""
     from featcache.store import find_stores
 
     table = Table(title=f"stores under {root}")
@@ -268,7 +214,44 @@ def list_stores(root: str = typer.Argument(..., help="Directory or URL holding s
             _human_bytes(s["bytes"]),
             "yes" if s["complete"] else f"no ({s['shards_done']}/{s['num_shards']})",
         )
-    console.print(table)
+    return table
+
+
+@app.command(name="ls")
+@reports_errors
+def list_stores(root: str = typer.Argument(..., help="Directory or URL holding stores.")) -> None:
+    """List the stores under ROOT: encoder, dataset, split, layers, images, size, complete."""
+    console.print(stores_table(root))
+
+
+DEMO_MODELS = ("dinov2-tiny", "siglip2-tiny")
+DEMO_LAYERS = (2, 4, 6)
+
+
+@app.command()
+@reports_errors
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Where the dataset and stores go."),
+) -> None:
+    """Generate the built-in dataset and extract it with two tiny encoders of two families."""
+    from featcache.demo_data import make_demo_dataset
+    from featcache.extract import ExtractConfig
+
+    console.print(models_table())
+    manifest = make_demo_dataset(out / "data")
+    console.print(f"dataset: [bold]{manifest}[/]")
+    for split in ("train", "test"):
+        config = ExtractConfig(
+            models=list(DEMO_MODELS),
+            data=str(manifest),
+            out=str(out / "stores"),
+            layers=list(DEMO_LAYERS),
+            split=split,
+            shard_size=64,
+            batch_size=32,
+        )
+        _extract_with_progress(config, console)
+    console.print(stores_table(str(out / "stores")))
 
 
 @app.command()

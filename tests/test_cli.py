@@ -20,13 +20,21 @@ def test_models_lists_every_preset():
     assert "24x24" in result.output and "CLS + 4 reg" in result.output
 
 
-def test_demo_runs_each_tiny_encoder(tmp_path):
+def test_demo_extracts_two_families(tmp_path):
+    from featcache.store import find_stores
+
     result = runner.invoke(featcache_app, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "data" / "manifest.csv").is_file()
-    for name in ("dinov2-tiny", "dinov3-tiny", "siglip2-tiny", "clip-tiny"):
-        assert name in result.output
-    assert "(8, 69, 128)" in result.output  # dinov3-tiny: CLS + 4 registers + 8x8 patches
+    stores = find_stores(str(tmp_path / "stores"))
+    assert sorted((s.attrs["encoder"]["name"], s.attrs["dataset"]["split"]) for s in stores) == [
+        ("dinov2-tiny", "test"),
+        ("dinov2-tiny", "train"),
+        ("siglip2-tiny", "test"),
+        ("siglip2-tiny", "train"),
+    ]
+    assert all(store.is_complete for store in stores)
+    assert "img/s" in result.output
 
 
 def test_positions_and_unknown_model_error():
