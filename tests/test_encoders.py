@@ -235,3 +235,17 @@ def test_random_init_is_identical_across_processes():
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         )
         assert result.stdout.split() == here
+
+
+@pytest.mark.parametrize("family_id", FAMILY_IDS)
+def test_run_block_steps_one_layer(encoder_cache, family_id):
+    encoder = encoder_cache(family_id)
+    images = _images(encoder)
+    with torch.no_grad():
+        before = encoder.run(images, upto=1)
+        stepped = encoder.run_block(2, before)
+        substituted = encoder.run_block(2, before, block=encoder.block(2))
+    assert torch.equal(stepped, encoder.run(images, upto=2))
+    assert torch.equal(substituted, stepped)
+    with pytest.raises(LayerIndexError):
+        encoder.block(0)

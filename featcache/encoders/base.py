@@ -184,6 +184,30 @@ class Encoder(nn.Module):
         final = self._final_norm(tokens)
         return final, self._pool(tokens, final)
 
+    def block(self, n: int) -> nn.Module:
+        """The library module of block n (1-based: it maps layer n-1 to layer n)."""
+        self._check_layer(n, "block")
+        if n == 0:
+            raise LayerIndexError(f"Expected a block in 1..{self.depth}. Got 0 instead.")
+        return self._blocks[n - 1]
+
+    def run_block(
+        self,
+        n: int,
+        tokens: torch.Tensor,
+        *,
+        block: nn.Module | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Layer n-1 tokens ``(B, T, D)`` -> layer n tokens through block n.
+
+        ``block`` substitutes a module with the library block's call signature (a LoRA-wrapped
+        copy of ``self.block(n)``); RoPE and layout handling stay the encoder's own.
+        """
+        self.block(n)
+        context = self._context(grid or self.grid, tokens)
+        return self._block(n - 1, tokens, context, block)
+
     def run_layers(
         self, images: torch.Tensor, layers: list[int] | tuple[int, ...]
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -217,8 +241,10 @@ class Encoder(nn.Module):
         """Context for running blocks on tokens of a known grid (RoPE for Eva); None otherwise."""
         return None
 
-    def _block(self, index: int, tokens: torch.Tensor, context: Any) -> torch.Tensor:
-        return self._blocks[index](tokens)
+    def _block(
+        self, index: int, tokens: torch.Tensor, context: Any, block: nn.Module | None = None
+    ) -> torch.Tensor:
+        return (block or self._blocks[index])(tokens)
 
     def _final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

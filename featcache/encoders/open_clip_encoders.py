@@ -56,10 +56,13 @@ class OpenClipViTEncoder(Encoder):
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
         return self.module._embeds(images), None  # (B, T, D)
 
-    def _block(self, index: int, tokens: torch.Tensor, context: Any) -> torch.Tensor:
+    def _block(
+        self, index: int, tokens: torch.Tensor, context: Any, block: nn.Module | None = None
+    ) -> torch.Tensor:
+        block = block or self._blocks[index]
         if self._batch_first:
-            return self._blocks[index](tokens)
-        return self._blocks[index](tokens.transpose(0, 1)).transpose(0, 1)
+            return block(tokens)
+        return block(tokens.transpose(0, 1)).transpose(0, 1)
 
     def _final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.module.ln_post(tokens)
@@ -104,8 +107,10 @@ class OpenClipTimmViTEncoder(Encoder):
     def _context(self, grid: tuple[int, int], tokens: torch.Tensor) -> Any:
         return self._inner[0]._context(grid, tokens)
 
-    def _block(self, index: int, tokens: torch.Tensor, context: Any) -> torch.Tensor:
-        return self._inner[0]._block(index, tokens, context)
+    def _block(
+        self, index: int, tokens: torch.Tensor, context: Any, block: nn.Module | None = None
+    ) -> torch.Tensor:
+        return self._inner[0]._block(index, tokens, context, block)
 
     def _final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.module.trunk.norm(tokens)

@@ -88,11 +88,13 @@ class TimmEvaEncoder(TimmViTEncoder):
             return rope_module.get_embed(shape=list(grid))  # as Eva._pos_embed, dynamic branch
         return rope_module.get_embed()  # as Eva._pos_embed, fixed-size branch (cached table)
 
-    def _block(self, index: int, tokens: torch.Tensor, context: Any) -> torch.Tensor:
+    def _block(
+        self, index: int, tokens: torch.Tensor, context: Any, block: nn.Module | None = None
+    ) -> torch.Tensor:
         rope = context
         if rope is not None and getattr(self.module, "rope_mixed", False):
             rope = rope[index]
-        return self._blocks[index](tokens, rope=rope)
+        return (block or self._blocks[index])(tokens, rope=rope)
 
 
 def wrap_timm_model(model: nn.Module, *, name: str, spec: dict[str, Any]) -> Encoder:
