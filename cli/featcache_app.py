@@ -201,7 +201,7 @@ def stores_table(root: str) -> Table:
 
     table = Table(title=f"stores under {root}")
     for column in ("store", "encoder", "dataset", "split", "layers", "images", "size", "complete"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for store in find_stores(root):
         s = store.summary()
         table.add_row(

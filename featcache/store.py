@@ -200,9 +200,14 @@ def _zarr_store(url: str, storage_options: dict | None, read_only: bool):
     fs, path = _fs_and_path(url, storage_options)
     if _is_local(fs):
         return zarr.storage.LocalStore(path, read_only=read_only)
-    return zarr.storage.FsspecStore.from_url(
+    store = zarr.storage.FsspecStore.from_url(
         url, storage_options=storage_options or None, read_only=read_only
     )
+    # fsspec reuses one filesystem instance per protocol and options, with its listings cache:
+    # listings from before this store was removed or re-created in this process would hide or
+    # invent members (group.arrays()). Every open starts from fresh listings.
+    store.fs.invalidate_cache()
+    return store
 
 
 def _codecs(spec: StoreSpec) -> dict[str, Any]:

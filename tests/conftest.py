@@ -58,3 +58,76 @@ def encoder_cache():
         return cache[family_id]
 
     return get
+
+
+# -- S3 on loopback -----------------------------------------------------------------------------
+def _forget_s3_filesystems() -> None:
+    """Drop cached s3fs instances (and their listing caches): none may outlive its server.
+
+    Asynchronous instances (zarr's FsspecStore makes those, on zarr's event loop) do not close
+    their HTTP session when dropped: close it here, on that loop.
+    """
+    try:
+        import s3fs
+    except ImportError:
+        return
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        client = getattr(fs, "_s3creator", None)
+        if not fs.asynchronous or client is None:
+            continue  # synchronous instances close their session when collected
+        try:
+            from zarr.core.sync import sync
+
+            sync(client.__aexit__(None, None, None), timeout=5)
+        except Exception:
+            s3fs.S3FileSystem.close_session(None, client)  # at least close the sockets
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3-protocol server (moto's server mode) on 127.0.0.1; yields its endpoint URL."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    import logging
+
+    requests_log = logging.getLogger("werkzeug")  # one INFO line per request otherwise
+    level = requests_log.level
+    requests_log.setLevel(logging.WARNING)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        _forget_s3_filesystems()
+        server.stop()
+        requests_log.setLevel(level)
+
+
+@pytest.fixture()
+def s3_bucket(moto_endpoint, monkeypatch, tmp_path):
+    """A fresh, empty bucket on the loopback S3 server; s3fs/aiobotocore point at it via env.
+
+    The environment is restored and every cached s3 filesystem dropped afterwards, so later
+    tests neither see this server nor hold a client bound to it.
+    """
+    import uuid
+
+    import s3fs
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    _forget_s3_filesystems()
+    bucket = f"featcache-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(bucket)
+    try:
+        yield bucket
+    finally:
+        _forget_s3_filesystems()
