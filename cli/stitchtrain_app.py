@@ -58,6 +58,156 @@ def positions(
         console.print(f"patch grid resampled {src['grid']} -> {tgt['grid']} (bilinear)")
 
 
+def _parse_lrs(text: str) -> tuple[float, ...]:
+    from featcache.errors import FeatcacheError
+
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise FeatcacheError(
+            f"Expected --lr as comma-separated numbers such as 1e-3,5e-3. Got {text!r} instead."
+        ) from None
+
+
+def _metrics_table(title: str, metrics: dict) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.4f}")
+        elif isinstance(value, (int, str)):
+            table.add_row(key, str(value))
+    return table
+
+
+@app.command()
+@reports_errors
+def fit(
+    source: str = typer.Option(..., help="Source store (train split)."),
+    target: str = typer.Option(..., help="Target store (train split)."),
+    position: int = typer.Option(..., help="Stitch position n: source blocks 1..n, target n+1..N."),
+    out: str = typer.Option(..., help="Run dir (re-running the same command resumes it)."),
+    stitch: str = typer.Option("mlp", help="linear | mlp | lora"),
+    objective: str = typer.Option("ffm+tlt", help="lfm | ffm | tlt | ffm+tlt | lfm+tlt"),
+    task: str = typer.Option("cls", help="cls | seg"),
+    lr: str = typer.Option("1e-3,5e-3,1e-2", help="Learning-rate grid, chosen on validation."),
+    epochs: int = typer.Option(100, help="Maximum epochs per stage and learning rate."),
+    patience: int = typer.Option(5, help="Early-stopping patience (epochs)."),
+    batch_size: int | None = typer.Option(None, help="Default: 256 for LFM, 128 otherwise."),
+    init: str = typer.Option("random", help="random | lstsq (linear) | identity (self-stitch)"),
+    val_fraction: float = typer.Option(0.1, help="Share of training rows for validation."),
+    seed: int = typer.Option(0, help="Seed for splits, init and batch order."),
+    device: str = typer.Option("auto", help="cuda, cpu or auto."),
+    memory_budget: str | None = typer.Option(None, help="e.g. 8GB; default: 25% of free RAM."),
+    pooled_only: bool = typer.Option(False, "--pooled-only", help="FFM on pooled outputs."),
+    source_test: str | None = typer.Option(None, help="Source store of the test split."),
+    target_test: str | None = typer.Option(None, help="Target store of the test split."),
+    source_weights: str | None = typer.Option(None, help="Source weights (LoRA stitch)."),
+    target_weights: str | None = typer.Option(None, help="Target weights (safetensors)."),
+    random_init: bool = typer.Option(False, "--random-init", help="Stores of random models."),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
+) -> None:
+    """Train a stitch layer from two feature stores and evaluate it on the test split."""
+    import json
+
+    from stitchtrain.fit import FitConfig
+    from stitchtrain.fit import fit as run_fit
+
+    config = FitConfig(
+        source=source,
+        target=target,
+        position=position,
+        out=out,
+        stitch=stitch,
+        objective=objective,
+        task=task,
+        lrs=_parse_lrs(lr),
+        epochs=epochs,
+        patience=patience,
+        batch_size=batch_size,
+        init=init,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+        memory_budget=memory_budget,
+        pooled_only=pooled_only,
+        source_test=source_test,
+        target_test=target_test,
+        source_weights=source_weights,
+        target_weights=target_weights,
+        random_init=random_init,
+    )
+
+    def progress(row: dict) -> None:
+        if not as_json:
+            metric = "" if row["val_metric"] is None else f" val metric {row['val_metric']:.4f}"
+            console.print(
+                f"{row['stage']} lr {row['lr']:g} epoch {row['epoch']}: "
+                f"train {row['train_loss']:.4g} val {row['val_loss']:.4g}{metric} "
+                f"({row['seconds']:.2f}s, data wait "
+                f"{row['data_wait_s']:.2f}s, {row['data_gb_per_s']:.2f} GB/s)",
+                highlight=False,
+            )
+
+    metrics = run_fit(config, progress)
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        console.print(_metrics_table(f"{objective} {stitch} stitch at {position}", metrics))
+        console.print(f"run dir: {out}")
+
+
+@app.command()
+@reports_errors
+def probe(
+    store: str = typer.Option(..., help="Store (train split) whose pooled features to probe."),
+    out: str = typer.Option(..., help="Run dir for the probe."),
+    test_store: str | None = typer.Option(None, help="Test split store (default: found)."),
+    lr: str = typer.Option("1e-3,5e-3,1e-2", help="Learning-rate grid."),
+    epochs: int = typer.Option(100, help="Maximum epochs."),
+    patience: int = typer.Option(5, help="Early-stopping patience."),
+    seed: int = typer.Option(0, help="Seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
+) -> None:
+    """Linear probe on a store's pooled features: the encoder's own baseline."""
+    import json
+
+    from stitchtrain.probe import probe_store
+
+    metrics = probe_store(
+        store,
+        out,
+        test_store=test_store,
+        lrs=_parse_lrs(lr),
+        epochs=epochs,
+        patience=patience,
+        seed=seed,
+    )
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        console.print(_metrics_table(f"linear probe: {metrics['encoder']}", metrics))
+
+
+@app.command(name="eval")
+@reports_errors
+def evaluate(
+    run_dir: str = typer.Argument(..., help="A finished fit run dir."),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
+) -> None:
+    """Test accuracy / mIoU and layer / final feature distances of a run (paper Figure 2)."""
+    import json
+
+    from stitchtrain.evaluate import evaluate_run
+
+    metrics = evaluate_run(run_dir)
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        console.print(_metrics_table(f"eval {run_dir}", metrics))
+
+
 def main() -> None:
     app()
 

@@ -1,8 +1,9 @@
 """A small built-in image dataset, generated: shapes on textured backgrounds.
 
-Class k draws shape k (disc, square, triangle, horizontal bars, ring, cross) at a random
-position, size and colour on a random smooth background, so the label is learnable from the
-pixels but not from a single colour statistic. Each image has a PNG label map (0 = background,
+Class k draws shape k (disc, square, triangle, horizontal bars, ring, cross) in a jittered
+class hue at a random position and size on a random smooth background: learnable from colour
+and shape, so even random-init toy encoders give features a linear probe can use, while the
+shape still matters for the segmentation masks. Each image has a PNG label map (0 = background,
 k + 1 = shape of class k) for the segmentation task. Deterministic for a given seed.
 
 Layout written by ``make_demo_dataset(root)``:
@@ -22,6 +23,14 @@ from PIL import Image, ImageDraw
 __all__ = ["CLASS_NAMES", "make_demo_dataset"]
 
 CLASS_NAMES = ("disc", "square", "triangle", "bars", "ring", "cross")
+_CLASS_COLOURS = (
+    (220, 40, 40),
+    (40, 200, 60),
+    (50, 70, 230),
+    (230, 210, 40),
+    (200, 50, 210),
+    (40, 210, 220),
+)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box, fill) -> None:
@@ -77,7 +86,11 @@ def make_demo_dataset(
             extent = rng.uniform(0.35, 0.7) * size
             x0, y0 = rng.uniform(0, size - extent, size=2)
             box = (x0, y0, x0 + extent, y0 + extent)
-            colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+            jitter = rng.integers(-35, 36, size=3)
+            colour = tuple(
+                int(np.clip(c + j, 0, 255))
+                for c, j in zip(_CLASS_COLOURS[label], jitter, strict=True)
+            )
             _draw_shape(ImageDraw.Draw(image), name, box, colour)
             _draw_shape(ImageDraw.Draw(mask), name, box, label + 1)
             stem = f"{name}_{i:04d}.png"

@@ -1,0 +1,196 @@
+"""``stitchtrain eval``: test-split metrics of a run dir.
+
+accuracy / mIoU   with the run's trained head when its last stage is TLT; otherwise (LFM,
+                  FFM) a linear probe / linear decoder is fitted on the stitched model's
+                  frozen outputs over the training rows (paper: FFM is "evaluated via linear
+                  probing"), with the same AdamW / early-stopping / lr-grid protocol.
+layer_distance    mean over test images of the RMS token distance at the stitch position,
+                  ||S(R_src^n(x)) - R_tgt^n(x)||_F / sqrt(T)          (Figure 2, circles)
+final_distance    the same between stitched and target final tokens  (Figure 2, squares)
+pooled_distance   the plain l2 distance between stitched and target pooled outputs
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from featcache.store import FeatureStore
+from stitchtrain.loader import Field, valid_rows
+from stitchtrain.losses import segmentation_logits
+from stitchtrain.metrics import ConfusionMatrix, token_distance
+from stitchtrain.pairing import find_split_store, source_array
+from stitchtrain.probe import evaluate_probe, fit_linear_probe
+
+__all__ = ["evaluate_run"]
+
+
+def _test_stores(recipe) -> tuple[FeatureStore, FeatureStore]:
+    config = recipe.config
+    source_array_name = source_array(config.stitch, config.position)
+    source = (
+        FeatureStore.open(config.source_test)
+        if config.source_test
+        else find_split_store(recipe.source, "test", [source_array_name])
+    )
+    target = (
+        FeatureStore.open(config.target_test)
+        if config.target_test
+        else find_split_store(recipe.target, "test", ["pooled"])
+    )
+    return source, target
+
+
+@torch.no_grad()
+def _stitched_pass(recipe, source: FeatureStore, target: FeatureStore, rows, extra: list[Field]):
+    """Yield (batch, stitched final, stitched pooled) over ``rows`` in order."""
+    config = recipe.config
+    fields = [Field("source", source, source_array(config.stitch, config.position)), *extra]
+    loader = recipe._loader(fields, rows, 128, shuffle=False)
+    recipe.stitch.eval()
+    for batch in loader.epoch(0):
+        with recipe.autocast:
+            final, pooled = recipe.stitched_outputs(batch["source"])
+        yield batch, final.float(), pooled.float()
+
+
+def _outputs(recipe, source, target, rows, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stitched pooled (cls) or final (seg) outputs with labels/masks, all rows in memory."""
+    labels_array = "labels" if recipe.config.task == "cls" else "masks"
+    features, labels = [], []
+    for batch, final, pooled in _stitched_pass(
+        recipe, source, target, rows, [Field("labels", target, labels_array)]
+    ):
+        features.append(pooled if name == "pooled" else final)
+        labels.append(batch["labels"].long())
+    return torch.cat(features), torch.cat(labels)
+
+
+def _probe_accuracy(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
+    config = recipe.config
+    train_x, train_y = _outputs(recipe, recipe.source, recipe.target, recipe.train_rows, "pooled")
+    val_x, val_y = _outputs(recipe, recipe.source, recipe.target, recipe.val_rows, "pooled")
+    test_x, test_y = _outputs(recipe, test_source, test_target, test_rows, "pooled")
+    probe = fit_linear_probe(
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        num_classes=recipe.num_classes,
+        lrs=config.lrs,
+        epochs=config.epochs,
+        patience=config.patience,
+        seed=config.seed,
+    )
+    _, test_accuracy = evaluate_probe(probe.head, test_x, test_y)
+    return {"test_accuracy": test_accuracy, "evaluation": "linear_probe", "probe_lr": probe.lr}
+
+
+def _seg_decoder_miou(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
+    """Fit the linear decoder on frozen stitched final tokens, then test mIoU."""
+    config = recipe.config
+    train_x, train_y = _outputs(recipe, recipe.source, recipe.target, recipe.train_rows, "final")
+    head = recipe._new_head()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lrs[0])
+    generator = torch.Generator().manual_seed(config.seed)
+    from stitchtrain.losses import segmentation_loss
+
+    for _ in range(min(config.epochs, 20)):
+        for index in torch.randperm(len(train_x), generator=generator).split(128):
+            pixels = segmentation_logits(head(train_x[index]), tuple(train_y.shape[-2:]))
+            loss = segmentation_loss(pixels, train_y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    recipe.head = head
+    return {
+        **_head_metric(recipe, test_source, test_target, test_rows),
+        "evaluation": "linear_decoder",
+    }
+
+
+@torch.no_grad()
+def _head_metric(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
+    task = recipe.config.task
+    labels_array = "labels" if task == "cls" else "masks"
+    correct, count = 0, 0
+    confusion = ConfusionMatrix(recipe.num_classes)
+    recipe.head.eval()
+    for batch, final, pooled in _stitched_pass(
+        recipe, test_source, test_target, test_rows, [Field("labels", test_target, labels_array)]
+    ):
+        labels = batch["labels"].long()
+        if task == "cls":
+            correct += int((recipe.head(pooled).argmax(-1) == labels).sum())
+            count += len(labels)
+        else:
+            pixels = segmentation_logits(recipe.head(final), tuple(labels.shape[-2:]))
+            confusion.update(pixels.argmax(1), labels)
+    if task == "cls":
+        return {"test_accuracy": correct / max(count, 1), "evaluation": "head"}
+    return {
+        "test_miou": confusion.miou(),
+        "test_pixel_accuracy": confusion.pixel_accuracy(),
+        "evaluation": "head",
+    }
+
+
+@torch.no_grad()
+def _distances(recipe, test_source, test_target, test_rows) -> dict[str, float]:
+    position = recipe.config.position
+    extra = [Field("pooled", test_target, "pooled")]
+    has_final = "final" in test_target.group
+    has_layer = f"layers/{position}" in test_target.group
+    if has_final:
+        extra.append(Field("final", test_target, "final"))
+    if has_layer:
+        extra.append(Field("layer", test_target, f"layers/{position}"))
+    sums = {"layer_distance": 0.0, "final_distance": 0.0, "pooled_distance": 0.0}
+    count = 0
+    for batch, final, pooled in _stitched_pass(recipe, test_source, test_target, test_rows, extra):
+        count += len(pooled)
+        sums["pooled_distance"] += float(token_distance(pooled, batch["pooled"]).sum())
+        if has_final:
+            sums["final_distance"] += float(token_distance(final, batch["final"]).sum())
+        if has_layer:
+            stitched = recipe.stitch(batch["source"]).float()
+            sums["layer_distance"] += float(token_distance(stitched, batch["layer"]).sum())
+    result = {key: value / max(count, 1) for key, value in sums.items()}
+    if not has_final:
+        result.pop("final_distance")
+    if not has_layer:
+        result.pop("layer_distance")
+    return result
+
+
+def evaluate_run(run_dir: str | Path, recipe=None) -> dict[str, Any]:
+    """Test metrics of a finished run (``recipe`` reuses a live one; else rebuilt from disk)."""
+    from stitchtrain.fit import FitConfig, StitchRecipe, load_run_encoder
+
+    run_dir = Path(run_dir)
+    if recipe is None:
+        config = FitConfig(**json.loads((run_dir / "config.json").read_text()))
+        recipe = StitchRecipe(config)
+        recipe.stitch.load_state_dict(load_file(str(run_dir / "stitch.safetensors")))
+        if (run_dir / "head.safetensors").exists():
+            recipe.head.load_state_dict(load_file(str(run_dir / "head.safetensors")))
+    if recipe.target_encoder is None:
+        recipe.target_encoder = load_run_encoder(
+            recipe.target, recipe.config.target_weights, recipe.config.random_init, recipe.device
+        )
+    test_source, test_target = _test_stores(recipe)
+    test_rows = valid_rows(test_source, test_target)
+    if recipe.stages[-1] == "tlt":
+        metrics = _head_metric(recipe, test_source, test_target, test_rows)
+    elif recipe.config.task == "cls":
+        metrics = _probe_accuracy(recipe, test_source, test_target, test_rows)
+    else:
+        metrics = _seg_decoder_miou(recipe, test_source, test_target, test_rows)
+    metrics.update(_distances(recipe, test_source, test_target, test_rows))
+    metrics["test_images"] = int(len(test_rows))
+    metrics["test_source"], metrics["test_target"] = test_source.url, test_target.url
+    return metrics

@@ -1,0 +1,113 @@
+"""Which stores a stitch run reads, and whether they pair.
+
+Two stores pair when they hold the same images in the same rows: same dataset manifest hash,
+split and order seed, and the same ``ids`` array (its hash is compared, so a store written by
+another tool version or from a reordered manifest is caught). Each objective then needs arrays:
+
+  lfm       source layers/n (lora: layers/n-1)  target layers/n
+  ffm       source layers/n (lora: layers/n-1)  target final (or pooled with pooled-only)
+  tlt       source layers/n (lora: layers/n-1)  target labels (cls) / masks (seg)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import PurePosixPath
+
+import numpy as np
+
+from featcache.errors import FeatcacheError
+from featcache.store import FeatureStore, find_stores
+
+__all__ = ["PairingError", "ids_hash", "check_pair", "source_array", "find_split_store"]
+
+
+class PairingError(FeatcacheError, ValueError):
+    """Stores that do not hold the same images in the same order, or lack a needed array."""
+
+
+def ids_hash(store: FeatureStore) -> str:
+    """SHA-256 (first 16 hex) of the store's ``ids`` in row order."""
+    ids = np.asarray(store.read("ids"), dtype=object)
+    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
+def source_array(stitch: str, position: int) -> str:
+    """The source array a stitch consumes: layer n, or layer n-1 for a LoRA stitch."""
+    return f"layers/{position - 1 if stitch == 'lora' else position}"
+
+
+def _require(store: FeatureStore, array: str, role: str, why: str) -> None:
+    if array not in store.group:
+        have = sorted(
+            [f"layers/{n}" for n in store.layers]
+            + [a for a in ("final", "pooled") if a in store.group]
+        )
+        raise PairingError(
+            f"The {role} store {store.url} has no {array!r}, which {why} needs. It holds: "
+            f"{', '.join(have)}. Extract it with --layers including that layer (and --tokens all)."
+        )
+
+
+def check_pair(
+    source: FeatureStore,
+    target: FeatureStore,
+    *,
+    position: int,
+    stitch: str,
+    objective: str,
+    task: str,
+    pooled_only: bool = False,
+) -> None:
+    """Raise ``PairingError`` naming the mismatch or the missing array; return when usable."""
+    source_data, target_data = source.attrs["dataset"], target.attrs["dataset"]
+    for key in ("manifest_hash", "split", "order_seed", "num_images"):
+        if source_data.get(key) != target_data.get(key):
+            raise PairingError(
+                f"Source {source.url} and target {target.url} hold different images: dataset "
+                f"{key} {source_data.get(key)!r} vs {target_data.get(key)!r}. Extract both from "
+                "the same --data and --split."
+            )
+    if ids_hash(source) != ids_hash(target):
+        raise PairingError(
+            f"Source {source.url} and target {target.url} order their images differently (ids "
+            "hash differs). Extract both with the same featcache version and order seed."
+        )
+    last = min(source.attrs["encoder"]["depth"], target.attrs["encoder"]["depth"])
+    if not 1 <= position <= last:
+        raise PairingError(
+            f"Expected a stitch position in 1..{last} for {source.attrs['encoder']['name']} -> "
+            f"{target.attrs['encoder']['name']}. Got {position} instead."
+        )
+    _require(source, source_array(stitch, position), "source", f"a {stitch} stitch at {position}")
+    stages = objective.split("+")
+    if "lfm" in stages:
+        _require(target, f"layers/{position}", "target", "LFM")
+    if "ffm" in stages:
+        _require(target, "pooled" if pooled_only else "final", "target", "FFM")
+    if "tlt" in stages and task == "seg" and "masks" not in target.group:
+        raise PairingError(f"The target store {target.url} has no masks; --task seg needs them.")
+
+
+def find_split_store(train_store: FeatureStore, split: str, needed: list[str]) -> FeatureStore:
+    """The store of another split written like ``train_store`` (same encoder fingerprint, same
+    dataset source, same layers and settings), found under the root two levels up
+    (``ROOT/<split>/<store>.zarr``, featcache's layout)."""
+    root = str(PurePosixPath(train_store.url).parent.parent)
+    encoder = train_store.attrs["encoder"]["fingerprint"]
+    source = train_store.attrs["dataset"]["source"]
+    for candidate in find_stores(root, storage_options=train_store.storage_options):
+        attrs = candidate.attrs
+        if (
+            attrs["encoder"]["fingerprint"] == encoder
+            and attrs["dataset"]["source"] == source
+            and attrs["dataset"]["split"] == split
+            and all(name in candidate.group for name in needed)
+            and candidate.is_complete
+        ):
+            return candidate
+    raise PairingError(
+        f"No complete {split!r} store for {train_store.attrs['encoder']['name']} (fingerprint "
+        f"{encoder}) with {', '.join(needed)} under {root}. Extract that split, or name the "
+        "store explicitly (--source-test / --target-test)."
+    )
