@@ -203,6 +203,7 @@ class StitchRecipe:
         self.stitch = self._new_stitch()
         self.head = self._new_head()
         self.history: list[dict[str, Any]] = []
+        self._loaders: dict[tuple[str, str], FeatureLoader] = {}
 
     # -- construction ---------------------------------------------------------------------------
     def _num_classes(self) -> int:
@@ -274,6 +275,22 @@ class StitchRecipe:
             memory_budget=budget,
         )
 
+    def _stage_loader(self, stage: str, split: str) -> FeatureLoader:
+        """One loader per (stage, train|val), kept for the whole grid: staged arrays are read
+        from the stores once, not once per learning rate or per validation pass. Every learning
+        rate sees the same seeded batch order (epoch e of every lr: the same batches)."""
+        key = (stage, split)
+        if key not in self._loaders:
+            train = split == "train"
+            self._loaders[key] = self._loader(
+                self._fields(stage),
+                self.train_rows if train else self.val_rows,
+                self.config.stage_batch_size(stage),
+                shuffle=train,
+                seed=self._seed(stage, 0),
+            )
+        return self._loaders[key]
+
     def _fields(self, stage: str) -> list[Field]:
         config = self.config
         fields = [Field("source", self.source, source_array(config.stitch, config.position))]
@@ -316,9 +333,7 @@ class StitchRecipe:
     def _validate(self, stage: str) -> tuple[float, float | None]:
         """(mean validation loss, task metric: accuracy or mIoU for TLT, else None)."""
         self.stitch.eval()
-        loader = self._loader(
-            self._fields(stage), self.val_rows, self.config.stage_batch_size(stage), shuffle=False
-        )
+        loader = self._stage_loader(stage, "val")
         total, count = 0.0, 0
         correct, confusion = 0, ConfusionMatrix(self.num_classes)
         for batch in loader.epoch(0):
@@ -379,13 +394,7 @@ class StitchRecipe:
                 self.head.load_state_dict(resume["head"])
                 optimizer.load_state_dict(resume["optimizer"])
                 resume = None
-            loader = self._loader(
-                self._fields(stage),
-                self.train_rows,
-                config.stage_batch_size(stage),
-                shuffle=True,
-                seed=self._seed(stage, state.lr_index),
-            )
+            loader = self._stage_loader(stage, "train")
             while state.epoch < config.epochs and state.stale < config.patience:
                 row = self._train_epoch(stage, lr, state.epoch, loader, optimizer)
                 self.history.append(row)
