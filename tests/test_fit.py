@@ -19,7 +19,7 @@ from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.images import decode_image
 from featcache.store import FeatureStore, StoreSpec
 from stitchtrain.fit import FitConfig, StitchRecipe, fit
-from stitchtrain.loader import Field, FeatureLoader
+from stitchtrain.loader import FeatureLoader
 from stitchtrain.pairing import PairingError
 
 runner = CliRunner()
