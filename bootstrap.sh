@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set everything up in ./.venv, then run the demo or the tests:
-#   bash bootstrap.sh demo [featcache demo options]
+#   bash bootstrap.sh demo [stitchtrain demo options]
 #   bash bootstrap.sh test [pytest options]
 # On a machine without nvidia-smi, torch is constrained to the CPU build (constraints-cpu.txt);
 # with a GPU, pip resolves torch from pyproject.toml to the CUDA build.
@@ -23,7 +23,7 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 command="${1:-}"
 shift || true
 case "$command" in
-    demo) exec "$venv/bin/featcache" demo "$@" ;;
+    demo) exec "$venv/bin/stitchtrain" demo "$@" ;;
     test) exec "$venv/bin/python" -m pytest "$@" ;;
     *) echo "usage: bash bootstrap.sh demo|test [options]" >&2; exit 2 ;;
 esac

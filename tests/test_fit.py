@@ -334,3 +334,18 @@ def test_cli_fit_eval_probe(stores, tmp_path):
         ],
     )
     assert result.exit_code == 2 and "--stitch in" in result.output
+
+
+def test_segmentation_tlt_and_lora_stitch(stores, tmp_path):
+    """TLT for segmentation (linear decoder, mIoU) through a LoRA stitch (source block n with
+    LoRA, fed source layer n-1), streamed from the stores under a tiny memory budget."""
+    config = _config(stores, tmp_path, stitch="lora", objective="tlt", task="seg", epochs=2,
+                     memory_budget="64kB", random_init=False)
+    recipe = StitchRecipe(config)
+    assert not recipe._stage_loader("tlt", "train").staged  # streamed: over the budget
+    assert recipe.source_encoder is not None and recipe.num_classes == 4  # background + 3
+    trainable = {n for n, p in recipe.stitch.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n or "map" in n or "offset" in n for n in trainable)
+    metrics = recipe.run()
+    assert 0.0 <= metrics["test_miou"] <= 1.0 and metrics["evaluation"] == "head"
+    assert metrics["stages"]["tlt"]["val_metric"] is not None
