@@ -3,7 +3,9 @@
 accuracy / mIoU   with the run's trained head when its last stage is TLT; otherwise (LFM,
                   FFM) a linear probe / linear decoder is fitted on the stitched model's
                   frozen outputs over the training rows (paper: FFM is "evaluated via linear
-                  probing"), with the same AdamW / early-stopping / lr-grid protocol.
+                  probing"): classification with the AdamW / early-stopping / lr-grid
+                  protocol; the segmentation decoder for min(epochs, 20) epochs at the first
+                  learning rate of the grid (the paper gives no protocol for it).
 layer_distance    mean over test images of the RMS token distance at the stitch position,
                   ||S(R_src^n(x)) - R_tgt^n(x)||_F / sqrt(T)          (Figure 2, circles)
 final_distance    the same between stitched and target final tokens  (Figure 2, squares)
