@@ -7,6 +7,10 @@ no completion marker (``--shard I/N`` takes shards i with i % N == I). For each 
   ``Encoder.run_layers`` (blocks run once, layers taken on the way), float32 -> store dtype
   ->  write the shard's rows of every array  ->  write the shard's marker (last)
 
+The writes of one shard run on a writer thread while the next shard (or encoder) computes;
+the next write starts only once the previous one, marker included, has finished, and a failed
+write stops the run before anything after it is written.
+
 Batches never cross shard boundaries, so a resumed run computes exactly the batches an
 uninterrupted run would and writes identical bytes. Unreadable images either stop the run
 before their shard is marked (``fail``) or become invalid rows (NaN features, ``valid`` False)
@@ -18,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,16 +223,22 @@ def _prefetched(pool: ThreadPoolExecutor, items: list, fn: Callable, depth: int)
 def _encode_shard(
     which: int, encoder: Encoder, spec: StoreSpec, items: list[_Item], batch_size: int
 ) -> dict[str, np.ndarray]:
-    """Run encoder number ``which`` over a shard; float32 rows keyed by store array name.
+    """Run encoder number ``which`` over a shard; rows keyed by store array name.
 
     Rows of unreadable images stay NaN. Batches hold consecutive readable rows of this shard
     only, so every run (fresh, resumed, another ``--shard`` split) forms the same batches.
+    Feature rows are float16 for float16 stores (numpy's float32 -> float16 cast, the very cast
+    ``FeatureStore.encode_features`` applies, done per batch: half the memory of a float32
+    shard and no second pass), float32 otherwise.
     """
     rows = len(items)
+    row_dtype = np.float16 if spec.dtype == "float16" else np.float32
     arrays = {
-        name: np.full((rows, *shape), np.nan, np.float32)
+        name: np.full((rows, *shape), np.nan, row_dtype)
         for name, shape in spec.feature_row_shapes().items()
     }
+    # per row, the largest finite-or-inf magnitude (NaN ignored) of the float32 output
+    peaks = {name: np.zeros(rows, np.float32) for name in arrays} if row_dtype is np.float16 else {}
     keep = slice(None) if spec.tokens == "all" else slice(0, len(spec.encoder["layout"]["prefix"]))
     readable = [i for i, item in enumerate(items) if item.error is None]
     device = next(encoder.module.parameters()).device
@@ -237,13 +247,19 @@ def _encode_shard(
         images = torch.stack([items[i].inputs[which] for i in batch_rows])  # (B, 3, H, W)
         with torch.inference_mode():
             taken, final, pooled = encoder.run_layers(images.to(device), spec.layers)
-        outputs = {"pooled": pooled}
-        if spec.tokens != "pooled":
-            outputs.update({f"layers/{n}": taken[n][:, keep] for n in spec.layers})
-            outputs["final"] = final[:, keep]
-        for name, values in outputs.items():
-            arrays[name][batch_rows] = values.float().cpu().numpy()
-    _check_float16_range(arrays, spec, items)
+            outputs = {"pooled": pooled}
+            if spec.tokens != "pooled":
+                outputs.update({f"layers/{n}": taken[n][:, keep] for n in spec.layers})
+                outputs["final"] = final[:, keep]
+            for name, values in outputs.items():
+                values = values.float()
+                if peaks:
+                    magnitude = values.abs().flatten(1)
+                    magnitude = torch.where(magnitude.isnan(), 0.0, magnitude)
+                    peaks[name][batch_rows] = magnitude.amax(dim=1).cpu().numpy()
+                with np.errstate(over="ignore"):  # over 65504: refused below, by peaks
+                    arrays[name][batch_rows] = values.cpu().numpy()
+    _check_float16_range(peaks, spec, items)
     if spec.mask_shape is not None:
         masks = np.full((rows, *spec.mask_shape), -1, np.int16)
         for i in readable:
@@ -252,14 +268,14 @@ def _encode_shard(
     return arrays
 
 
-def _check_float16_range(arrays: dict[str, np.ndarray], spec: StoreSpec, items) -> None:
-    """float16 tops out at 65504: ViT "massive activations" can exceed it. Refuse to store inf."""
-    if spec.dtype != "float16":
-        return
+def _check_float16_range(peaks: dict[str, np.ndarray], spec: StoreSpec, items) -> None:
+    """float16 tops out at 65504: ViT "massive activations" can exceed it. Refuse to store inf.
+
+    ``peaks`` holds, per array, each row's largest magnitude before the float16 cast (skipped
+    rows 0); empty unless the store is float16.
+    """
     limit = float(np.finfo(np.float16).max)
-    for name, values in arrays.items():
-        magnitude = np.where(np.isnan(values), 0.0, np.abs(values))  # skipped rows are NaN
-        row_peaks = magnitude.reshape(len(values), -1).max(axis=1)
+    for name, row_peaks in peaks.items():
         if len(row_peaks) and row_peaks.max() > limit:
             row = int(row_peaks.argmax())
             raise FeatcacheError(
@@ -272,12 +288,77 @@ def _check_float16_range(arrays: dict[str, np.ndarray], spec: StoreSpec, items) 
 ProgressFn = Callable[[int, int], None]
 
 
+@dataclass
+class _ShardProgress:
+    """Calls ``progress(images, bytes)`` once all ``stores`` writes of one shard are done."""
+
+    images: int
+    stores: int
+    progress: ProgressFn | None
+    written: int = 0
+
+    def __call__(self, nbytes: int) -> None:
+        self.written += nbytes
+        self.stores -= 1
+        if self.stores == 0 and self.progress is not None:
+            self.progress(self.images, self.written)
+
+
+class _ShardWriter:
+    """Writes shards on one background thread, at most one write behind the compute.
+
+    ``submit`` first waits for the write before it (so at most two shards' arrays are in
+    memory: the one being written and the one being computed), then hands this one to the
+    thread. A write is ``FeatureStore.write_shard``: the shard's arrays, then its marker, in that
+    order, on that one thread. An error of a write is raised by the next ``submit`` or by
+    ``finish`` in the calling thread, so nothing after a failed shard is submitted.
+    """
+
+    def __init__(self, executor: ThreadPoolExecutor, timings: dict[str, float]) -> None:
+        self.executor = executor
+        self.timings = timings
+        self.pending: Future | None = None
+        self.on_done: Callable[[int], None] | None = None
+
+    @staticmethod
+    def _write(store: FeatureStore, shard: int, arrays: dict, info: dict) -> tuple[int, float]:
+        started = time.perf_counter()
+        try:
+            written = store.write_shard(shard, arrays, info)
+        except OSError as err:
+            raise StoreError(
+                f"Writing shard {shard} of {store.url} failed: {err}. That shard has no "
+                "completion marker; free the space or fix the cause and re-run the same "
+                "command to complete it."
+            ) from err
+        return written, time.perf_counter() - started
+
+    def submit(self, store, shard, arrays, info, on_done: Callable[[int], None]) -> None:
+        """Write ``arrays`` as ``shard`` of ``store``; ``on_done(bytes)`` runs once written."""
+        self.finish()
+        self.pending = self.executor.submit(self._write, store, shard, arrays, info)
+        self.on_done = on_done
+
+    def finish(self) -> None:
+        """Wait for the pending write (raising its error), then report it."""
+        if self.pending is None:
+            return
+        started = time.perf_counter()
+        pending, self.pending = self.pending, None
+        written, busy = pending.result()
+        self.timings["write_s"] += time.perf_counter() - started
+        self.timings["write_busy_s"] += busy
+        self.on_done(written)
+
+
 def run_extraction(plan: ExtractPlan, *, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Create or reopen every planned store, fill its missing shards, return a summary.
 
-    ``progress(images_done, bytes_written)`` is called after each shard. The summary holds
-    ``stores`` (``FeatureStore.summary()`` each, with skipped files), ``shards_processed`` and
-    ``timings``: seconds spent waiting for decoded images, computing, and writing.
+    ``progress(images_done, bytes_written)`` is called after each shard is written. The summary
+    holds ``stores`` (``FeatureStore.summary()`` each, with skipped files), ``shards_processed``
+    and ``timings``, seconds of the main thread: ``wait_s`` waiting for decoded images,
+    ``compute_s`` computing, ``write_s`` waiting for writes; and ``write_busy_s``, seconds the
+    writer thread spent writing (overlapped with compute, so mostly not in the total).
     """
     config = plan.config
     stores = [
@@ -293,18 +374,22 @@ def run_extraction(plan: ExtractPlan, *, progress: ProgressFn | None = None) -> 
         for shard in range(stores[0].num_shards)
         if shard % count == index and any(shard not in done for done in marked)
     ]
-    timings = {"wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
+    timings = {"wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "write_busy_s": 0.0}
 
     def read_shard(shard: int) -> list[_Item]:
         start, stop = stores[0].shard_rows(shard)
         return list(pool.map(lambda r: _prepare(r, plan.encoders), plan.records[start:stop]))
 
     # The reader thread decodes the next shard (through the worker pool) while the main thread
-    # computes this one; one shared pool could deadlock a shard task on its own subtasks.
+    # computes this one; one shared pool could deadlock a shard task on its own subtasks. The
+    # writer thread writes the previous shard meanwhile (zarr's encoding and file writes mostly
+    # release the GIL). Leaving the block, normally or by an error, waits for a started write.
     with (
         ThreadPoolExecutor(max_workers=max(1, config.num_workers)) as pool,
         ThreadPoolExecutor(max_workers=1) as reader,
+        ThreadPoolExecutor(max_workers=1) as writer_thread,
     ):
+        writer = _ShardWriter(writer_thread, timings)
         shards_ahead = _prefetched(reader, todo, read_shard, depth=1)
         for shard in todo:
             started = time.perf_counter()
@@ -312,6 +397,7 @@ def run_extraction(plan: ExtractPlan, *, progress: ProgressFn | None = None) -> 
             timings["wait_s"] += time.perf_counter() - started
             skipped = [{"id": item.record.id, "reason": item.error} for item in items if item.error]
             if skipped and config.on_bad_image == "fail":
+                writer.finish()  # the shards before this one are complete
                 raise BadImageError(
                     skipped[0]["id"],
                     f"{skipped[0]['reason']} ({len(skipped)} unreadable image(s) in shard "
@@ -323,28 +409,16 @@ def run_extraction(plan: ExtractPlan, *, progress: ProgressFn | None = None) -> 
                 "labels": np.array([item.record.label for item in items], np.int64),
                 "valid": np.array([item.error is None for item in items], bool),
             }
-            written = 0
-            for which, (encoder, spec, store) in enumerate(
-                zip(plan.encoders, plan.specs, stores, strict=True)
-            ):
-                if shard in marked[which]:
-                    continue
+            needed = [which for which in range(len(stores)) if shard not in marked[which]]
+            written = _ShardProgress(len(items), len(needed), progress)
+            for which in needed:
+                encoder, spec, store = plan.encoders[which], plan.specs[which], stores[which]
                 started = time.perf_counter()
                 arrays = {**_encode_shard(which, encoder, spec, items, config.batch_size), **common}
                 timings["compute_s"] += time.perf_counter() - started
-                started = time.perf_counter()
                 info = {"rows": list(store.shard_rows(shard)), "skipped": skipped}
-                try:
-                    written += store.write_shard(shard, arrays, info)
-                except OSError as err:
-                    raise StoreError(
-                        f"Writing shard {shard} of {store.url} failed: {err}. That shard has no "
-                        "completion marker; free the space or fix the cause and re-run the same "
-                        "command to complete it."
-                    ) from err
-                timings["write_s"] += time.perf_counter() - started
-            if progress is not None:
-                progress(len(items), written)
+                writer.submit(store, shard, arrays, info, written)
+        writer.finish()
     return {
         "stores": [store.summary() for store in stores],
         "shards_processed": len(todo),
