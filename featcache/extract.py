@@ -351,7 +351,9 @@ class _ShardWriter:
         self.on_done(written)
 
 
-def run_extraction(plan: ExtractPlan, *, progress: ProgressFn | None = None) -> dict[str, Any]:
+def run_extraction(
+    plan: ExtractPlan, *, progress: ProgressFn | None = None, shards: list[int] | None = None
+) -> dict[str, Any]:
     """Create or reopen every planned store, fill its missing shards, return a summary.
 
     ``progress(images_done, bytes_written)`` is called after each shard is written. The summary
@@ -359,21 +361,21 @@ def run_extraction(plan: ExtractPlan, *, progress: ProgressFn | None = None) -> 
     and ``timings``, seconds of the main thread: ``wait_s`` waiting for decoded images,
     ``compute_s`` computing, ``write_s`` waiting for writes; and ``write_busy_s``, seconds the
     writer thread spent writing (overlapped with compute, so mostly not in the total).
+    ``shards`` restricts the run to those shards (one Dask task each); by default every shard
+    of this ``--shard I/N`` slice. Already-marked shards are always skipped.
     """
     config = plan.config
     stores = [
         FeatureStore.create(url, spec, storage_options=config.storage_options)
         for url, spec in zip(plan.urls, plan.specs, strict=True)
     ]
-    for store in stores:
-        store.remove_partials()
     index, count = config.shard
+    mine = shards if shards is not None else range(index, stores[0].num_shards, count)
     marked = [store.marked_shards() for store in stores]
-    todo = [
-        shard
-        for shard in range(stores[0].num_shards)
-        if shard % count == index and any(shard not in done for done in marked)
-    ]
+    todo = [shard for shard in mine if any(shard not in done for done in marked)]
+    for store in stores:
+        store.remove_partials(todo)
+        store.remove_metadata_partials()
     timings = {"wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "write_busy_s": 0.0}
 
     def read_shard(shard: int) -> list[_Item]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,7 +247,23 @@ class FeatureStore:
     def create(
         cls, url: str, spec: StoreSpec, *, storage_options: dict | None = None
     ) -> FeatureStore:
-        """Create the store's metadata, or reopen an existing store made with the same spec."""
+        """Create the store's metadata, or reopen an existing store made with the same spec.
+
+        Several processes may create one store at once (``--shard I/N``, racing ``extract``
+        commands, a crashed creation being redone): they write identical metadata, arrays that
+        exist are left alone, and a creator whose metadata temp file was cleaned away by
+        another (see ``remove_metadata_partials``) simply tries again.
+        """
+        for attempt in range(3):
+            try:
+                return cls._create_once(url, spec, storage_options)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _create_once(cls, url: str, spec: StoreSpec, storage_options) -> FeatureStore:
         fs, path = _fs_and_path(url, storage_options)
         if fs.exists(f"{path}/zarr.json"):
             try:
@@ -256,6 +273,11 @@ class FeatureStore:
             if store is not None:
                 store._check_same(spec)
                 return store
+            cls(
+                url,
+                zarr.open_group(_zarr_store(url, storage_options, False), mode="a"),
+                storage_options,
+            ).remove_metadata_partials(older_than_s=0.0)
         group = zarr.open_group(_zarr_store(url, storage_options, False), mode="a")
         create_array = _create_if_absent(group)
         codecs = _codecs(spec)
@@ -464,15 +486,53 @@ class FeatureStore:
         else:
             self._fs.pipe_file(path, payload)  # object stores: a PUT is atomic
 
-    def remove_partials(self) -> int:
-        """Delete temp files a killed writer left behind (local stores); return how many."""
+    def remove_partials(self, shards: list[int] | set[int]) -> int:
+        """Delete temp files a killed writer left behind for ``shards`` (local stores only).
+
+        Only the given shards' files are touched: this process is their one writer, while other
+        processes (``--shard I/N``, Dask workers) may be mid-write on their own shards, and
+        deleting their temp files would break their atomic renames. Chunk temp files are
+        ``<array>/c/<shard>/...<uuid>.partial``; marker temp files ``markers/shard-<i>.json.*``.
+        Returns how many were removed.
+        """
         if not _is_local(self._fs):
             return 0
+        wanted = set(shards)
         removed = 0
         for directory, _, files in os.walk(self._path):
             for name in files:
-                if ".partial" in name:
+                if ".partial" in name and self._partial_shard(directory, name) in wanted:
                     os.remove(os.path.join(directory, name))
+                    removed += 1
+        return removed
+
+    def _partial_shard(self, directory: str, name: str) -> int | None:
+        """The shard a temp file belongs to, or None for metadata temp files."""
+        if name.startswith("shard-"):
+            return int(name[6:12])
+        parts = os.path.relpath(os.path.join(directory, name), self._path).split(os.sep)
+        if "c" not in parts[:-1]:
+            return None
+        index = parts.index("c") + 1
+        head = parts[index].split(".")[0]  # the last component carries ".<uuid>.partial"
+        return int(head) if head.isdigit() else None
+
+    def remove_metadata_partials(self, older_than_s: float = 60.0) -> int:
+        """Delete ``zarr.json`` temp files of a killed creation, if older than ``older_than_s``.
+
+        A creator redoing an unfinished creation passes 0 (a concurrent creator that loses its
+        temp file retries, see ``create``); writers of a finished store keep the default, since
+        a live metadata write renames its few-kB temp file within milliseconds.
+        """
+        if not _is_local(self._fs):
+            return 0
+        removed, now = 0, time.time()
+        for directory, _, files in os.walk(self._path):
+            for name in files:
+                path = os.path.join(directory, name)
+                is_metadata = name.startswith("zarr.json.") and name.endswith(".partial")
+                if is_metadata and now - os.path.getmtime(path) >= older_than_s:
+                    os.remove(path)
                     removed += 1
         return removed
 
