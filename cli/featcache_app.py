@@ -86,7 +86,9 @@ def _human_bytes(count: float) -> str:
     return f"{count:.1f} TB"
 
 
-def _extract_with_progress(config, out_console, *, transient: bool = False) -> dict:
+def _extract_with_progress(
+    config, out_console, *, transient: bool = False, scheduler: str | None = None
+) -> dict:
     """Plan, print the planned stores, run with a progress bar (images/s, MB/s, ETA)."""
     from rich.progress import (
         BarColumn,
@@ -130,7 +132,14 @@ def _extract_with_progress(config, out_console, *, transient: bool = False) -> d
             rate = f"{done / elapsed:.1f} img/s {written['bytes'] / elapsed / 1e6:.1f} MB/s"
             bar.update(task, advance=images, rate=rate)
 
-        result = run_extraction(plan, progress=advance)
+        if scheduler is None:
+            result = run_extraction(plan, progress=advance)
+        else:
+            from featcache.distributed import connect, extract_on_dask
+
+            with connect(scheduler) as client:
+                out_console.print(f"dask scheduler: {client.scheduler.address}")
+                result = extract_on_dask(plan, client, progress=advance)
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -154,6 +163,9 @@ def extract(
     num_workers: int = typer.Option(2, help="Decoding threads."),
     weights: list[str] = typer.Option([], help="NAME=FILE.safetensors weights for a model."),
     random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights."),
+    scheduler: str | None = typer.Option(
+        None, help="Run shards as Dask tasks: local, local:N or tcp://HOST:PORT."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary at the end."),
 ) -> None:
     """Extract layer token features of one or more encoders into Zarr v3 stores."""
@@ -180,7 +192,7 @@ def extract(
         weights=dict(item.split("=", 1) for item in weights),
     )
     out_console = err_console if as_json else console
-    result = _extract_with_progress(config, out_console, transient=as_json)
+    result = _extract_with_progress(config, out_console, transient=as_json, scheduler=scheduler)
     if as_json:
         print(json.dumps(result, indent=2))
         return
