@@ -16,6 +16,11 @@ app = typer.Typer(
 )
 
 
+from cli.tree_app import tree_app  # noqa: E402
+
+app.add_typer(tree_app, name="tree")
+
+
 @app.callback()
 def _main() -> None:
     """Commands are listed below; each has --help."""

@@ -1,0 +1,219 @@
+"""``stitchtrain tree``: build a VFM Stitch Tree from run dirs, and measure what it saves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cli._console import console, reports_errors
+
+tree_app = typer.Typer(
+    help="VFM Stitch Tree: share early trunk blocks across several encoders (paper section 6).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _parse_weights(items: list[str]) -> dict[str, str]:
+    from featcache.errors import FeatcacheError
+
+    weights = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise FeatcacheError(f"Expected --weights NAME=FILE.safetensors. Got {item!r} instead.")
+        weights[name] = path
+    return weights
+
+
+def _parse_branch(item: str) -> str | tuple[str, str]:
+    """``RUN_DIR`` or ``NAME=RUN_DIR`` (a path that exists as given is never split)."""
+    name, sep, path = item.partition("=")
+    if sep and name and path and not Path(item).exists():
+        return name, path
+    return item
+
+
+def _parse_ints(text: str, option: str) -> tuple[int, ...]:
+    from featcache.errors import FeatcacheError
+
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise FeatcacheError(
+            f"Expected {option} as comma-separated integers such as 1,32. Got {text!r} instead."
+        ) from None
+
+
+@tree_app.command()
+@reports_errors
+def build(
+    trunk: str = typer.Option(..., help="Trunk encoder (preset, timm:..., open_clip:...)."),
+    position: int = typer.Option(..., help="n: trunk blocks 1..n are shared by every branch."),
+    branch: list[str] = typer.Option(
+        ..., help="A finished fit run dir, or NAME=RUN_DIR to name the branch (repeatable)."
+    ),
+    out: Path = typer.Option(..., help="Tree dir to write (tree.json + stitch safetensors)."),
+    weights: list[str] = typer.Option([], help="NAME=FILE.safetensors for an encoder."),
+    random_init: bool = typer.Option(False, "--random-init", help="Random-init encoders."),
+    device: str = typer.Option("cpu", help="Where to load the encoders to check them."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing tree."),
+    as_json: bool = typer.Option(False, "--json", help="Print tree.json instead of a table."),
+) -> None:
+    """Build a tree from run dirs whose source is the trunk encoder at --position, and save it.
+
+    Every run's source store must come from the trunk (same fingerprint) and every branch
+    encoder must match its run's target store; each output of the tree then equals the
+    stitched model of its run dir, and the trunk's output equals the trunk's own forward.
+    """
+    from featcache.extract import resolve_device
+    from stitchtrain.tree import VFMStitchTree, load_trunk
+
+    runs = [_parse_branch(item) for item in branch]
+    named_weights = _parse_weights(weights)
+    target_device = resolve_device(device)
+    trunk_encoder = load_trunk(
+        trunk,
+        runs,
+        weights=named_weights.get(trunk),
+        random_init=random_init,
+        device=target_device,
+    )
+    tree = VFMStitchTree.from_runs(
+        trunk_encoder,
+        position,
+        runs,
+        weights=named_weights,
+        random_init=random_init,
+        device=target_device,
+    )
+    tree.save(out, overwrite=overwrite)
+    described = tree.describe()
+    if as_json:
+        print(json.dumps(described, indent=2))
+        return
+    table = Table(title=f"VFM Stitch Tree: {trunk} blocks 1..{position} shared")
+    for column in ("output", "encoder", "stitch", "blocks run", "fingerprint", "from"):
+        table.add_column(column)
+    trunk_info = described["trunk"]
+    table.add_row(
+        described["trunk_name"],
+        trunk_info["name"],
+        "-",
+        f"1..{trunk_info['depth']}",
+        trunk_info["fingerprint"],
+        "trunk",
+    )
+    for entry in described["branches"]:
+        encoder = entry["encoder"]
+        first = position if entry["stitch"]["kind"] == "lora" else position + 1
+        table.add_row(
+            entry["name"],
+            encoder["name"],
+            entry["stitch"]["kind"],
+            f"{first}..{encoder['depth']}",
+            encoder["fingerprint"],
+            entry["provenance"].get("run_dir", ""),
+        )
+    console.print(table)
+    console.print(f"tree dir: {out}")
+
+
+def _systems_table(result: dict) -> Table:
+    table = Table(title=f"Table 5 (ours): {result['device_name']}, {result['precision']}")
+    table.add_column("method")
+    table.add_column("Param (M)", justify="right")
+    table.add_column("GFLOPs", justify="right")
+    for batch in result["batch_sizes"]:
+        table.add_column(f"Lat. (ms) B={batch}", justify="right")
+    for batch in result["batch_sizes"]:
+        table.add_column(f"Mem (MB) B={batch}", justify="right")
+    for system in result["systems"]:
+        by_batch = system["by_batch"]
+        table.add_row(
+            system["system"],
+            f"{system['params_m']:.1f}",
+            f"{system['gflops']:.2f}",
+            *[f"{by_batch[str(b)]['latency_ms']:.2f}" for b in result["batch_sizes"]],
+            *[f"{by_batch[str(b)]['memory_mb']:.0f}" for b in result["batch_sizes"]],
+        )
+    return table
+
+
+def _cost_table(result: dict) -> Table:
+    rows = result["cost"]
+    table = Table(title="Table 13 (ours): additional computation relative to one encoder")
+    columns = ["system", "blocks run", "formula", "blocks", "block FLOPs", "all FLOPs", "stitches"]
+    if rows and "paper_formula" in rows[0]:
+        columns.append("paper formula")
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        cells = [
+            row["system"],
+            str(row["blocks_run"]),
+            f"{row['formula']:.1%}",
+            f"{row['blocks_extra']:.1%}",
+            f"{row['block_flops_extra']:.1%}",
+            f"{row['total_flops_extra']:.1%}",
+            f"{row['stitch_share']:.1%}",
+        ]
+        if "paper_formula" in row:
+            cells.append(f"{row['paper_formula']:.0%}")
+        table.add_row(*cells)
+    return table
+
+
+@tree_app.command()
+@reports_errors
+def bench(
+    tree_dir: str | None = typer.Argument(None, help="A saved tree (or use --encoder)."),
+    encoder: list[str] = typer.Option([], help="Encoder names, trunk first (repeatable)."),
+    positions: str = typer.Option("", help="Stitch positions n, e.g. 6,14,22."),
+    batch_sizes: str = typer.Option("1,32", help="Batch sizes to time."),
+    warmup: int = typer.Option(3, help="Untimed forwards before timing."),
+    repeats: int = typer.Option(10, help="Timed forwards; the median is reported."),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (bf16 weights) | amp-bf16"),
+    device: str = typer.Option("auto", help="cuda, cpu or auto."),
+    stitch: str = typer.Option("mlp", help="Random stitch kind in --encoder mode."),
+    weights: list[str] = typer.Option([], help="NAME=FILE.safetensors for an encoder."),
+    random_init: bool = typer.Option(False, "--random-init", help="Random-init encoders."),
+    formula_depth: int | None = typer.Option(
+        None, help="Also show (k-1)(L-n)/L with this L (the paper: 23)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Naive multi-encoder system vs VST-n: parameters, GFLOPs, latency, peak memory (paper
+    Table 5), and the additional-cost table (Table 13) counted from the systems."""
+    from stitchtrain.tree_bench import BenchConfig, run_bench
+
+    config = BenchConfig(
+        encoders=list(encoder),
+        tree=tree_dir,
+        positions=_parse_ints(positions, "--positions"),
+        batch_sizes=_parse_ints(batch_sizes, "--batch-sizes"),
+        warmup=warmup,
+        repeats=repeats,
+        device=device,
+        precision=precision,
+        stitch=stitch,
+        weights=_parse_weights(weights),
+        random_init=random_init,
+        formula_depth=formula_depth,
+    )
+
+    def log(line: str) -> None:
+        if not as_json:
+            console.print(line, highlight=False)
+
+    result = run_bench(config, log)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(_systems_table(result))
+    console.print(_cost_table(result))
+    console.print(f"memory: {result['memory_method']}", highlight=False)
+    console.print(f"FLOPs: {result['flops_method']}", highlight=False)

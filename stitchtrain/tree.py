@@ -1,0 +1,598 @@
+"""VFM Stitch Tree (paper section 6.2, Figure 7): shared early blocks, one tail per encoder.
+
+A multi-encoder system (MoF-LLaVA, Cambrian-1) runs k encoders on every image. The tree runs the
+first n blocks of one of them, the trunk, once, and hands layer-n tokens to every branch:
+
+    images (B, 3, H, W), preprocessed for the trunk
+      trunk blocks 1..n, once                                  layer n tokens   (B, T0, D0)
+        |-- trunk blocks n+1..N0, final norm, pool         -> trunk    (final, pooled)
+        |-- stitch_1 -> encoder_1 blocks n+1..N1, norm, pool -> branch 1 (final, pooled)
+        `-- stitch_k -> ...                                  -> branch k (final, pooled)
+
+Each branch's output equals the stitched model of its run dir (trunk blocks 1..n, the stitch,
+the branch encoder's blocks n+1..N), and the trunk's output equals the trunk encoder's own
+forward: the tree only removes the repeated work. ``forward`` returns
+``{name: (final (B, T, D), pooled (B, D'))}`` with the trunk first, then the branches in order.
+
+LoRA branches (paper Table 3) are supported: such a stitch consumes trunk layer n-1 and runs its
+own LoRA copy of trunk block n. When a tree has one, the trunk runs blocks 1..n-1 once, the LoRA
+branches read layer n-1, and trunk block n runs once for the trunk's own output and the other
+branches. Every trunk block still runs exactly once per forward; each LoRA branch holds one
+extra block (its adapted copy) and runs it, i.e. it specialises blocks n..N instead of n+1..N.
+
+Saved form (``save`` / ``load``), never pickle::
+
+    TREE_DIR/tree.json                     trunk and branch encoder specs + fingerprints, the
+                                           position, per branch the stitch kind and constructor
+                                           arguments and its weight file, provenance (run dirs)
+    TREE_DIR/stitch-<branch>.safetensors   one per branch: the stitch's state dict
+
+Encoder weights are not copied: they are re-loaded from their spec (plus the user's weight files,
+keyed by encoder name, as everywhere else) and every fingerprint is checked against tree.json.
+
+Memory: with ``prune=True`` (the default of ``from_runs`` and ``load``) the branch encoders'
+blocks 1..n are freed, since the tree never runs them; such an encoder then only supports
+``run_from(tokens, m)`` for m >= n. Patch embeddings and position embeddings of the branches are
+kept (about 0.4% of a ViT-L).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from featcache.encoders import Encoder, TokenLayout, load_encoder
+from featcache.errors import FeatcacheError
+from featcache.store import FeatureStore
+from stitchtrain.stitches import Stitch, build_stitch
+
+__all__ = [
+    "TREE_FORMAT",
+    "TreeBranch",
+    "TreeError",
+    "VFMStitchTree",
+    "additional_cost",
+    "load_trunk",
+    "stitch_args",
+]
+
+TREE_FORMAT = "vfm-stitch-tree"
+TREE_VERSION = 1
+TREE_FILE = "tree.json"
+
+
+class TreeError(FeatcacheError, ValueError):
+    """A tree that cannot be built or loaded: mismatched fingerprints, positions or files."""
+
+
+def additional_cost(num_encoders: int, position: int, depth: int) -> float:
+    """Paper Table 13: extra compute of a k-encoder tree relative to one encoder.
+
+    With k encoders of equal depth L sharing blocks 1..n, the tree runs n + k (L - n) blocks
+    instead of one encoder's L, so the additional cost is (k - 1)(L - n) / L. ``position=0``
+    is the naive system ("Full": (k - 1) L / L = k - 1). The paper takes L = 23 (MLLMs read
+    layer 23 of a 24-block ViT-L): k=4, n=14 gives 3 * 9 / 23 = 117%.
+    """
+    if num_encoders < 1 or not 0 <= position <= depth:
+        raise ValueError(
+            f"Expected num_encoders >= 1 and 0 <= position <= depth ({depth}). "
+            f"Got num_encoders={num_encoders}, position={position} instead."
+        )
+    return (num_encoders - 1) * (depth - position) / depth
+
+
+# -- describing encoders and stitches ------------------------------------------------------------
+def _describe_encoder(encoder: Encoder) -> dict[str, Any]:
+    """What tree.json records about an encoder (no forward pass, unlike ``describe()``)."""
+    return {
+        "name": encoder.name,
+        "spec": encoder.spec,
+        "fingerprint": encoder.fingerprint,
+        "depth": encoder.depth,
+        "width": encoder.width,
+        "layout": encoder.layout.to_dict(),
+        "image_size": list(encoder.image_size),
+    }
+
+
+def _layout(described: Mapping[str, Any]) -> TokenLayout:
+    return TokenLayout(tuple(described["prefix"]), tuple(described["grid"]))
+
+
+def stitch_args(stitch: Stitch) -> dict[str, Any]:
+    """The ``build_stitch`` arguments that rebuild ``stitch`` (JSON-ready, no weights)."""
+    args: dict[str, Any] = {
+        "kind": stitch.kind,
+        "source": stitch.source.to_dict(),
+        "target": stitch.target.to_dict(),
+        "source_width": stitch.source_width,
+        "target_width": stitch.target_width,
+        "mlp_hidden": None,
+        "lora_rank": None,
+        "lora_alpha": None,
+    }
+    if stitch.kind == "mlp":
+        args["mlp_hidden"] = stitch.map[0].out_features
+    elif stitch.kind == "lora":
+        delta = next(m for m in stitch.block.modules() if hasattr(m, "lora_A"))
+        rank = int(delta.lora_A.shape[0])
+        args["lora_rank"], args["lora_alpha"] = rank, float(delta.scale * rank)
+    return args
+
+
+def _build_from_args(args: Mapping[str, Any], trunk: Encoder, position: int) -> Stitch:
+    return build_stitch(
+        args["kind"],
+        source=_layout(args["source"]),
+        target=_layout(args["target"]),
+        source_width=int(args["source_width"]),
+        target_width=int(args["target_width"]),
+        mlp_hidden=args.get("mlp_hidden"),
+        source_encoder=trunk if args["kind"] == "lora" else None,
+        position=position,
+        lora_rank=int(args.get("lora_rank") or 8),
+        lora_alpha=args.get("lora_alpha"),
+    )
+
+
+def _free_blocks(encoder: Encoder, upto: int) -> None:
+    """Release the weights of blocks 1..``upto`` (zero-size tensors keep the module structure).
+
+    Done in place, after the fingerprint is cached: the encoder can then only run
+    ``run_from(tokens, m)`` for m >= ``upto``.
+    """
+    encoder.fingerprint  # noqa: B018  (computed and cached while the weights still exist)
+    for n in range(1, upto + 1):
+        for module in encoder.block(n).modules():
+            for key, tensor in module._parameters.items():
+                if tensor is not None and tensor.numel():
+                    module._parameters[key] = nn.Parameter(tensor.new_empty(0), False)
+            for key, tensor in module._buffers.items():
+                if tensor is not None and tensor.numel():
+                    module._buffers[key] = tensor.new_empty(0)
+
+
+# -- branches ---------------------------------------------------------------------------------
+class TreeBranch(nn.Module):
+    """One branch: a stitch into ``encoder`` at ``position``, then that encoder's tail.
+
+    ``forward``: trunk tokens ``(B, T0, D0)`` (layer n; layer n-1 for a LoRA stitch) ->
+    ``(final (B, T, D), pooled (B, D'))`` of ``encoder``: the stitch maps them to the encoder's
+    layer-n layout ``(B, T, D)``, then blocks n+1..N, the final norm and the pool run.
+
+    Attributes:
+        name: the output key in the tree.
+        encoder: the branch encoder (frozen).
+        stitch: its stitch from the trunk (trainable when fine-tuned inside another model).
+        position: the stitch position n.
+        provenance: where it came from (run dir, stores), recorded in tree.json.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        encoder: Encoder,
+        stitch: Stitch,
+        position: int,
+        *,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not name or not isinstance(name, str):
+            raise TreeError(f"Expected a non-empty branch name. Got {name!r} instead.")
+        if stitch.target != encoder.layout or stitch.target_width != encoder.width:
+            raise TreeError(
+                f"Branch {name!r}: the stitch produces prefix={stitch.target.prefix}, "
+                f"grid={stitch.target.grid}, width {stitch.target_width}, but {encoder.name} "
+                f"takes prefix={encoder.layout.prefix}, grid={encoder.grid}, width "
+                f"{encoder.width}."
+            )
+        if not 1 <= position <= encoder.depth:
+            raise TreeError(
+                f"Branch {name!r}: position {position} is outside 1..{encoder.depth} for "
+                f"{encoder.name}."
+            )
+        self.name = name
+        self.encoder = encoder
+        self.stitch = stitch
+        self.position = int(position)
+        self.provenance = dict(provenance or {})
+        self.pruned = False
+
+    @property
+    def is_lora(self) -> bool:
+        """True when the stitch consumes trunk layer n-1 (and runs its own copy of block n)."""
+        return self.stitch.kind == "lora"
+
+    def forward(self, trunk_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        return self.encoder.run_from(self.stitch(trunk_tokens), self.position)
+
+    def prune(self) -> None:
+        """Free the encoder's blocks 1..n, which the tree never runs."""
+        if not self.pruned:
+            _free_blocks(self.encoder, self.position)
+            self.pruned = True
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, position={self.position}, kind={self.stitch.kind}"
+
+
+# -- the tree -------------------------------------------------------------------------------------
+class VFMStitchTree(nn.Module):
+    """Trunk blocks 1..n once, then the trunk's own tail and every branch (module docstring).
+
+    Args:
+        trunk: the encoder whose early blocks are shared; its preprocessing defines the input.
+        position: n, the number of shared trunk blocks (1..N0).
+        branches: stitched tails, each at ``position`` with a stitch from the trunk's layout.
+        trunk_name: the trunk's output key (default ``trunk.name``).
+        prune: free the branch encoders' blocks 1..n now (modifies them in place).
+
+    ``forward(images)`` takes ``(B, 3, H, W)`` at ``trunk.image_size`` and returns
+    ``{name: (final, pooled)}`` for the trunk and each branch. Only stitch parameters require
+    gradients, so the tree drops into another model as a module whose stitches can be tuned.
+    """
+
+    def __init__(
+        self,
+        trunk: Encoder,
+        position: int,
+        branches: Sequence[TreeBranch],
+        *,
+        trunk_name: str | None = None,
+        prune: bool = False,
+    ) -> None:
+        super().__init__()
+        if type(position) is not int or not 1 <= position <= trunk.depth:
+            raise TreeError(
+                f"Expected a position in 1..{trunk.depth} for trunk {trunk.name}. "
+                f"Got {position!r} instead."
+            )
+        self.trunk = trunk
+        self.position = position
+        self.trunk_name = trunk_name or trunk.name
+        seen = {self.trunk_name}
+        for branch in branches:
+            self._check_branch(branch, seen)
+            seen.add(branch.name)
+        self.branches = nn.ModuleList(branches)
+        if prune:
+            self.prune_branches()
+
+    def _check_branch(self, branch: TreeBranch, seen: set[str]) -> None:
+        trunk, stitch = self.trunk, branch.stitch
+        if branch.name in seen:
+            raise TreeError(
+                f"Two outputs named {branch.name!r}. Name the branches (CLI: --branch "
+                "NAME=RUN_DIR) so that each output, the trunk's included, has its own name."
+            )
+        if branch.position != self.position:
+            raise TreeError(
+                f"Branch {branch.name!r} stitches at position {branch.position}; the tree's "
+                f"position is {self.position}."
+            )
+        if stitch.source != trunk.layout or stitch.source_width != trunk.width:
+            raise TreeError(
+                f"Branch {branch.name!r}: its stitch takes prefix={stitch.source.prefix}, "
+                f"grid={stitch.source.grid}, width {stitch.source_width}, but trunk {trunk.name} "
+                f"gives prefix={trunk.layout.prefix}, grid={trunk.grid}, width {trunk.width}."
+            )
+        if branch.is_lora:
+            adapted = stitch._source_encoder[0]
+            if adapted.fingerprint != trunk.fingerprint or stitch.position != self.position:
+                raise TreeError(
+                    f"Branch {branch.name!r}: its LoRA stitch adapts block {stitch.position} of "
+                    f"{adapted.name} (fingerprint {adapted.fingerprint}); the tree needs block "
+                    f"{self.position} of trunk {trunk.name} (fingerprint {trunk.fingerprint})."
+                )
+            stitch._source_encoder = [trunk]  # same weights; run the block with the trunk's RoPE
+
+    # -- structure ------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Output keys in order: the trunk, then the branches."""
+        return [self.trunk_name, *(branch.name for branch in self.branches)]
+
+    @property
+    def has_lora(self) -> bool:
+        return any(branch.is_lora for branch in self.branches)
+
+    @property
+    def shared_blocks(self) -> int:
+        """Trunk blocks whose output every branch reads: n, or n-1 with a LoRA branch."""
+        return self.position - 1 if self.has_lora else self.position
+
+    def prune_branches(self) -> None:
+        """Free every branch encoder's blocks 1..n (see ``TreeBranch.prune``)."""
+        for branch in self.branches:
+            branch.prune()
+
+    def blocks_per_forward(self) -> int:
+        """Transformer blocks one forward runs: N0 + sum over branches of (N_b - n [+ 1 LoRA])."""
+        tails = sum(b.encoder.depth - self.position + b.is_lora for b in self.branches)
+        return self.trunk.depth + tails
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """``images (B, 3, H, W)`` at the trunk's size -> ``{name: (final, pooled)}``."""
+        if images.ndim != 4 or tuple(images.shape[-2:]) != tuple(self.trunk.image_size):
+            raise TreeError(
+                f"Expected images of shape (B, 3, {self.trunk.image_size[0]}, "
+                f"{self.trunk.image_size[1]}) preprocessed for trunk {self.trunk.name}. "
+                f"Got {tuple(images.shape)} instead."
+            )
+        n = self.position
+        shared = self.trunk.run(images, upto=self.shared_blocks)  # (B, T0, D0), layer n or n-1
+        layer_n = self.trunk.run_block(n, shared) if self.has_lora else shared  # (B, T0, D0)
+        outputs = {self.trunk_name: self.trunk.run_from(layer_n, n)}
+        for branch in self.branches:
+            outputs[branch.name] = branch(shared if branch.is_lora else layer_n)
+        return outputs
+
+    # -- construction from run dirs -------------------------------------------------------------
+    @classmethod
+    def from_runs(
+        cls,
+        trunk: Encoder,
+        position: int,
+        runs: Sequence[str | Path | tuple[str, str | Path]],
+        *,
+        weights: Mapping[str, str] | None = None,
+        random_init: bool = False,
+        device: str | torch.device | None = None,
+        trunk_name: str | None = None,
+        prune: bool = True,
+    ) -> VFMStitchTree:
+        """A tree from finished ``stitchtrain fit`` run dirs, one branch per run.
+
+        ``runs`` items are a run dir or ``(name, run dir)``; a branch is named after its target
+        encoder by default. Each run's source store must have been extracted with ``trunk``
+        (same fingerprint) and the run must stitch at ``position``; each branch encoder is
+        loaded from the run's target store spec (``weights[name]`` or ``random_init``) and
+        checked against that store's fingerprint. Anything else is refused with a
+        ``TreeError`` naming the run dir.
+        """
+        from stitchtrain.fit import load_run_encoder
+
+        weights = dict(weights or {})
+        device = device if device is not None else _device_of(trunk)
+        branches = []
+        for item in runs:
+            name, run_dir = item if isinstance(item, tuple) else (None, item)
+            run_dir = Path(run_dir)
+            config = _run_config(run_dir)
+            if config["position"] != position:
+                raise TreeError(
+                    f"Run dir {run_dir} stitches at position {config['position']}, but the tree "
+                    f"shares trunk blocks 1..{position} (position {position}). Use runs trained "
+                    f"at position {position}, or build the tree with --position "
+                    f"{config['position']}."
+                )
+            source = FeatureStore.open(config["source"])
+            recorded = source.attrs["encoder"]
+            if recorded["fingerprint"] != trunk.fingerprint:
+                raise TreeError(
+                    f"Run dir {run_dir} was trained on source features of {recorded['name']} "
+                    f"with fingerprint {recorded['fingerprint']} ({source.url}), but trunk "
+                    f"{trunk.name} has fingerprint {trunk.fingerprint}: a different encoder, "
+                    "weights or preprocessing. Load the trunk the source store was extracted "
+                    "with (same name, --weights, --random-init)."
+                )
+            target = FeatureStore.open(config["target"])
+            target_name = target.attrs["encoder"]["name"]
+            encoder = load_run_encoder(target, weights.get(target_name), random_init, device)
+            stitch = build_stitch(
+                config["stitch"],
+                source=trunk.layout,
+                target=encoder.layout,
+                source_width=trunk.width,
+                target_width=encoder.width,
+                mlp_hidden=config.get("mlp_hidden"),
+                source_encoder=trunk if config["stitch"] == "lora" else None,
+                position=position,
+                lora_rank=config.get("lora_rank", 8),
+            )
+            _load_stitch_state(stitch, run_dir / "stitch.safetensors", f"run dir {run_dir}")
+            provenance = {
+                "run_dir": str(run_dir),
+                "source_store": source.url,
+                "target_store": target.url,
+            }
+            branches.append(
+                TreeBranch(
+                    name or target_name,
+                    encoder,
+                    stitch.to(device),
+                    position,
+                    provenance=provenance,
+                )
+            )
+        return cls(trunk, position, branches, trunk_name=trunk_name, prune=prune)
+
+    # -- saving and loading ---------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """The content of tree.json (JSON-ready)."""
+        files = _stitch_files([branch.name for branch in self.branches])
+        return {
+            "format": TREE_FORMAT,
+            "version": TREE_VERSION,
+            "position": self.position,
+            "trunk_name": self.trunk_name,
+            "trunk": _describe_encoder(self.trunk),
+            "branches": [
+                {
+                    "name": branch.name,
+                    "encoder": _describe_encoder(branch.encoder),
+                    "stitch": {"file": file, **stitch_args(branch.stitch)},
+                    "provenance": branch.provenance,
+                }
+                for branch, file in zip(self.branches, files, strict=True)
+            ],
+        }
+
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write tree.json and one stitch safetensors file per branch; return the directory.
+
+        tree.json is written last: a directory without it holds no tree.
+        """
+        directory = Path(directory)
+        target = directory / TREE_FILE
+        if target.exists() and not overwrite:
+            raise TreeError(
+                f"{directory} already holds a tree ({TREE_FILE}). Choose another directory or "
+                "pass overwrite=True (CLI: --overwrite)."
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        described = self.describe()
+        for branch, entry in zip(self.branches, described["branches"], strict=True):
+            state = {
+                k: v.detach().contiguous().cpu() for k, v in branch.stitch.state_dict().items()
+            }
+            save_file(state, str(directory / entry["stitch"]["file"]))
+        partial = directory / (TREE_FILE + ".partial")
+        partial.write_text(json.dumps(described, indent=2))
+        partial.replace(target)
+        return directory
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        weights: Mapping[str, str] | None = None,
+        random_init: bool = False,
+        device: str | torch.device = "cpu",
+        prune: bool = True,
+    ) -> VFMStitchTree:
+        """Rebuild a saved tree: re-load every encoder from its spec and check its fingerprint.
+
+        ``weights`` maps encoder names (as in tree.json) to safetensors files; ``random_init``
+        loads seeded random weights (trees of random-init encoders).
+        """
+        directory = Path(directory)
+        path = directory / TREE_FILE
+        if not path.is_file():
+            raise TreeError(f"No tree at {directory} (no {TREE_FILE}). Build one with tree build.")
+        described = json.loads(path.read_text())
+        if described.get("format") != TREE_FORMAT or described.get("version") != TREE_VERSION:
+            raise TreeError(
+                f"Expected {path} to be a {TREE_FORMAT} version {TREE_VERSION} file. Got format "
+                f"{described.get('format')!r} version {described.get('version')!r} instead."
+            )
+        weights = dict(weights or {})
+        position = int(described["position"])
+        where = f"tree {directory}"
+        trunk = _load_recorded(described["trunk"], weights, random_init, device, f"{where}, trunk")
+        branches = []
+        for entry in described["branches"]:
+            name = entry["name"]
+            encoder = _load_recorded(
+                entry["encoder"], weights, random_init, device, f"{where}, branch {name!r}"
+            )
+            stitch = _build_from_args(entry["stitch"], trunk, position)
+            _load_stitch_state(stitch, directory / entry["stitch"]["file"], where)
+            branches.append(
+                TreeBranch(
+                    name,
+                    encoder,
+                    stitch.to(device),
+                    position,
+                    provenance=entry.get("provenance"),
+                )
+            )
+        return cls(trunk, position, branches, trunk_name=described.get("trunk_name"), prune=prune)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise TreeError(f"{run_dir} is not a stitchtrain run dir (no config.json).")
+    config = json.loads(path.read_text())
+    if not (run_dir / "stitch.safetensors").is_file():
+        raise TreeError(
+            f"Run dir {run_dir} has no stitch.safetensors: the run has not finished. "
+            "Finish it with the same stitchtrain fit command."
+        )
+    return config
+
+
+def _load_stitch_state(stitch: Stitch, path: Path, where: str) -> None:
+    if not path.is_file():
+        raise TreeError(f"Missing stitch weights {path} ({where}).")
+    try:
+        stitch.load_state_dict(load_file(str(path)))
+    except RuntimeError as err:
+        raise TreeError(
+            f"{path} does not fit a {stitch.kind} stitch {stitch.source_width} -> "
+            f"{stitch.target_width} ({where}): {str(err).splitlines()[0]}"
+        ) from err
+
+
+def _stitch_files(names: Sequence[str]) -> list[str]:
+    """``stitch-<name>.safetensors`` with file-safe names, made unique by an index if needed."""
+    safe = [re.sub(r"[^A-Za-z0-9._-]+", "_", name) for name in names]
+    if len(set(safe)) < len(safe):
+        safe = [f"{index}-{name}" for index, name in enumerate(safe)]
+    return [f"stitch-{name}.safetensors" for name in safe]
+
+
+def _load_recorded(
+    described: Mapping[str, Any],
+    weights: Mapping[str, str],
+    random_init: bool,
+    device: str | torch.device,
+    where: str,
+) -> Encoder:
+    """Load an encoder from a recorded spec and refuse it when the fingerprint differs."""
+    name = described["name"]
+    encoder = load_encoder(
+        name,
+        weights=weights.get(name),
+        random_init=random_init,
+        device=device,
+        **described["spec"]["overrides"],
+    )
+    if encoder.fingerprint != described["fingerprint"]:
+        raise TreeError(
+            f"Encoder {name} ({where}) loaded with fingerprint {encoder.fingerprint}, but the "
+            f"tree was built with fingerprint {described['fingerprint']}: different weights or "
+            f"preprocessing. Pass the weights it was built with (--weights {name}=FILE, or "
+            "--random-init for random-init encoders)."
+        )
+    return encoder
+
+
+def load_trunk(
+    name: str,
+    runs: Sequence[str | Path | tuple[str, str | Path]],
+    *,
+    weights: str | None = None,
+    random_init: bool = False,
+    device: str | torch.device = "cpu",
+) -> Encoder:
+    """Load the trunk encoder ``name`` for ``VFMStitchTree.from_runs``.
+
+    Architecture overrides recorded in the first run's source store are reused when that store
+    was written by an encoder of the same name (a ``timm:...`` name extracted with
+    ``img_size=...``); the fingerprint check in ``from_runs`` decides whether it fits.
+    """
+    overrides: dict[str, Any] = {}
+    if runs:
+        first = runs[0]
+        run_dir = Path(first[1] if isinstance(first, tuple) else first)
+        recorded = FeatureStore.open(_run_config(run_dir)["source"]).attrs["encoder"]
+        if recorded["name"] == name:
+            overrides = dict(recorded["spec"]["overrides"])
+    return load_encoder(name, weights=weights, random_init=random_init, device=device, **overrides)
