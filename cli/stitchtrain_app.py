@@ -16,9 +16,11 @@ app = typer.Typer(
 )
 
 
+from cli.experiments_app import experiments_app  # noqa: E402
 from cli.tree_app import tree_app  # noqa: E402
 
 app.add_typer(tree_app, name="tree")
+app.registered_commands.extend(experiments_app.registered_commands)  # sweep, report, cka, ...
 
 
 @app.callback()

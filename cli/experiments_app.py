@@ -1,0 +1,222 @@
+"""``stitchtrain`` experiment commands: sweep, report, cka, predictions, transfer.
+
+Thin typer layer over ``stitchtrain.sweep``, ``stitchtrain.report``, ``stitchtrain.cka`` and
+``stitchtrain.analysis``: parse, call the library, print.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cli._console import console, reports_errors
+
+experiments_app = typer.Typer(
+    help="Sweeps, reports and analyses of stitch runs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _lrs(text: str | None) -> tuple[float, ...] | None:
+    from featcache.errors import FeatcacheError
+
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise FeatcacheError(
+            f"Expected --lr as comma-separated numbers such as 1e-3,5e-3. Got {text!r} instead."
+        ) from None
+
+
+@experiments_app.command()
+@reports_errors
+def sweep(
+    config: Path = typer.Argument(..., help="Sweep config (.toml, .yaml or .yml)."),
+    out: Path = typer.Option(..., help="Sweep dir: runs/, results.csv, results.parquet."),
+    scheduler: str = typer.Option(
+        "sequential", help="sequential | local | local:N | tcp://HOST:PORT (Dask scheduler)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the grid points and stop."),
+) -> None:
+    """Run a grid of stitch runs plus baselines (linear probes, self-stitches); re-running
+    skips finished points."""
+    from stitchtrain.sweep import completed_row, load_sweep_config, plan_sweep, run_sweep
+
+    plan = plan_sweep(load_sweep_config(config), base=config.resolve().parent)
+    if dry_run:
+        table = Table(title=f"{len(plan.points)} grid points")
+        for column in ("id", "kind", "done"):
+            table.add_column(column)
+        for point in plan.points:
+            done = completed_row(point, out) is not None
+            table.add_row(point.id, point.kind, "yes" if done else "")
+        console.print(table)
+        return
+
+    def progress(row: dict, done: int, total: int) -> None:
+        if row.get("skipped"):
+            state = "[dim]done before[/]"
+        elif row["status"] == "ok":
+            state = f"[green]ok[/] metric {row['metric']:.4f} ({row['seconds']:.1f}s)"
+        else:
+            state = f"[red]failed[/]: {str(row['error']).splitlines()[0]}"
+        console.print(f"[{done}/{total}] {row['id']}: {state}", highlight=False)
+
+    frame = run_sweep(plan, out, scheduler=None if scheduler == "sequential" else scheduler,
+                      progress=progress)  # fmt: skip
+    counts = frame.status.value_counts().to_dict()
+    console.print(
+        f"{len(frame)} points: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed; "
+        f"table: {out / 'results.parquet'} and {out / 'results.csv'}",
+        highlight=False,
+    )
+    if counts.get("failed"):
+        raise typer.Exit(code=1)
+
+
+@experiments_app.command()
+@reports_errors
+def report(
+    dirs: list[Path] = typer.Argument(..., help="Sweep dirs (and dirs holding transfer outputs)."),
+    out: Path = typer.Option(..., help="Report dir: index.html, report.md, PNG plots."),
+    cka: bool = typer.Option(True, "--cka/--no-cka", help="CKA vs stitched metric per position."),
+    cka_max_images: int | None = typer.Option(None, help="Use only the first N train images."),
+    predictions: bool = typer.Option(
+        True, "--predictions/--no-predictions", help="Table 12 prediction analysis."
+    ),
+    title: str = typer.Option("Model stitching report", help="Page title."),
+) -> None:
+    """Plots and tables of the paper's Figures 2-5 and Tables 1-4, 12 from sweep results."""
+    from stitchtrain.report import build_report
+
+    index = build_report(
+        dirs,
+        out,
+        cka=cka,
+        predictions=predictions,
+        cka_max_images=cka_max_images,
+        title=title,
+    )
+    console.print(f"report: {index} ({len(list(out.glob('*.png')))} plots)", highlight=False)
+
+
+@experiments_app.command()
+@reports_errors
+def cka(
+    store_a: str = typer.Argument(..., help="First store."),
+    store_b: str = typer.Argument(..., help="Second store (same images, same rows)."),
+    layers: str | None = typer.Option(None, help="Layers of A, e.g. 2,6,final (default: all)."),
+    layers_b: str | None = typer.Option(None, help="Layers of B (default: --layers or all)."),
+    tokens: str = typer.Option("mean", help="mean | cls | flatten: one vector per image."),
+    minibatch: int | None = typer.Option(None, help="Unbiased minibatch CKA with this batch."),
+    max_images: int | None = typer.Option(None, help="Use only the first N valid images."),
+    out: Path = typer.Option(Path("cka"), help="Dir for cka.png, cka.json, cka.csv."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Linear CKA between layers of two stores (out of core), as a heatmap."""
+    from dataclasses import asdict
+
+    from stitchtrain.cka import cka_stores, parse_layers
+
+    result = cka_stores(
+        store_a,
+        store_b,
+        parse_layers(layers),
+        parse_layers(layers_b),
+        tokens=tokens,
+        minibatch=minibatch,
+        max_images=max_images,
+    )
+    paths = result.save(out)
+    if as_json:
+        print(json.dumps(asdict(result), indent=2))
+        return
+    table = Table(title=f"{result.estimator} CKA: {result.encoder_a} (rows) vs {result.encoder_b}")
+    table.add_column("layer")
+    for layer in result.layers_b:
+        table.add_column(layer, justify="right")
+    for layer, values in zip(result.layers_a, result.values, strict=True):
+        table.add_row(layer, *[f"{v:.3f}" for v in values])
+    console.print(table)
+    console.print(f"heatmap: {paths['png']}", highlight=False)
+
+
+@experiments_app.command()
+@reports_errors
+def predictions(
+    stitched_run: Path = typer.Argument(..., help="Run dir of the stitched model."),
+    self_a: Path = typer.Argument(..., help="Run dir of the first self-stitch baseline."),
+    self_b: Path = typer.Argument(..., help="Run dir of the second self-stitch baseline."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON."),
+) -> None:
+    """Preserve / rescue / interference counts of a stitched run against its two self-stitch
+    runs (paper Table 12); saves predictions.npy in each run dir."""
+    from stitchtrain.analysis import prediction_analysis
+
+    result = prediction_analysis(stitched_run, self_a, self_b)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    names = [result["baseline_a"], result["baseline_b"], result["stitched"]]
+    table = Table(title=f"Prediction analysis ({result['images']} test images)")
+    table.add_column("model")
+    for index, column in enumerate(result["columns"], start=1):
+        table.add_column(f"{index} {column['scenario']}", justify="center")
+    table.add_column("acc.", justify="right")
+    accuracy = [result["accuracy"][k] for k in ("a", "b", "s")]
+    for i, name in enumerate(names):
+        table.add_row(name, *[c["pattern"][i] for c in result["columns"]], f"{accuracy[i]:.3f}")
+    table.add_row("count", *[str(c["count"]) for c in result["columns"]], "")
+    console.print(table)
+    console.print(
+        f"preserve {result['preserve']}, rescue {result['rescue']}, "
+        f"interference {result['interference']}",
+        highlight=False,
+    )
+
+
+@experiments_app.command()
+@reports_errors
+def transfer(
+    run_dir: Path = typer.Argument(..., help="A run dir whose stitch was trained with FFM."),
+    source: str = typer.Option(..., help="Source store (train split) of the other dataset."),
+    target: str = typer.Option(..., help="Target store (train split) of the other dataset."),
+    out: Path = typer.Option(..., help="Output dir: transfer.json, metrics.json."),
+    source_test: str | None = typer.Option(None, help="Source test store (default: found)."),
+    target_test: str | None = typer.Option(None, help="Target test store (default: found)."),
+    lr: str | None = typer.Option(None, help="Probe learning rates (default: the run's)."),
+    epochs: int | None = typer.Option(None, help="Probe epochs (default: the run's)."),
+    device: str = typer.Option("auto", help="cuda, cpu or auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
+) -> None:
+    """Task-agnostic stitching (paper Table 4): a run's FFM stitch applied to another
+    dataset's stores, scored by a linear probe on the stitched pooled outputs."""
+    from stitchtrain.analysis import transfer_run
+
+    metrics = transfer_run(
+        run_dir,
+        source,
+        target,
+        out,
+        source_test=source_test,
+        target_test=target_test,
+        lrs=_lrs(lr),
+        epochs=epochs,
+        device=device,
+    )
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+        return
+    console.print(
+        f"{metrics['source_encoder']} -> {metrics['target_encoder']} at {metrics['position']}, "
+        f"stitch trained on {metrics['trained_on']}, applied to {metrics['dataset']}: "
+        f"test accuracy {metrics['test_accuracy']:.4f} (linear probe, "
+        f"{metrics['test_images']} images)",
+        highlight=False,
+    )
