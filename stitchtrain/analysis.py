@@ -62,46 +62,21 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
 
 def _rebuild(run_dir: Path, **overrides):
     """The run's ``StitchRecipe`` with its trained stitch (and head) loaded."""
-    from stitchtrain.fit import FitConfig, StitchRecipe, load_run_encoder
+    from stitchtrain.evaluate import load_run
 
-    if not (run_dir / "stitch.safetensors").is_file():
-        raise FeatcacheError(f"{run_dir} has no stitch.safetensors: the run has not finished.")
-    recipe = StitchRecipe(FitConfig(**{**_run_config(run_dir), **overrides}))
-    recipe.stitch.load_state_dict(load_file(str(run_dir / "stitch.safetensors")))
-    if (run_dir / "head.safetensors").is_file():
-        recipe.head.load_state_dict(load_file(str(run_dir / "head.safetensors")))
-    if recipe.target_encoder is None:
-        config = recipe.config
-        recipe.target_encoder = load_run_encoder(
-            recipe.target, config.target_weights, config.random_init, recipe.device
-        )
-    return recipe
+    return load_run(run_dir, **overrides)
 
 
 def _probe_head(recipe) -> torch.nn.Module:
     """The linear probe ``stitchtrain eval`` fits on the stitched pooled outputs (same seed,
     same protocol, so the same head)."""
-    from stitchtrain.evaluate import _outputs
-    from stitchtrain.probe import fit_linear_probe
+    from stitchtrain.evaluate import fit_stitched_probe
 
-    config = recipe.config
-    train_x, train_y = _outputs(recipe, recipe.source, recipe.target, recipe.train_rows, "pooled")
-    val_x, val_y = _outputs(recipe, recipe.source, recipe.target, recipe.val_rows, "pooled")
-    return fit_linear_probe(
-        train_x,
-        train_y,
-        val_x,
-        val_y,
-        num_classes=recipe.num_classes,
-        lrs=config.lrs,
-        epochs=config.epochs,
-        patience=config.patience,
-        seed=config.seed,
-    ).head
+    return fit_stitched_probe(recipe).head
 
 
 def _stitched_predictions(run_dir: Path) -> tuple[np.ndarray, str]:
-    from stitchtrain.evaluate import _stitched_pass, _test_stores
+    from stitchtrain.evaluate import stitched_pass, test_stores
 
     recipe = _rebuild(run_dir)
     if recipe.config.task != "cls":
@@ -111,12 +86,12 @@ def _stitched_predictions(run_dir: Path) -> tuple[np.ndarray, str]:
         )
     head = recipe.head if recipe.stages[-1] == "tlt" else _probe_head(recipe)
     head.eval()
-    test_source, test_target = _test_stores(recipe)
+    test_source, test_target = test_stores(recipe)
     rows = valid_rows(test_source, test_target)
     predictions = np.full(test_target.num_images, -1, np.int64)
     done = 0
     with torch.no_grad():
-        for _, _, pooled in _stitched_pass(recipe, test_source, test_target, rows, []):
+        for _, _, pooled in stitched_pass(recipe, test_source, test_target, rows, []):
             predicted = head(pooled).argmax(-1).cpu().numpy()
             predictions[rows[done : done + len(predicted)]] = predicted  # batches in row order
             done += len(predicted)
@@ -287,7 +262,7 @@ def transfer_run(
     Writes ``transfer.json`` (what was done) and ``metrics.json`` under ``out``. Probe
     options default to the run's own (learning rates, epochs, patience, seed).
     """
-    from stitchtrain.evaluate import _distances, _probe_accuracy, _test_stores
+    from stitchtrain.evaluate import feature_distances, probe_accuracy, test_stores
     from stitchtrain.fit import FitConfig, StitchRecipe
     from stitchtrain.sweep import dataset_label
 
@@ -336,10 +311,10 @@ def transfer_run(
             f"The stitch of {run_dir} does not fit the stores {source} -> {target} (different "
             f"widths or token layouts): {err}"
         ) from err
-    test_source, test_target = _test_stores(recipe)
+    test_source, test_target = test_stores(recipe)
     test_rows = valid_rows(test_source, test_target)
-    metrics = _probe_accuracy(recipe, test_source, test_target, test_rows)
-    metrics.update(_distances(recipe, test_source, test_target, test_rows))
+    metrics = probe_accuracy(recipe, test_source, test_target, test_rows)
+    metrics.update(feature_distances(recipe, test_source, test_target, test_rows))
     trained_store = FeatureStore.open(original.target) if all(checked) else None
     metrics.update(
         {

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
 from stitchtrain.loader import Field, valid_rows
 from stitchtrain.losses import segmentation_logits
@@ -28,10 +29,18 @@ from stitchtrain.metrics import ConfusionMatrix, token_distance
 from stitchtrain.pairing import find_split_store, source_array
 from stitchtrain.probe import evaluate_probe, fit_linear_probe
 
-__all__ = ["evaluate_run"]
+__all__ = [
+    "evaluate_run",
+    "load_run",
+    "fit_stitched_probe",
+    "stitched_pass",
+    "test_stores",
+    "probe_accuracy",
+    "feature_distances",
+]
 
 
-def _test_stores(recipe) -> tuple[FeatureStore, FeatureStore]:
+def test_stores(recipe) -> tuple[FeatureStore, FeatureStore]:
     config = recipe.config
     source_array_name = source_array(config.stitch, config.position)
     source = (
@@ -48,7 +57,7 @@ def _test_stores(recipe) -> tuple[FeatureStore, FeatureStore]:
 
 
 @torch.no_grad()
-def _stitched_pass(recipe, source: FeatureStore, target: FeatureStore, rows, extra: list[Field]):
+def stitched_pass(recipe, source: FeatureStore, target: FeatureStore, rows, extra: list[Field]):
     """Yield (batch, stitched final, stitched pooled) over ``rows`` in order."""
     config = recipe.config
     fields = [Field("source", source, source_array(config.stitch, config.position)), *extra]
@@ -60,11 +69,13 @@ def _stitched_pass(recipe, source: FeatureStore, target: FeatureStore, rows, ext
         yield batch, final.float(), pooled.float()
 
 
-def _outputs(recipe, source, target, rows, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def stitched_outputs_in_memory(
+    recipe, source, target, rows, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stitched pooled (cls) or final (seg) outputs with labels/masks, all rows in memory."""
     labels_array = "labels" if recipe.config.task == "cls" else "masks"
     features, labels = [], []
-    for batch, final, pooled in _stitched_pass(
+    for batch, final, pooled in stitched_pass(
         recipe, source, target, rows, [Field("labels", target, labels_array)]
     ):
         features.append(pooled if name == "pooled" else final)
@@ -72,12 +83,17 @@ def _outputs(recipe, source, target, rows, name: str) -> tuple[torch.Tensor, tor
     return torch.cat(features), torch.cat(labels)
 
 
-def _probe_accuracy(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
+def fit_stitched_probe(recipe):
+    """The linear probe on the stitched model's pooled outputs over the run's training rows,
+    validation-selected from the run's lr grid (seeded: the same head every time)."""
     config = recipe.config
-    train_x, train_y = _outputs(recipe, recipe.source, recipe.target, recipe.train_rows, "pooled")
-    val_x, val_y = _outputs(recipe, recipe.source, recipe.target, recipe.val_rows, "pooled")
-    test_x, test_y = _outputs(recipe, test_source, test_target, test_rows, "pooled")
-    probe = fit_linear_probe(
+    train_x, train_y = stitched_outputs_in_memory(
+        recipe, recipe.source, recipe.target, recipe.train_rows, "pooled"
+    )
+    val_x, val_y = stitched_outputs_in_memory(
+        recipe, recipe.source, recipe.target, recipe.val_rows, "pooled"
+    )
+    return fit_linear_probe(
         train_x,
         train_y,
         val_x,
@@ -88,6 +104,13 @@ def _probe_accuracy(recipe, test_source, test_target, test_rows) -> dict[str, An
         patience=config.patience,
         seed=config.seed,
     )
+
+
+def probe_accuracy(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
+    probe = fit_stitched_probe(recipe)
+    test_x, test_y = stitched_outputs_in_memory(
+        recipe, test_source, test_target, test_rows, "pooled"
+    )
     _, test_accuracy = evaluate_probe(probe.head, test_x, test_y)
     return {"test_accuracy": test_accuracy, "evaluation": "linear_probe", "probe_lr": probe.lr}
 
@@ -95,7 +118,9 @@ def _probe_accuracy(recipe, test_source, test_target, test_rows) -> dict[str, An
 def _seg_decoder_miou(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
     """Fit the linear decoder on frozen stitched final tokens, then test mIoU."""
     config = recipe.config
-    train_x, train_y = _outputs(recipe, recipe.source, recipe.target, recipe.train_rows, "final")
+    train_x, train_y = stitched_outputs_in_memory(
+        recipe, recipe.source, recipe.target, recipe.train_rows, "final"
+    )
     head = recipe._new_head()
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lrs[0])
     generator = torch.Generator().manual_seed(config.seed)
@@ -122,7 +147,7 @@ def _head_metric(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
     correct, count = 0, 0
     confusion = ConfusionMatrix(recipe.num_classes)
     recipe.head.eval()
-    for batch, final, pooled in _stitched_pass(
+    for batch, final, pooled in stitched_pass(
         recipe, test_source, test_target, test_rows, [Field("labels", test_target, labels_array)]
     ):
         labels = batch["labels"].long()
@@ -142,7 +167,7 @@ def _head_metric(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _distances(recipe, test_source, test_target, test_rows) -> dict[str, float]:
+def feature_distances(recipe, test_source, test_target, test_rows) -> dict[str, float]:
     position = recipe.config.position
     extra = [Field("pooled", test_target, "pooled")]
     has_final = "final" in test_target.group
@@ -153,7 +178,7 @@ def _distances(recipe, test_source, test_target, test_rows) -> dict[str, float]:
         extra.append(Field("layer", test_target, f"layers/{position}"))
     sums = {"layer_distance": 0.0, "final_distance": 0.0, "pooled_distance": 0.0}
     count = 0
-    for batch, final, pooled in _stitched_pass(recipe, test_source, test_target, test_rows, extra):
+    for batch, final, pooled in stitched_pass(recipe, test_source, test_target, test_rows, extra):
         count += len(pooled)
         sums["pooled_distance"] += float(token_distance(pooled, batch["pooled"]).sum())
         if has_final:
@@ -169,30 +194,47 @@ def _distances(recipe, test_source, test_target, test_rows) -> dict[str, float]:
     return result
 
 
-def evaluate_run(run_dir: str | Path, recipe=None) -> dict[str, Any]:
-    """Test metrics of a finished run (``recipe`` reuses a live one; else rebuilt from disk)."""
+def load_run(run_dir: str | Path, **overrides):
+    """A finished run's ``StitchRecipe`` with its trained stitch (and head) and the target
+    encoder loaded; ``overrides`` replace config fields (e.g. other test stores)."""
     from stitchtrain.fit import FitConfig, StitchRecipe, load_run_encoder
 
     run_dir = Path(run_dir)
-    if recipe is None:
-        config = FitConfig(**json.loads((run_dir / "config.json").read_text()))
-        recipe = StitchRecipe(config)
-        recipe.stitch.load_state_dict(load_file(str(run_dir / "stitch.safetensors")))
-        if (run_dir / "head.safetensors").exists():
-            recipe.head.load_state_dict(load_file(str(run_dir / "head.safetensors")))
+    if not (run_dir / "config.json").is_file():
+        raise FeatcacheError(f"No config.json in {run_dir}: not a stitchtrain run dir.")
+    if not (run_dir / "stitch.safetensors").is_file():
+        raise FeatcacheError(f"{run_dir} has no stitch.safetensors: the run has not finished.")
+    config = json.loads((run_dir / "config.json").read_text())
+    recipe = StitchRecipe(FitConfig(**{**config, **overrides}))
+    recipe.stitch.load_state_dict(load_file(str(run_dir / "stitch.safetensors")))
+    if (run_dir / "head.safetensors").is_file():
+        recipe.head.load_state_dict(load_file(str(run_dir / "head.safetensors")))
     if recipe.target_encoder is None:
         recipe.target_encoder = load_run_encoder(
             recipe.target, recipe.config.target_weights, recipe.config.random_init, recipe.device
         )
-    test_source, test_target = _test_stores(recipe)
+    return recipe
+
+
+def evaluate_run(run_dir: str | Path, recipe=None) -> dict[str, Any]:
+    """Test metrics of a finished run (``recipe`` reuses a live one; else rebuilt from disk)."""
+    from stitchtrain.fit import load_run_encoder
+
+    if recipe is None:
+        recipe = load_run(run_dir)
+    if recipe.target_encoder is None:
+        recipe.target_encoder = load_run_encoder(
+            recipe.target, recipe.config.target_weights, recipe.config.random_init, recipe.device
+        )
+    test_source, test_target = test_stores(recipe)
     test_rows = valid_rows(test_source, test_target)
     if recipe.stages[-1] == "tlt":
         metrics = _head_metric(recipe, test_source, test_target, test_rows)
     elif recipe.config.task == "cls":
-        metrics = _probe_accuracy(recipe, test_source, test_target, test_rows)
+        metrics = probe_accuracy(recipe, test_source, test_target, test_rows)
     else:
         metrics = _seg_decoder_miou(recipe, test_source, test_target, test_rows)
-    metrics.update(_distances(recipe, test_source, test_target, test_rows))
+    metrics.update(feature_distances(recipe, test_source, test_target, test_rows))
     metrics["test_images"] = int(len(test_rows))
     metrics["test_source"], metrics["test_target"] = test_source.url, test_target.url
     return metrics
