@@ -98,7 +98,7 @@ class FitConfig:
             (self.init in INITS, f"--init in {INITS}", self.init),
             (self.lrs and all(lr > 0 for lr in self.lrs), "positive --lr values", self.lrs),
             (self.epochs >= 1 and self.patience >= 1, "--epochs, --patience >= 1", self.epochs),
-            (0 <= self.val_fraction < 1, "0 <= --val-fraction < 1", self.val_fraction),
+            (0 < self.val_fraction < 1, "0 < --val-fraction < 1", self.val_fraction),
         ]
         for ok, expected, got in checks:
             if not ok:
@@ -186,7 +186,7 @@ class StitchRecipe:
             pooled_only=config.pooled_only,
         )
         rows = valid_rows(self.source, self.target)
-        self.train_rows, self.val_rows = split_rows(rows, config.val_fraction or 0.1, config.seed)
+        self.train_rows, self.val_rows = split_rows(rows, config.val_fraction, config.seed)
         self.stages = config.objective.split("+")
         needs_target = any(s in ("ffm", "tlt") for s in self.stages)
         self.target_encoder = (
