@@ -122,7 +122,8 @@ class FeatureLoader:
                 f"Got {self.rows[0]}..{self.rows[-1]} instead."
             )
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.prefetch, self.shuffle_window = prefetch, shuffle_window
+        # a window's first batch needs all of its shards: read at least a window ahead
+        self.prefetch, self.shuffle_window = max(prefetch, shuffle_window), shuffle_window
         self.drop_last, self.return_rows = drop_last, return_rows
         self.device = torch.device(device)
         # the rows of each shard of the first store, shards ascending: the unit of every read
