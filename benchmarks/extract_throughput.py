@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import shutil
@@ -50,6 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _cli  # benchmarks/_cli.py: scripts run as files, their folder is on sys.path
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -279,12 +279,7 @@ def print_tables(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    result = measure(args)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_tables(result)
+    _cli.run(parse_args, measure, print_tables, argv)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ ViT-S (width 384) cut to 6 blocks, MLP stitch at layer 3.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -51,6 +50,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import _cli  # benchmarks/_cli.py: scripts run as files, their folder is on sys.path
 import numpy as np
 import torch
 from rich.console import Console
@@ -525,12 +525,7 @@ def print_tables(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    result = measure(args)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_tables(result)
+    _cli.run(parse_args, measure, print_tables, argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ for the next batch ÷ (waiting + step).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -46,6 +45,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import _cli  # benchmarks/_cli.py: scripts run as files, their folder is on sys.path
 import numpy as np
 import torch
 from rich.console import Console
@@ -393,12 +393,7 @@ def print_tables(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    result = measure(args)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_tables(result)
+    _cli.run(parse_args, measure, print_tables, argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Reads, from the page cache right after a write (whole shards, ``--repeats`` time
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -38,6 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _cli  # benchmarks/_cli.py: scripts run as files, their folder is on sys.path
 import numpy as np
 from rich.console import Console
 from rich.table import Table
@@ -283,12 +283,7 @@ def print_tables(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    result = measure(args)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_tables(result)
+    _cli.run(parse_args, measure, print_tables, argv)
 
 
 if __name__ == "__main__":
