@@ -131,3 +131,30 @@ def s3_bucket(moto_endpoint, monkeypatch, tmp_path):
         yield bucket
     finally:
         _forget_s3_filesystems()
+
+
+def extract_demo_stores(
+    data_dir, stores_dir, *, models, layers, shard_size, seed=0, num_classes=3, per_class=8
+) -> dict[tuple[str, str], str]:
+    """Generate the demo dataset and extract ``models`` for its train and test splits.
+
+    Returns ``{(model, split): store url}``; shared by the tests that need paired stores.
+    """
+    from featcache.demo_data import make_demo_dataset
+    from featcache.extract import ExtractConfig, plan_extraction, run_extraction
+
+    manifest = make_demo_dataset(data_dir, num_classes=num_classes, per_class=per_class, seed=seed)
+    urls = {}
+    for split in ("train", "test"):
+        config = ExtractConfig(
+            models=list(models),
+            data=str(manifest),
+            out=str(stores_dir),
+            layers=list(layers),
+            split=split,
+            shard_size=shard_size,
+        )
+        plan = plan_extraction(config)
+        run_extraction(plan)
+        urls.update({(m, split): u for m, u in zip(models, plan.urls, strict=True)})
+    return urls

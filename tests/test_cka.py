@@ -9,13 +9,12 @@ import json
 import dask.array as da
 import numpy as np
 import pytest
+from conftest import extract_demo_stores
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli.experiments_app import experiments_app
-from featcache.demo_data import make_demo_dataset
 from featcache.errors import FeatcacheError
-from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.store import FeatureStore
 from stitchtrain.cka import (
     cka_matrix,
@@ -34,22 +33,9 @@ MODELS = ["dinov2-tiny", "siglip2-tiny"]
 def stores(tmp_path_factory):
     """{(model, split): url}; 3 classes x 8 images, layers 1-3, two shards per train store."""
     root = tmp_path_factory.mktemp("cka")
-    manifest = make_demo_dataset(root / "data", num_classes=3, per_class=8)
-    urls = {}
-    for split in ("train", "test"):
-        plan = plan_extraction(
-            ExtractConfig(
-                models=MODELS,
-                data=str(manifest),
-                out=str(root / "stores"),
-                layers=[1, 2, 3],
-                split=split,
-                shard_size=8,
-            )
-        )
-        run_extraction(plan)
-        urls.update({(m, split): u for m, u in zip(MODELS, plan.urls, strict=True)})
-    return urls
+    return extract_demo_stores(
+        root / "data", root / "stores", models=MODELS, layers=[1, 2, 3], shard_size=8
+    )
 
 
 def _gram_cka(x: np.ndarray, y: np.ndarray) -> float:

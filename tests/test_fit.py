@@ -339,8 +339,16 @@ def test_cli_fit_eval_probe(stores, tmp_path):
 def test_segmentation_tlt_and_lora_stitch(stores, tmp_path):
     """TLT for segmentation (linear decoder, mIoU) through a LoRA stitch (source block n with
     LoRA, fed source layer n-1), streamed from the stores under a tiny memory budget."""
-    config = _config(stores, tmp_path, stitch="lora", objective="tlt", task="seg", epochs=2,
-                     memory_budget="64kB", random_init=False)
+    config = _config(
+        stores,
+        tmp_path,
+        stitch="lora",
+        objective="tlt",
+        task="seg",
+        epochs=2,
+        memory_budget="64kB",
+        random_init=False,
+    )
     recipe = StitchRecipe(config)
     assert not recipe._stage_loader("tlt", "train").staged  # streamed: over the budget
     assert recipe.source_encoder is not None and recipe.num_classes == 4  # background + 3

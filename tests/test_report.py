@@ -7,12 +7,11 @@ import re
 
 import numpy as np
 import pytest
+from conftest import extract_demo_stores
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli.experiments_app import experiments_app
-from featcache.demo_data import make_demo_dataset
-from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from stitchtrain.analysis import transfer_run
 from stitchtrain.fit import FitConfig, fit
 from stitchtrain.report import Table
@@ -23,22 +22,9 @@ MODELS = ["dinov2-tiny", "siglip2-tiny"]
 
 
 def _extract(root, name: str, seed: int) -> dict:
-    manifest = make_demo_dataset(root / name, num_classes=3, per_class=8, seed=seed)
-    urls = {}
-    for split in ("train", "test"):
-        plan = plan_extraction(
-            ExtractConfig(
-                models=MODELS,
-                data=str(manifest),
-                out=str(root / f"stores-{name}"),
-                layers=[2, 3],
-                split=split,
-                shard_size=16,
-            )
-        )
-        run_extraction(plan)
-        urls.update({(m, split): u for m, u in zip(MODELS, plan.urls, strict=True)})
-    return urls
+    return extract_demo_stores(
+        root / name, root / f"stores-{name}", models=MODELS, layers=[2, 3], shard_size=16, seed=seed
+    )
 
 
 @pytest.fixture(scope="module")

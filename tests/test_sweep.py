@@ -6,13 +6,12 @@ import os
 
 import pandas as pd
 import pytest
+from conftest import extract_demo_stores
 from typer.testing import CliRunner
 
 import stitchtrain.sweep as sweep_module
 from cli.experiments_app import experiments_app
-from featcache.demo_data import make_demo_dataset
 from featcache.errors import FeatcacheError
-from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from stitchtrain.sweep import load_sweep_config, plan_sweep, read_results, run_sweep
 
 runner = CliRunner()
@@ -26,21 +25,9 @@ def root(tmp_path_factory):
     """A dir with data/, stores/{train,test}/ (2 tiny encoders, 3 classes x 8 images) and
     sweep.toml naming the train stores by paths relative to it."""
     root = tmp_path_factory.mktemp("sweep")
-    manifest = make_demo_dataset(root / "data", num_classes=3, per_class=8)
-    urls = {}
-    for split in ("train", "test"):
-        plan = plan_extraction(
-            ExtractConfig(
-                models=MODELS,
-                data=str(manifest),
-                out=str(root / "stores"),
-                layers=[1, 2, 3],
-                split=split,
-                shard_size=16,
-            )
-        )
-        run_extraction(plan)
-        urls.update({(m, split): u for m, u in zip(MODELS, plan.urls, strict=True)})
+    urls = extract_demo_stores(
+        root / "data", root / "stores", models=MODELS, layers=[1, 2, 3], shard_size=16
+    )
     dinov2 = os.path.relpath(urls["dinov2-tiny", "train"], root)
     siglip2 = os.path.relpath(urls["siglip2-tiny", "train"], root)
     # position 5 is not in the stores: those points fail, and the others must not mind
