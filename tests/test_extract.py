@@ -209,27 +209,44 @@ def test_concurrent_shard_processes_equal_single_process(tmp_path, demo, referen
     assert tree_bytes(only_store(tmp_path)) == reference_store
 
 
+@pytest.mark.parametrize("where", ["feature shard file", "zarr array"])
 def test_write_failure_leaves_no_marker_and_rerun_completes(
-    tmp_path, demo, reference_store, monkeypatch
+    tmp_path, demo, reference_store, monkeypatch, where
 ):
-    original = zarr.storage.LocalStore.set
+    """A full disk while shard 2 is written: through featcache's own feature-shard writer, or
+    through zarr (labels)."""
+    import featcache.store as store_module
+
     failed = []
+    if where == "zarr array":
+        original = zarr.storage.LocalStore.set
 
-    async def full_disk(self, key, value):
-        if key.startswith("final/c/2") and not failed:
-            failed.append(key)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return await original(self, key, value)
+        async def full_disk(self, key, value):
+            if key.startswith("labels/c/2") and not failed:
+                failed.append(key)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return await original(self, key, value)
 
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", full_disk)
+        monkeypatch.setattr(zarr.storage.LocalStore, "set", full_disk)
+    else:
+        original_replace = store_module.os.replace
+
+        def full_disk_replace(source, target):
+            if "/final/c/2/" in str(target) and not failed:
+                failed.append(target)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return original_replace(source, target)
+
+        monkeypatch.setattr(store_module.os, "replace", full_disk_replace)
     result = runner.invoke(app, extract_args(demo, tmp_path))
     assert result.exit_code == 2 and failed
     assert "shard 2" in result.output and "No space left" in result.output
     store = FeatureStore.open(str(only_store(tmp_path)))
     assert store.marked_shards() == {0, 1}
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", original)
+    monkeypatch.undo()
     result = runner.invoke(app, extract_args(demo, tmp_path))
     assert result.exit_code == 0, result.output
+    assert not [p for p in only_store(tmp_path).rglob("*") if ".partial" in p.name]
     assert tree_bytes(only_store(tmp_path)) == reference_store
 
 

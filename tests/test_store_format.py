@@ -1,0 +1,82 @@
+"""Feature shards that featcache encodes itself are byte for byte what zarr writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from featcache.store import FeatureStore, StoreSpec
+
+
+def _spec(dtype: str, num_images: int, shard_size: int) -> StoreSpec:
+    encoder = {
+        "name": "fake",
+        "depth": 4,
+        "width": 6,
+        "fingerprint": "f",
+        "spec": {},
+        "layout": {"prefix": ["cls"], "grid": [2, 2]},
+        "pooled_width": 3,
+    }
+    dataset = {
+        "source": "x",
+        "manifest_hash": "h",
+        "split": "train",
+        "order_seed": 0,
+        "num_images": num_images,
+        "classes": [],
+    }
+    return StoreSpec(
+        encoder=encoder, dataset=dataset, layers=(1,), dtype=dtype, shard_size=shard_size
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("num_images, shard_size", [(64, 32), (37, 16), (5, 12), (3, 7)])
+def test_direct_shard_bytes_equal_zarr(tmp_path, dtype, num_images, shard_size):
+    spec = _spec(dtype, num_images, shard_size)
+    ours = FeatureStore.create(str(tmp_path / "ours.zarr"), spec)
+    rng = np.random.default_rng(0)
+    references = {
+        name: zarr.create_array(str(tmp_path / "zarr.zarr"), name=name, **_like(ours.group[name]))
+        for name in ("layers/1", "final", "pooled")
+    }
+    for shard in range(ours.num_shards):
+        start, stop = ours.shard_rows(shard)
+        rows = stop - start
+        arrays = {
+            "layers/1": rng.standard_normal((rows, 5, 6)).astype(np.float32),
+            "final": rng.standard_normal((rows, 5, 6)).astype(np.float32),
+            "pooled": rng.standard_normal((rows, 3)).astype(np.float32),
+        }
+        arrays["layers/1"][0, 0, 0] = np.nan  # a skipped row's NaN survives
+        ours.write_shard(shard, arrays, {})
+        for name, values in arrays.items():  # zarr's own write of the same rows
+            references[name].with_config({"write_empty_chunks": True})[start:stop] = (
+                ours.encode_features(values)
+            )
+    for name in ("layers/1", "final", "pooled"):
+        for shard in range(ours.num_shards):
+            trailing = "/0/0" if name != "pooled" else "/0"
+            mine = (tmp_path / "ours.zarr" / name / "c" / f"{shard}{trailing}").read_bytes()
+            theirs = (tmp_path / "zarr.zarr" / name / "c" / f"{shard}{trailing}").read_bytes()
+            assert mine == theirs, (name, shard)
+        np.testing.assert_array_equal(
+            ours.group[name][...].view(np.uint8),
+            zarr.open_array(str(tmp_path / "zarr.zarr"), path=name)[...].view(np.uint8),
+        )
+
+
+def _like(array) -> dict:
+    metadata = array.metadata
+    return {
+        "shape": array.shape,
+        "dtype": array.dtype,
+        "chunks": array.chunks,
+        "shards": array.shards,
+        "fill_value": metadata.fill_value,
+        "serializer": array.serializer,
+        "compressors": array.compressors,
+        "dimension_names": metadata.dimension_names,
+    }
