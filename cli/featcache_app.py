@@ -236,32 +236,18 @@ def list_stores(root: str = typer.Argument(..., help="Directory or URL holding s
     console.print(stores_table(root))
 
 
-DEMO_MODELS = ("dinov2-tiny", "siglip2-tiny")
-DEMO_LAYERS = (2, 4, 6)
-
-
 @app.command()
 @reports_errors
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Where the dataset and stores go."),
 ) -> None:
     """Generate the built-in dataset and extract it with two tiny encoders of two families."""
-    from featcache.demo_data import make_demo_dataset
-    from featcache.extract import ExtractConfig
+    from featcache.demo_data import demo_extract_configs
 
     console.print(models_table())
-    manifest = make_demo_dataset(out / "data")
-    console.print(f"dataset: [bold]{manifest}[/]")
-    for split in ("train", "test"):
-        config = ExtractConfig(
-            models=list(DEMO_MODELS),
-            data=str(manifest),
-            out=str(out / "stores"),
-            layers=list(DEMO_LAYERS),
-            split=split,
-            shard_size=64,
-            batch_size=32,
-        )
+    configs = demo_extract_configs(out)
+    console.print(f"dataset: [bold]{configs[0].data}[/]")
+    for config in configs:
         _extract_with_progress(config, console)
     console.print(stores_table(str(out / "stores")))
 

@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["CLASS_NAMES", "make_demo_dataset"]
+__all__ = [
+    "CLASS_NAMES",
+    "DEMO_LAYERS",
+    "DEMO_MODELS",
+    "demo_extract_configs",
+    "make_demo_dataset",
+]
 
 CLASS_NAMES = ("disc", "square", "triangle", "bars", "ring", "cross")
 _CLASS_COLOURS = (
@@ -104,3 +110,29 @@ def make_demo_dataset(
         writer.writerow(["path", "label", "split", "mask"])
         writer.writerows(rows)
     return manifest
+
+
+DEMO_MODELS = ("dinov2-tiny", "siglip2-tiny")  # two families: ViT with CLS, ViT with MAP pool
+DEMO_LAYERS = (2, 4, 6)
+
+
+def demo_extract_configs(out: str | Path) -> list:
+    """The demos' extraction of ``DEMO_MODELS``: dataset under ``out/data`` (written here),
+    stores under ``out/stores``; one ``ExtractConfig`` per split (train, test). Both
+    ``featcache demo`` and ``stitchtrain demo`` use it, so one reuses the other's stores."""
+    from featcache.extract import ExtractConfig
+
+    out = Path(out)
+    manifest = make_demo_dataset(out / "data")
+    return [
+        ExtractConfig(
+            models=list(DEMO_MODELS),
+            data=str(manifest),
+            out=str(out / "stores"),
+            layers=list(DEMO_LAYERS),
+            split=split,
+            shard_size=64,
+            batch_size=32,
+        )
+        for split in ("train", "test")
+    ]

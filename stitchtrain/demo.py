@@ -16,15 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featcache.demo_data import make_demo_dataset
-from featcache.extract import ExtractConfig, plan_extraction, run_extraction
+from featcache.demo_data import DEMO_MODELS, demo_extract_configs
+from featcache.extract import plan_extraction, run_extraction
 from stitchtrain.fit import FitConfig, fit
 from stitchtrain.probe import probe_store
 
 __all__ = ["DemoResult", "run_demo", "DEMO_MODELS", "DEMO_POSITIONS"]
 
-DEMO_MODELS = ("dinov2-tiny", "siglip2-tiny")
-DEMO_POSITIONS = (2, 4)
+DEMO_POSITIONS = (2, 4)  # of the stored DEMO_LAYERS
 DEMO_OBJECTIVES = ("lfm", "ffm", "ffm+tlt")
 
 
@@ -40,23 +39,13 @@ class DemoResult:
 def run_demo(
     out: Path, *, epochs: int = 8, lr: float = 5e-3, log: Callable[[str], None] = print
 ) -> DemoResult:
-    manifest = make_demo_dataset(out / "data")
     stores: dict[tuple[str, str], str] = {}
-    for split in ("train", "test"):
-        config = ExtractConfig(
-            models=list(DEMO_MODELS),
-            data=str(manifest),
-            out=str(out / "stores"),
-            layers=list(DEMO_POSITIONS),
-            split=split,
-            shard_size=64,
-            batch_size=32,
-        )
+    for config in demo_extract_configs(out):
         plan = plan_extraction(config)
         run_extraction(plan)
         for model, url in zip(DEMO_MODELS, plan.urls, strict=True):
-            stores[model, split] = url
-        log(f"extracted {split}: {', '.join(plan.urls)}")
+            stores[model, config.split] = url
+        log(f"extracted {config.split}: {', '.join(plan.urls)}")
     result = DemoResult()
     for model in DEMO_MODELS:
         metrics = probe_store(

@@ -281,16 +281,11 @@ def test_cli_fit_eval_probe(stores, tmp_path):
         stores["siglip2-tiny", "train", "float16"],
         stores["dinov2-tiny", "train", "float16"],
     )
+    fit_args = ["fit", "--source", source, "--target", target, "--position", "3"]
     result = runner.invoke(
         app,
         [
-            "fit",
-            "--source",
-            source,
-            "--target",
-            target,
-            "--position",
-            "3",
+            *fit_args,
             "--out",
             str(tmp_path / "run"),
             "--stitch",
@@ -320,13 +315,7 @@ def test_cli_fit_eval_probe(stores, tmp_path):
     result = runner.invoke(
         app,
         [
-            "fit",
-            "--source",
-            source,
-            "--target",
-            target,
-            "--position",
-            "3",
+            *fit_args,
             "--out",
             str(tmp_path / "bad"),
             "--stitch",
