@@ -8,30 +8,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.table import Table
 
 from cli._console import console, reports_errors
+from cli._parse import at_least, check_device, check_out_dir, check_scheduler, parse_lrs
+
+CkaTokens = Literal["mean", "cls", "flatten"]  # stitchtrain.cka.TOKEN_MODES
 
 experiments_app = typer.Typer(
     help="Sweeps, reports and analyses of stitch runs.",
     no_args_is_help=True,
     add_completion=False,
 )
-
-
-def _lrs(text: str | None) -> tuple[float, ...] | None:
-    from featcache.errors import FeatcacheError
-
-    if text is None:
-        return None
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise FeatcacheError(
-            f"Expected --lr as comma-separated numbers such as 1e-3,5e-3. Got {text!r} instead."
-        ) from None
 
 
 @experiments_app.command()
@@ -48,6 +39,8 @@ def sweep(
     skips finished points."""
     from stitchtrain.sweep import completed_row, load_sweep_config, plan_sweep, run_sweep
 
+    check_scheduler(scheduler, sequential=True)
+    check_out_dir(out)
     plan = plan_sweep(load_sweep_config(config), base=config.resolve().parent)
     if dry_run:
         table = Table(title=f"{len(plan.points)} grid points")
@@ -86,7 +79,9 @@ def report(
     dirs: list[Path] = typer.Argument(..., help="Sweep dirs (and dirs holding transfer outputs)."),
     out: Path = typer.Option(..., help="Report dir: index.html, report.md, PNG plots."),
     cka: bool = typer.Option(True, "--cka/--no-cka", help="CKA vs stitched metric per position."),
-    cka_max_images: int | None = typer.Option(None, help="Use only the first N train images."),
+    cka_max_images: int | None = typer.Option(
+        None, callback=at_least(2), help="Use only the first N train images (>= 2)."
+    ),
     predictions: bool = typer.Option(
         True, "--predictions/--no-predictions", help="Table 12 prediction analysis."
     ),
@@ -95,6 +90,7 @@ def report(
     """Plots and tables of the paper's Figures 2-5 and Tables 1-4, 12 from sweep results."""
     from stitchtrain.report import build_report
 
+    check_out_dir(out)
     index = build_report(
         dirs,
         out,
@@ -113,9 +109,13 @@ def cka(
     store_b: str = typer.Argument(..., help="Second store (same images, same rows)."),
     layers: str | None = typer.Option(None, help="Layers of A, e.g. 2,6,final (default: all)."),
     layers_b: str | None = typer.Option(None, help="Layers of B (default: --layers or all)."),
-    tokens: str = typer.Option("mean", help="mean | cls | flatten: one vector per image."),
-    minibatch: int | None = typer.Option(None, help="Unbiased minibatch CKA with this batch."),
-    max_images: int | None = typer.Option(None, help="Use only the first N valid images."),
+    tokens: CkaTokens = typer.Option("mean", help="How a layer becomes one vector per image."),
+    minibatch: int | None = typer.Option(
+        None, callback=at_least(4), help="Unbiased minibatch CKA with this batch (>= 4)."
+    ),
+    max_images: int | None = typer.Option(
+        None, callback=at_least(2), help="Use only the first N valid images (>= 2)."
+    ),
     out: Path = typer.Option(Path("cka"), help="Dir for cka.png, cka.json, cka.csv."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -124,11 +124,13 @@ def cka(
 
     from stitchtrain.cka import cka_stores, parse_layers
 
+    layers_a, layers_b = parse_layers(layers), parse_layers(layers_b)
+    check_out_dir(out)
     result = cka_stores(
         store_a,
         store_b,
-        parse_layers(layers),
-        parse_layers(layers_b),
+        layers_a,
+        layers_b,
         tokens=tokens,
         minibatch=minibatch,
         max_images=max_images,
@@ -190,15 +192,22 @@ def transfer(
     out: Path = typer.Option(..., help="Output dir: transfer.json, metrics.json."),
     source_test: str | None = typer.Option(None, help="Source test store (default: found)."),
     target_test: str | None = typer.Option(None, help="Target test store (default: found)."),
-    lr: str | None = typer.Option(None, help="Probe learning rates (default: the run's)."),
-    epochs: int | None = typer.Option(None, help="Probe epochs (default: the run's)."),
-    device: str = typer.Option("auto", help="cuda, cpu or auto."),
+    lr: str | None = typer.Option(
+        None, help="Probe learning rates, positive numbers (default: the run's)."
+    ),
+    epochs: int | None = typer.Option(
+        None, callback=at_least(1), help="Probe epochs (default: the run's) (>= 1)."
+    ),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
 ) -> None:
     """Task-agnostic stitching (paper Table 4): a run's FFM stitch applied to another
     dataset's stores, scored by a linear probe on the stitched pooled outputs."""
     from stitchtrain.analysis import transfer_run
 
+    check_out_dir(out)
+    check_device(device)
+    lrs = None if lr is None else parse_lrs(lr)
     metrics = transfer_run(
         run_dir,
         source,
@@ -206,7 +215,7 @@ def transfer(
         out,
         source_test=source_test,
         target_test=target_test,
-        lrs=_lrs(lr),
+        lrs=lrs,
         epochs=epochs,
         device=device,
     )

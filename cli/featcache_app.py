@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.table import Table
 
 from cli._console import console, err_console, reports_errors
+from cli._parse import at_least, check_out_dir, check_scheduler, parse_ints, parse_weights
+
+# The accepted values, checked by typer at parse time and listed in --help (the library's own
+# tuples: featcache.store.TOKEN_MODES and DTYPES; tests/test_redteam_cli.py keeps them equal).
+Tokens = Literal["all", "prefix", "pooled"]
+Dtype = Literal["float16", "bfloat16", "float32"]
+OnBadImage = Literal["fail", "skip"]
 
 app = typer.Typer(
     help="Run frozen vision foundation models once and cache their token features.",
@@ -65,17 +73,6 @@ def models_table() -> Table:
 def models() -> None:
     """List the encoder presets: depth, width, prefix tokens, patch grid, resolution, pooling."""
     console.print(models_table())
-
-
-def _parse_layers(text: str) -> list[int]:
-    from featcache.errors import FeatcacheError
-
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise FeatcacheError(
-            f"Expected --layers as comma-separated integers such as 2,6,10. Got {text!r} instead."
-        ) from None
 
 
 def _human_bytes(count: float) -> str:
@@ -150,17 +147,25 @@ def extract(
     model: list[str] = typer.Option(..., "--model", help="Encoder (repeat for several)."),
     data: str = typer.Option(..., help="Image folder (one subfolder per class) or CSV/JSONL."),
     out: str = typer.Option(..., help="Root for stores: local path or fsspec URL (s3://...)."),
-    layers: str = typer.Option("2,6,10,14,18,22,24", help="Layers to store, e.g. 2,6,10."),
+    layers: str = typer.Option(
+        "2,6,10,14,18,22,24", help="Layers to store: comma-separated integers 0..depth, e.g. 2,6."
+    ),
     split: str | None = typer.Option(None, help="Dataset split (default: the first)."),
-    batch_size: int = typer.Option(32, help="Images per forward pass."),
-    device: str = typer.Option("auto", help="cuda, cpu or auto (CUDA when present)."),
-    tokens: str = typer.Option("all", help="all | prefix | pooled"),
-    compression: str = typer.Option("none", help="none | zstd | bitround:K"),
-    dtype: str = typer.Option("float16", help="float16 | bfloat16 (uint16 bits) | float32"),
+    batch_size: int = typer.Option(
+        32, callback=at_least(1), help="Images per forward pass (>= 1)."
+    ),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    tokens: Tokens = typer.Option("all", help="Tokens to store (pooled: no layers)."),
+    compression: str = typer.Option(
+        "none", help="none, zstd or bitround:K (keep K of 10 float16 mantissa bits, 1 <= K <= 10)."
+    ),
+    dtype: Dtype = typer.Option("float16", help="Storage dtype (bfloat16 as uint16 bits)."),
     shard: str = typer.Option("0/1", help="I/N: process shards i with i % N == I."),
-    shard_size: int = typer.Option(256, help="Images per shard (unit of writing/resuming)."),
-    on_bad_image: str = typer.Option("fail", help="fail | skip (skips are recorded)."),
-    num_workers: int = typer.Option(2, help="Decoding threads."),
+    shard_size: int = typer.Option(
+        256, callback=at_least(1), help="Images per shard (unit of writing/resuming) (>= 1)."
+    ),
+    on_bad_image: OnBadImage = typer.Option("fail", help="skip: record unreadable images, go on."),
+    num_workers: int = typer.Option(2, callback=at_least(0), help="Decoding threads (>= 0)."),
     weights: list[str] = typer.Option([], help="NAME=FILE.safetensors weights for a model."),
     random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights."),
     scheduler: str | None = typer.Option(
@@ -173,11 +178,12 @@ def extract(
 
     from featcache.extract import ExtractConfig, parse_shard
 
+    check_scheduler(scheduler)
     config = ExtractConfig(
         models=model,
         data=data,
         out=out,
-        layers=_parse_layers(layers),
+        layers=list(parse_ints(layers, "--layers", empty=tokens == "pooled")),
         split=split,
         batch_size=batch_size,
         device=device,
@@ -189,7 +195,7 @@ def extract(
         num_workers=num_workers,
         shard_size=shard_size,
         random_init=random_init,
-        weights=dict(item.split("=", 1) for item in weights),
+        weights=parse_weights(weights),
     )
     out_console = err_console if as_json else console
     result = _extract_with_progress(config, out_console, transient=as_json, scheduler=scheduler)
@@ -233,6 +239,12 @@ def stores_table(root: str) -> Table:
 @reports_errors
 def list_stores(root: str = typer.Argument(..., help="Directory or URL holding stores.")) -> None:
     """List the stores under ROOT: encoder, dataset, split, layers, images, size, complete."""
+    from featcache.errors import FeatcacheError
+
+    if "://" not in root and not Path(root).exists():
+        raise FeatcacheError(
+            f"Expected ROOT to be a directory or URL. Got {root}, which is absent."
+        )
     console.print(stores_table(root))
 
 
@@ -244,6 +256,7 @@ def demo(
     """Generate the built-in dataset and extract it with two tiny encoders of two families."""
     from featcache.demo_data import demo_extract_configs
 
+    check_out_dir(out)
     console.print(models_table())
     configs = demo_extract_configs(out)
     console.print(f"dataset: [bold]{configs[0].data}[/]")
@@ -292,12 +305,16 @@ def verify(
     fingerprint: str | None = typer.Option(None, help="Expected encoder fingerprint."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Check markers, checksums, NaN-free rows and fingerprint; exit 1 on any fault."""
+    """Check markers, checksums, NaN-free rows and fingerprint; exit 1 on any fault (a store
+    that cannot be opened is one)."""
     import json
 
-    from featcache.store import FeatureStore
+    from featcache.store import FeatureStore, StoreError
 
-    faults = FeatureStore.open(store).verify(expected_fingerprint=fingerprint)
+    try:
+        faults = FeatureStore.open(store).verify(expected_fingerprint=fingerprint)
+    except StoreError as err:  # missing, unreadable or not a featcache store
+        faults = [str(err)]
     if as_json:
         print(json.dumps({"store": store, "ok": not faults, "faults": faults}))
     else:
@@ -312,10 +329,12 @@ def verify(
 @app.command()
 @reports_errors
 def rm(store: str = typer.Argument(..., help="Store path or URL to delete.")) -> None:
-    """Delete a store (refuses anything that is not a featcache store)."""
-    from featcache.store import FeatureStore
+    """Delete a featcache store, of any format and complete or not; refuses anything else
+    (a plain directory, a foreign Zarr group, a store that also holds files featcache did not
+    write)."""
+    from featcache.store import remove_store
 
-    FeatureStore.open(store).delete()
+    remove_store(store)
     console.print(f"removed {store}")
 
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.table import Table
 
 from cli._console import console, reports_errors
+from cli._parse import at_least, check_device, check_out_dir, check_size, parse_lrs
+
+# Accepted values (stitchtrain.fit.STITCHES, OBJECTIVES, INITS; tests keep them equal).
+Stitch = Literal["linear", "mlp", "lora"]
+Objective = Literal["lfm", "ffm", "tlt", "ffm+tlt", "lfm+tlt"]
+Task = Literal["cls", "seg"]
+Init = Literal["random", "lstsq", "identity"]
 
 app = typer.Typer(
     help="Train stitch layers between vision foundation models from cached features.",
@@ -67,17 +75,6 @@ def positions(
         console.print(f"patch grid resampled {src['grid']} -> {tgt['grid']} (bilinear)")
 
 
-def _parse_lrs(text: str) -> tuple[float, ...]:
-    from featcache.errors import FeatcacheError
-
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise FeatcacheError(
-            f"Expected --lr as comma-separated numbers such as 1e-3,5e-3. Got {text!r} instead."
-        ) from None
-
-
 def _metrics_table(title: str, metrics: dict) -> Table:
     table = Table(title=title)
     table.add_column("metric")
@@ -95,21 +92,42 @@ def _metrics_table(title: str, metrics: dict) -> Table:
 def fit(
     source: str = typer.Option(..., help="Source store (train split)."),
     target: str = typer.Option(..., help="Target store (train split)."),
-    position: int = typer.Option(..., help="Stitch position n: source blocks 1..n, target n+1..N."),
+    position: int = typer.Option(
+        ...,
+        callback=at_least(1),
+        help="Stitch position n: source blocks 1..n, target n+1..N (>= 1).",
+    ),
     out: str = typer.Option(..., help="Run dir (re-running the same command resumes it)."),
-    stitch: str = typer.Option("mlp", help="linear | mlp | lora"),
-    objective: str = typer.Option("ffm+tlt", help="lfm | ffm | tlt | ffm+tlt | lfm+tlt"),
-    task: str = typer.Option("cls", help="cls | seg"),
-    lr: str = typer.Option("1e-3,5e-3,1e-2", help="Learning-rate grid, chosen on validation."),
-    epochs: int = typer.Option(100, help="Maximum epochs per stage and learning rate."),
-    patience: int = typer.Option(5, help="Early-stopping patience (epochs)."),
-    batch_size: int | None = typer.Option(None, help="Default: 256 for LFM, 128 otherwise."),
-    init: str = typer.Option("random", help="random | lstsq (linear) | identity (self-stitch)"),
-    val_fraction: float = typer.Option(0.1, help="Share of training rows for validation."),
+    stitch: Stitch = typer.Option("mlp", help="Stitch layer kind."),
+    objective: Objective = typer.Option("ffm+tlt", help="Training stages, in order."),
+    task: Task = typer.Option("cls", help="Classification or segmentation."),
+    lr: str = typer.Option(
+        "1e-3,5e-3,1e-2", help="Learning-rate grid (positive numbers), chosen on validation."
+    ),
+    epochs: int = typer.Option(
+        100, callback=at_least(1), help="Maximum epochs per stage and learning rate (>= 1)."
+    ),
+    patience: int = typer.Option(
+        5, callback=at_least(1), help="Early-stopping patience (epochs) (>= 1)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, callback=at_least(1), help="Default: 256 for LFM, 128 otherwise (>= 1)."
+    ),
+    init: Init = typer.Option("random", help="lstsq: linear stitch only; identity: self-stitch."),
+    val_fraction: float = typer.Option(
+        0.1, help="Share of training rows for validation (0 < x < 1)."
+    ),
     seed: int = typer.Option(0, help="Seed for splits, init and batch order."),
-    device: str = typer.Option("auto", help="cuda, cpu or auto."),
-    memory_budget: str | None = typer.Option(None, help="e.g. 8GB; default: 25% of free RAM."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    memory_budget: str | None = typer.Option(
+        None, help="Size such as 512MB, 8GB or 2GiB; default: 25% of free RAM."
+    ),
     pooled_only: bool = typer.Option(False, "--pooled-only", help="FFM on pooled outputs."),
+    allow_incomplete: bool = typer.Option(
+        False,
+        "--allow-incomplete",
+        help="Train on the marked shards of incomplete stores (says how many rows were used).",
+    ),
     source_test: str | None = typer.Option(None, help="Source store of the test split."),
     target_test: str | None = typer.Option(None, help="Target store of the test split."),
     source_weights: str | None = typer.Option(None, help="Source weights (LoRA stitch)."),
@@ -123,6 +141,9 @@ def fit(
     from stitchtrain.fit import FitConfig
     from stitchtrain.fit import fit as run_fit
 
+    check_out_dir(out)
+    check_device(device)
+    check_size(memory_budget)
     config = FitConfig(
         source=source,
         target=target,
@@ -131,7 +152,7 @@ def fit(
         stitch=stitch,
         objective=objective,
         task=task,
-        lrs=_parse_lrs(lr),
+        lrs=parse_lrs(lr),
         epochs=epochs,
         patience=patience,
         batch_size=batch_size,
@@ -146,6 +167,7 @@ def fit(
         source_weights=source_weights,
         target_weights=target_weights,
         random_init=random_init,
+        allow_incomplete=allow_incomplete,
     )
 
     def progress(row: dict) -> None:
@@ -173,9 +195,9 @@ def probe(
     store: str = typer.Option(..., help="Store (train split) whose pooled features to probe."),
     out: str = typer.Option(..., help="Run dir for the probe."),
     test_store: str | None = typer.Option(None, help="Test split store (default: found)."),
-    lr: str = typer.Option("1e-3,5e-3,1e-2", help="Learning-rate grid."),
-    epochs: int = typer.Option(100, help="Maximum epochs."),
-    patience: int = typer.Option(5, help="Early-stopping patience."),
+    lr: str = typer.Option("1e-3,5e-3,1e-2", help="Learning-rate grid (positive numbers)."),
+    epochs: int = typer.Option(100, callback=at_least(1), help="Maximum epochs (>= 1)."),
+    patience: int = typer.Option(5, callback=at_least(1), help="Early-stopping patience (>= 1)."),
     seed: int = typer.Option(0, help="Seed."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
 ) -> None:
@@ -184,11 +206,12 @@ def probe(
 
     from stitchtrain.probe import probe_store
 
+    check_out_dir(out)
     metrics = probe_store(
         store,
         out,
         test_store=test_store,
-        lrs=_parse_lrs(lr),
+        lrs=parse_lrs(lr),
         epochs=epochs,
         patience=patience,
         seed=seed,
@@ -221,12 +244,15 @@ def evaluate(
 @reports_errors
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Where data, stores and runs go."),
-    epochs: int = typer.Option(8, help="Epochs per stage (the paper uses up to 100)."),
+    epochs: int = typer.Option(
+        8, callback=at_least(1), help="Epochs per stage (the paper uses up to 100) (>= 1)."
+    ),
 ) -> None:
     """The whole pipeline on the built-in dataset, ending in a table like the paper's Table 1."""
     from featcache.encoders import PRESETS  # noqa: F401  (fail early on a broken install)
     from stitchtrain.demo import DEMO_MODELS, DEMO_POSITIONS, run_demo
 
+    check_out_dir(out)
     result = run_demo(out, epochs=epochs, log=lambda line: console.print(line, highlight=False))
     short = {"dinov2-tiny": "D", "siglip2-tiny": "S"}
     table = Table(title="Test accuracy (toy scale; D = dinov2-tiny, S = siglip2-tiny)")

@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.table import Table
 
 from cli._console import console, reports_errors
+from cli._parse import at_least, check_device, check_out_dir, parse_ints, parse_weights
+
+Precision = Literal["fp32", "bf16", "amp-bf16"]  # stitchtrain.tree_bench.PRECISIONS
+Stitch = Literal["linear", "mlp", "lora"]  # stitchtrain.stitches.STITCH_KINDS
 
 tree_app = typer.Typer(
     help="VFM Stitch Tree: share early trunk blocks across several encoders (paper section 6).",
     no_args_is_help=True,
     add_completion=False,
 )
-
-
-def _parse_weights(items: list[str]) -> dict[str, str]:
-    from featcache.errors import FeatcacheError
-
-    weights = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise FeatcacheError(f"Expected --weights NAME=FILE.safetensors. Got {item!r} instead.")
-        weights[name] = path
-    return weights
 
 
 def _parse_branch(item: str) -> str | tuple[str, str]:
@@ -37,29 +30,22 @@ def _parse_branch(item: str) -> str | tuple[str, str]:
     return item
 
 
-def _parse_ints(text: str, option: str) -> tuple[int, ...]:
-    from featcache.errors import FeatcacheError
-
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise FeatcacheError(
-            f"Expected {option} as comma-separated integers such as 1,32. Got {text!r} instead."
-        ) from None
-
-
 @tree_app.command()
 @reports_errors
 def build(
     trunk: str = typer.Option(..., help="Trunk encoder (preset, timm:..., open_clip:...)."),
-    position: int = typer.Option(..., help="n: trunk blocks 1..n are shared by every branch."),
+    position: int = typer.Option(
+        ..., callback=at_least(1), help="n: trunk blocks 1..n are shared by every branch (>= 1)."
+    ),
     branch: list[str] = typer.Option(
         ..., help="A finished fit run dir, or NAME=RUN_DIR to name the branch (repeatable)."
     ),
     out: Path = typer.Option(..., help="Tree dir to write (tree.json + stitch safetensors)."),
     weights: list[str] = typer.Option([], help="NAME=FILE.safetensors for an encoder."),
     random_init: bool = typer.Option(False, "--random-init", help="Random-init encoders."),
-    device: str = typer.Option("cpu", help="Where to load the encoders to check them."),
+    device: str = typer.Option(
+        "cpu", help="Where to load the encoders to check them: auto, cpu, cuda or cuda:N."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing tree."),
     as_json: bool = typer.Option(False, "--json", help="Print tree.json instead of a table."),
 ) -> None:
@@ -72,8 +58,9 @@ def build(
     from featcache.extract import resolve_device
     from stitchtrain.tree import VFMStitchTree, load_trunk
 
+    check_out_dir(out)
     runs = [_parse_branch(item) for item in branch]
-    named_weights = _parse_weights(weights)
+    named_weights = parse_weights(weights)
     target_device = resolve_device(device)
     trunk_encoder = load_trunk(
         trunk,
@@ -172,17 +159,25 @@ def _cost_table(result: dict) -> Table:
 def bench(
     tree_dir: str | None = typer.Argument(None, help="A saved tree (or use --encoder)."),
     encoder: list[str] = typer.Option([], help="Encoder names, trunk first (repeatable)."),
-    positions: str = typer.Option("", help="Stitch positions n, e.g. 6,14,22."),
-    batch_sizes: str = typer.Option("1,32", help="Batch sizes to time."),
-    warmup: int = typer.Option(3, help="Untimed forwards before timing."),
-    repeats: int = typer.Option(10, help="Timed forwards; the median is reported."),
-    precision: str = typer.Option("fp32", help="fp32 | bf16 (bf16 weights) | amp-bf16"),
-    device: str = typer.Option("auto", help="cuda, cpu or auto."),
-    stitch: str = typer.Option("mlp", help="Random stitch kind in --encoder mode."),
+    positions: str = typer.Option(
+        "", help="Stitch positions n >= 1, e.g. 6,14,22 (default: the tree's)."
+    ),
+    batch_sizes: str = typer.Option("1,32", help="Batch sizes (>= 1) to time."),
+    warmup: int = typer.Option(
+        3, callback=at_least(0), help="Untimed forwards before timing (>= 0)."
+    ),
+    repeats: int = typer.Option(
+        10, callback=at_least(1), help="Timed forwards; the median is reported (>= 1)."
+    ),
+    precision: Precision = typer.Option("fp32", help="bf16: bf16 weights; amp-bf16: autocast."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    stitch: Stitch = typer.Option("mlp", help="Random stitch kind in --encoder mode."),
     weights: list[str] = typer.Option([], help="NAME=FILE.safetensors for an encoder."),
     random_init: bool = typer.Option(False, "--random-init", help="Random-init encoders."),
     formula_depth: int | None = typer.Option(
-        None, help="Also show (k-1)(L-n)/L with this L (the paper: 23)."
+        None,
+        callback=at_least(1),
+        help="Also show (k-1)(L-n)/L with this L (the paper: 23) (>= 1).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
@@ -190,17 +185,18 @@ def bench(
     Table 5), and the additional-cost table (Table 13) counted from the systems."""
     from stitchtrain.tree_bench import BenchConfig, run_bench
 
+    check_device(device)
     config = BenchConfig(
         encoders=list(encoder),
         tree=tree_dir,
-        positions=_parse_ints(positions, "--positions"),
-        batch_sizes=_parse_ints(batch_sizes, "--batch-sizes"),
+        positions=parse_ints(positions, "--positions", minimum=1, example="6,14", empty=True),
+        batch_sizes=parse_ints(batch_sizes, "--batch-sizes", minimum=1, example="1,32"),
         warmup=warmup,
         repeats=repeats,
         device=device,
         precision=precision,
         stitch=stitch,
-        weights=_parse_weights(weights),
+        weights=parse_weights(weights),
         random_init=random_init,
         formula_depth=formula_depth,
     )

@@ -9,8 +9,14 @@ Rules (each tested in tests/test_data.py):
     column; ``label``, ``split`` (default "train") and ``mask`` are optional, others ignored.
     Paths are relative to the manifest's folder and may not leave it; they need not exist yet
     (the extractor reports missing files at decode time).
+  - The data root holds on resolved paths: symlinks are followed (image and mask files, and in a
+    folder also split, class and nested folders, each folder walked once per class), and a path
+    that resolves outside the root is an error (tested in tests/test_redteam_data.py).
   - Labels are either all integers >= 0 (class indices, classes "0".."max") or all class names
     (indexed by sorted name). Without a label column every label is -1 and there are no classes.
+    Integer labels must stay below min(100000, max(1000, 10 x rows)): every index up to the
+    largest becomes a class, so a stray huge index would make millions of empty classes
+    (tested in tests/test_redteam_data.py).
   - A split has a mask on every row or on none.
 Every record's ``id`` is its normalised path relative to the data root, with ``/`` separators,
 so ``manifest_hash`` does not change when the dataset folder moves.
@@ -19,11 +25,13 @@ so ``manifest_hash`` does not change when the dataset folder moves.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PureWindowsPath
 from typing import Any
@@ -40,6 +48,9 @@ SPLIT_NAMES = frozenset({"train", "val", "valid", "validation", "test"})
 _INTEGER = re.compile(r"[+-]?\d+")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _ACCEPTED_LABELS = "labels that are all integers >= 0 (class indices) or all class names"
+_MAX_CLASSES = 100_000
+
+_Resolve = Callable[[str, str, str], str]  # (path, expected, got) -> resolved path; see _resolver
 
 
 class ManifestError(FeatcacheError, ValueError):
@@ -132,13 +143,41 @@ def _visible_dirs(folder: str) -> list[str]:
     )
 
 
-def _images_under(root: str, folder: str) -> list[str]:
-    found = []
-    for current, dirs, files in os.walk(os.path.join(root, folder)):
+def _resolver(root: str) -> _Resolve:
+    """``resolve(path, expected, got)``: where ``path`` resolves, symlinks followed, or a
+    ``ManifestError`` when that is outside ``root`` (folder resolutions are cached)."""
+    real_root = os.path.realpath(root)
+    prefix = os.path.join(real_root, "")  # with a trailing separator
+    folder = functools.lru_cache(maxsize=None)(os.path.realpath)
+
+    def resolve(path: str, expected: str, got: str) -> str:
+        head, name = os.path.split(path)
+        real = os.path.realpath(path) if os.path.islink(path) else os.path.join(folder(head), name)
+        if real != real_root and not real.startswith(prefix):
+            raise ManifestError(
+                f"Expected {expected} (symlinks within it are followed). "
+                f"Got {got}, which resolves to {real}, instead."
+            )
+        return real
+
+    return resolve
+
+
+def _images_under(root: str, folder: str, resolve: _Resolve) -> list[str]:
+    expected = f"folders and image files that resolve inside the data root {root}"
+    found, walked = [], set()
+    for current, dirs, files in os.walk(os.path.join(root, folder), followlinks=True):
+        real = resolve(current, expected, current)
+        if real in walked:  # a folder linked twice, or a loop
+            dirs[:] = []
+            continue
+        walked.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(_relative_id(root, os.path.join(current, name)))
+                path = os.path.join(current, name)
+                resolve(path, expected, path)
+                found.append(_relative_id(root, path))
     return found
 
 
@@ -150,11 +189,12 @@ def _load_folder(root: str) -> Dataset:
         layout = {"train": ("", top)}
     classes = tuple(sorted({c for _, names in layout.values() for c in names}))
     index = {name: label for label, name in enumerate(classes)}
+    resolve = _resolver(root)
     records = [
         Record(rid, _absolute(root, rid), index[name], split, None)
         for split, (prefix, names) in layout.items()
         for name in names
-        for rid in _images_under(root, prefix + name)
+        for rid in _images_under(root, prefix + name, resolve)
     ]
     if not records:
         raise ManifestError(
@@ -204,8 +244,9 @@ def _read_jsonl(file: str) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
-def _relative_path(value: Any, column: str, where: str, root: str) -> str:
-    """The normalised posix path of ``value`` under ``root``, or a ``ManifestError``."""
+def _relative_path(value: Any, column: str, where: str, root: str, resolve: _Resolve) -> str:
+    """The normalised posix path of ``value`` under ``root``, or a ``ManifestError`` (also when
+    it resolves, through symlinks, outside ``root``)."""
     text = "" if value is None else str(value).strip()
     posix = posixpath.normpath(text.replace("\\", "/")) if text else ""
     if not text:
@@ -215,6 +256,8 @@ def _relative_path(value: Any, column: str, where: str, root: str) -> str:
     elif posix in (".", "..") or posix.startswith("../"):
         got = f"{text!r}, which is {'the root itself' if posix == '.' else 'outside it'},"
     else:
+        expected = f"a {column} that resolves inside the data root {root} on {where}"
+        resolve(_absolute(root, posix), expected, repr(text))
         return posix
     raise ManifestError(
         f"Expected a {column} relative to the data root {root} on {where}. Got {got} instead."
@@ -254,10 +297,26 @@ def _labels(entries: list[tuple[str, Any]]) -> tuple[list[int], tuple[str, ...]]
         )
     if expected == "integer":
         labels = [int(value) for _, value in entries]
+        _check_class_count(entries, labels)
         return labels, tuple(str(i) for i in range(max(labels) + 1))
     names = [value.strip() for _, value in entries]
     classes = tuple(sorted(set(names)))
     return [classes.index(name) for name in names], classes
+
+
+def _check_class_count(entries: list[tuple[str, Any]], labels: list[int]) -> None:
+    """Refuse integer labels that would make far more classes than the dataset holds."""
+    limit = min(_MAX_CLASSES, max(1000, 10 * len(labels)))
+    top = max(labels)
+    if top < limit:
+        return
+    where, value = entries[labels.index(top)]
+    raise ManifestError(
+        f"Expected integer labels (class indices) below {limit}, that is below "
+        f"max(1000, 10 x {len(labels)} rows) and below {_MAX_CLASSES}, or class names that are "
+        f"not numbers (indexed by sorted name). Got {value!r} on {where}, which would make "
+        f"classes 0..{top} for a dataset holding {len(set(labels))} distinct labels, instead."
+    )
 
 
 def _load_rows(source: str, rows: list[tuple[int, dict[str, Any]]]) -> Dataset:
@@ -265,10 +324,11 @@ def _load_rows(source: str, rows: list[tuple[int, dict[str, Any]]]) -> Dataset:
     if not rows:
         raise ManifestError(f"Expected at least one data row in {source}. Got none instead.")
     seen: dict[str, int] = {}
+    resolve = _resolver(root)
     parsed = []  # (where, id, split, mask id or None, label value)
     for line, row in rows:
         where = f"line {line} of {source}"
-        rid = _relative_path(row.get("path"), "path", where, root)
+        rid = _relative_path(row.get("path"), "path", where, root, resolve)
         if rid in seen:
             raise ManifestError(
                 f"Expected each path once in {source}. Got {rid!r} on line {seen[rid]} "
@@ -276,7 +336,7 @@ def _load_rows(source: str, rows: list[tuple[int, dict[str, Any]]]) -> Dataset:
             )
         seen[rid] = line
         mask = row.get("mask")
-        mask = None if mask in (None, "") else _relative_path(mask, "mask", where, root)
+        mask = None if mask in (None, "") else _relative_path(mask, "mask", where, root, resolve)
         split = "train" if row.get("split") is None else str(row["split"]).strip() or "train"
         parsed.append((where, rid, split, mask, row.get("label")))
     if any("label" in row for _, row in rows):

@@ -28,12 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from featcache.data import Dataset, Record, load_dataset
 from featcache.encoders import Encoder, load_encoder
 from featcache.errors import BadImageError, FeatcacheError
-from featcache.images import decode_image
+from featcache.images import decode_image, decode_mask
 from featcache.store import FeatureStore, StoreError, StoreSpec
 
 __all__ = ["ExtractConfig", "ExtractPlan", "plan_extraction", "run_extraction", "parse_shard"]
@@ -63,6 +62,10 @@ class ExtractConfig:
     storage_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        import os
+
+        from featcache.store import DTYPES, TOKEN_MODES, parse_compression
+
         if self.on_bad_image not in ("fail", "skip"):
             raise FeatcacheError(
                 f"Expected --on-bad-image fail or skip. Got {self.on_bad_image!r} instead."
@@ -72,6 +75,36 @@ class ExtractConfig:
             raise FeatcacheError(f"Expected --shard I/N with 0 <= I < N. Got {index}/{count}.")
         if self.batch_size < 1:
             raise FeatcacheError(f"Expected --batch-size >= 1. Got {self.batch_size} instead.")
+        if self.shard_size < 1:
+            raise FeatcacheError(f"Expected --shard-size >= 1. Got {self.shard_size} instead.")
+        if self.tokens not in TOKEN_MODES:
+            raise FeatcacheError(
+                f"Expected --tokens in {TOKEN_MODES}. Got {self.tokens!r} instead."
+            )
+        if self.dtype not in DTYPES:
+            raise FeatcacheError(f"Expected --dtype in {DTYPES}. Got {self.dtype!r} instead.")
+        try:
+            kind, _ = parse_compression(self.compression)
+        except ValueError:
+            raise FeatcacheError(
+                "Expected --compression none, zstd or bitround:K with 1 <= K <= 10. "
+                f"Got {self.compression!r} instead."
+            ) from None
+        if kind == "bitround" and self.dtype != "float16":
+            raise FeatcacheError(
+                f"Expected --dtype float16 with --compression {self.compression} (it rounds "
+                f"float16 mantissa bits). Got --dtype {self.dtype} instead."
+            )
+        if not self.layers and self.tokens != "pooled":
+            raise FeatcacheError(
+                "Expected at least one layer in --layers (only --tokens pooled stores none). "
+                f"Got {self.layers!r} instead."
+            )
+        if "://" not in self.out and os.path.isfile(self.out):
+            raise FeatcacheError(
+                "Expected --out to be a directory (or a new path). "
+                f"Got the file {self.out} instead."
+            )
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -84,10 +117,21 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def resolve_device(device: str) -> torch.device:
+    """ "auto" (CUDA when present), "cpu", "cuda" or "cuda:N" -> a torch device."""
+    kind, _, index = device.partition(":")
+    if device not in ("auto", "cpu", "cuda") and not (kind == "cuda" and index.isdigit()):
+        raise FeatcacheError(
+            f"Expected --device auto, cpu, cuda or cuda:N. Got {device!r} instead."
+        )
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if kind == "cuda" and not torch.cuda.is_available():
         raise FeatcacheError(f"Expected --device cpu on this machine (no CUDA). Got {device!r}.")
+    if index and int(index) >= torch.cuda.device_count():
+        raise FeatcacheError(
+            f"Expected --device cuda:N with N < {torch.cuda.device_count()} (the CUDA devices "
+            f"here). Got {device!r} instead."
+        )
     return torch.device(device)
 
 
@@ -147,6 +191,7 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
             )
             for name in config.models
         ]
+    id_width = max([1, *(len(record.id.encode("utf-8")) for record in records)])
     specs, urls = [], []
     for encoder in encoders:
         name = encoder.name
@@ -177,6 +222,7 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
             compression=config.compression,
             shard_size=config.shard_size,
             mask_shape=tuple(encoder.image_size) if dataset.has_masks(split) else None,
+            id_width=id_width,
         )
         specs.append(spec)
         urls.append(_store_url(config.out, split, encoder, spec))
@@ -197,14 +243,12 @@ def _prepare(record: Record, encoders: list[Encoder]) -> _Item:
     """Decode an image (and its mask) once; apply each encoder's own preprocessing."""
     try:
         image = decode_image(record.path, name=record.id)
-        mask = None
-        if record.mask is not None:
-            with Image.open(record.mask) as handle:
-                mask = handle.copy()
     except BadImageError as err:
         return _Item(record, None, None, err.reason)
-    except OSError as err:
-        return _Item(record, None, None, f"mask {record.mask}: {err}")
+    try:
+        mask = None if record.mask is None else decode_mask(record.mask)
+    except BadImageError as err:
+        return _Item(record, None, None, f"mask {err}")
     inputs = [encoder.preprocess(image) for encoder in encoders]
     masks = None if mask is None else [e.preprocessing.mask(mask) for e in encoders]
     return _Item(record, inputs, masks, None)
@@ -374,8 +418,7 @@ def run_extraction(
     marked = [store.marked_shards() for store in stores]
     todo = [shard for shard in mine if any(shard not in done for done in marked)]
     for store in stores:
-        store.remove_partials(todo)
-        store.remove_metadata_partials()
+        store.remove_stale_partials(todo)
     timings = {"wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "write_busy_s": 0.0}
 
     def read_shard(shard: int) -> list[_Item]:

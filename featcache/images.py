@@ -8,6 +8,7 @@ Rules (each tested):
   - 16- and 32-bit integer images ("I;16", "I") are scaled to 8 bits by their type's range
     (value * 255 / 65535), not clipped at 255; float images ("F") are taken as [0, 1].
 Anything PIL cannot open or fully decode becomes a ``BadImageError`` naming the file and reason.
+``upright_rgb`` is the same conversion for an image already open (``Encoder.preprocess`` uses it).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import io
 import os
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from featcache.errors import BadImageError
 
-__all__ = ["decode_image", "to_rgb"]
+__all__ = ["decode_image", "decode_mask", "to_rgb", "upright_rgb"]
 
 
 def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
@@ -43,6 +44,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """``image`` turned upright by its EXIF orientation, then ``to_rgb``, as ``decode_image``
+    does after decoding; an upright RGB image is returned as is (no copy)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
 def _check_pixel_limit(image: Image.Image) -> None:
     """Refuse images over ``Image.MAX_IMAGE_PIXELS`` (PIL itself only warns below 2x the limit).
 
@@ -63,6 +72,18 @@ def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None) 
     Raises ``BadImageError`` for missing, empty, truncated, corrupt or non-image files and for
     images over PIL's decompression-bomb limit; ``name`` (default: the path) labels the error.
     """
+    return upright_rgb(_decoded(source, name))
+
+
+def decode_mask(source: str | os.PathLike | bytes, *, name: str | None = None) -> Image.Image:
+    """Open and fully decode a segmentation label map, keeping its mode and values (no colour
+    conversion, no EXIF rotation: label maps are stored in pixel order). Same refusals as
+    ``decode_image``, the decompression-bomb limit included."""
+    return _decoded(source, name)
+
+
+def _decoded(source: str | os.PathLike | bytes, name: str | None) -> Image.Image:
+    """The fully loaded PIL image of ``source``, or ``BadImageError`` naming it and why."""
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
         if isinstance(source, bytes):
@@ -79,8 +100,7 @@ def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None) 
             image = Image.open(handle)  # reads the header only
             _check_pixel_limit(image)
             image.load()  # decode now: truncation shows here, not later in a worker
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            return image
     except BadImageError:
         raise
     except Image.DecompressionBombError as err:

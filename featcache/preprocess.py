@@ -10,6 +10,13 @@ so mask pixel (i, j) lines up with image pixel (i, j) after preprocessing.
 Geometry, for an input of size (h, w) and target (H, W):
   shortest: resize the shorter side to floor(H / crop_pct) keeping aspect, centre-crop (H, W)
   squash:   resize to (floor(H / crop_pct), floor(W / crop_pct)) ignoring aspect, centre-crop
+
+Where "shortest" would resize to more than 2**24 pixels (a 60000x1 PNG of 257 bytes resizes to
+23 million x 384), only the region the centre crop keeps is resampled, with PIL's
+``resize(box=...)``, so the work is bounded by the output size. Those pixels match
+resize-then-crop up to rounding, not bit for bit: PIL takes the box as float32 and its two
+passes round differently (up to 2 levels of 255 on smooth content, more on pixel noise). Below
+the bound the path is the libraries' own, bit for bit (both tested in tests/test_redteam_data.py).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ _INTERPOLATIONS = {
     "lanczos": InterpolationMode.LANCZOS,
 }
 _RESIZE_MODES = ("shortest", "squash")
+_MAX_RESIZED_PIXELS = 1 << 24  # 64 MiB as PIL stores RGB; 113:1 aspect at 384 px still exact
 
 
 @dataclass(frozen=True)
@@ -120,8 +128,32 @@ class Preprocessing:
         return scaled[0]  # scalar: torchvision resizes the shorter side, keeping aspect
 
     def _geometry(self, image: Image.Image, interpolation: InterpolationMode) -> Image.Image:
-        resized = TF.resize(image, self._resize_size(), interpolation=interpolation)
+        size = self._resize_size()
+        box = self._kept_box(image.size, size) if isinstance(size, int) else None
+        if box is not None:
+            height, width = self.image_size
+            return image.resize((width, height), TF.pil_modes_mapping[interpolation], box=box)
+        resized = TF.resize(image, size, interpolation=interpolation)
         return TF.center_crop(resized, list(self.image_size))
+
+    def _kept_box(self, source: tuple[int, int], short: int) -> tuple[float, ...] | None:
+        """The source region the centre crop keeps, when the shorter side resized to ``short``
+        would exceed ``_MAX_RESIZED_PIXELS``; else None. Sizes and offsets as torchvision's."""
+        width, height = source
+        long = int(short * max(width, height) / min(width, height))
+        if short * long <= _MAX_RESIZED_PIXELS:
+            return None
+        new_width, new_height = (short, long) if width <= height else (long, short)
+        crop_height, crop_width = self.image_size
+        left = round((new_width - crop_width) / 2.0)
+        top = round((new_height - crop_height) / 2.0)
+        x_scale, y_scale = width / new_width, height / new_height
+        return (
+            left * x_scale,
+            top * y_scale,
+            (left + crop_width) * x_scale,
+            (top + crop_height) * y_scale,
+        )
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image -> normalised float32 tensor (3, H, W)."""

@@ -1,28 +1,42 @@
 """Feature stores: one Zarr v3 group per (dataset split, encoder fingerprint, extraction settings).
 
-The only module that imports zarr. Layout of a store (format version 1):
+The only module (with ``featcache.storage``, where its bytes go) that imports zarr. Layout of a
+store, format version 2 (``docs/design.md`` has the full contract):
 
   zarr.json                      group; attrs below (deterministic: no timestamps)
   layers/<n>   (image, token, channel)  layer-n tokens, n a plain integer ("layers/6")
   final        (image, token, channel)  the encoder's final norm on layer N (FFM targets)
   pooled       (image, channel)         the encoder's own pooled output
-  ids          (image,)  str            dataset ids (image path relative to the data root)
+  ids          (image, byte)  uint8     dataset ids (image path relative to the data root),
+                                        UTF-8, NUL-padded to the longest id of the split
   labels       (image,)  int64          class index (-1: unlabelled)
   valid        (image,)  bool           False for images skipped as unreadable (rows stay NaN)
   masks        (image, y, x) int16      segmentation label maps at the encoder's input size
-  markers/shard-<i>.json                written last, one per completed shard (``markers`` is an
-                                        empty Zarr group holding the marker files)
+  markers/shard-<i>/zarr.json           a Zarr group per completed shard, written last; its
+                                        attribute ``featcache_marker`` is the marker
 
-Rows follow the dataset's seeded permutation, so row i is the same image in every store of that
-dataset split. Feature arrays are float16 (or bfloat16 bits stored as uint16, attr
-``logical_dtype``), chunked up to 16 images per inner chunk inside shards of ``shard_size`` images,
-Crc32c last in every chunk's codec chain, fill value NaN: a shard that was never written reads
-as NaN, and a shard without a marker does not exist for readers. Shards are the unit of writing
-and resuming: one writer per shard, marker after all of a shard's arrays.
+Every array uses only core Zarr v3 data types and codecs (bytes, zstd, crc32c, sharding), so
+independent readers (TensorStore, zarr-python, xarray) read every array. Crc32c is last in every
+chunk's codec chain. Rows follow the dataset's seeded permutation, so row i is the same image in
+every store of that dataset split. Feature arrays are float16 (or bfloat16 bits stored as uint16,
+array attribute ``logical_dtype``), up to 16 images per inner chunk inside shards of
+``shard_size`` images, fill value NaN. Every other array has one chunk per shard. So each array
+holds exactly one object per shard, ``<array>/c/<shard>/0...``, and that is what a marker
+proves: for every array, the object's key, size and CRC-32 (``zlib.crc32``) of the bytes
+written. Not Crc32c: every zarr chunk ends with its own Crc32c, and a CRC over data followed by
+its own CRC is a constant, so a Crc32c of a whole object would not tell two shards apart.
+
+A shard without a valid marker does not exist for readers; resuming = planned shards minus
+marked shards; ``verify`` re-reads every object of every marked shard against its marker.
+
+Store creation writes a claim first (the root ``zarr.json`` with attrs ``{"featcache": {...,
+"state": "creating"}}``), then the arrays, then the full attrs (no ``state``). A directory that
+holds anything else, or a Zarr group without a featcache claim, is never adopted.
 
 Attributes (``featcache``): format, format_version, store_id, encoder (``Encoder.describe()``),
 dataset (source, split, manifest_hash, classes, order_seed, num_images), layers, tokens,
-dtype, logical_dtype, compression, shard_size, num_shards, codecs, tool_version.
+dtype, logical_dtype, compression, shard_size, num_shards, id_width, codecs, arrays,
+mask_shape, tool_version.
 """
 
 from __future__ import annotations
@@ -31,16 +45,23 @@ import contextlib
 import hashlib
 import json
 import os
-import time
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
 from featcache.errors import FeatcacheError
+from featcache.storage import (
+    fs_and_path,
+    is_local,
+    remove_stale_partials,
+    write_atomic,
+    zarr_store,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -49,15 +70,18 @@ __all__ = [
     "StoreSpec",
     "FeatureStore",
     "find_stores",
+    "remove_store",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TOKEN_MODES = ("all", "prefix", "pooled")
 DTYPES = ("float16", "bfloat16", "float32")
+MARKER_ATTR = "featcache_marker"
+_STORE_NAMES = ("zarr.json", "layers", "final", "pooled", "ids", "labels", "valid", "masks")
 
 
 class StoreError(FeatcacheError, OSError):
-    """A store that is missing, unreadable, or not a featcache store."""
+    """A store that is missing, unreadable, damaged, or not a featcache store."""
 
 
 class StoreMismatchError(StoreError):
@@ -77,6 +101,7 @@ class StoreSpec:
         compression: "none", "zstd" or "bitround:K" (keep K mantissa bits, then zstd; lossy).
         shard_size: images per shard (the unit of writing and resuming).
         mask_shape: (H, W) of stored masks, or None when the split has no masks.
+        id_width: bytes of the longest UTF-8 id of the split (the ``ids`` row width).
     """
 
     encoder: dict[str, Any]
@@ -87,6 +112,7 @@ class StoreSpec:
     compression: str = "none"
     shard_size: int = 256
     mask_shape: tuple[int, int] | None = None
+    id_width: int = 64
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -103,6 +129,8 @@ class StoreSpec:
             )
         if self.shard_size < 1:
             raise ValueError(f"Expected shard_size >= 1. Got {self.shard_size} instead.")
+        if self.id_width < 1:
+            raise ValueError(f"Expected id_width >= 1. Got {self.id_width} instead.")
 
     @property
     def num_images(self) -> int:
@@ -188,30 +216,26 @@ def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def encode_ids(ids, width: int) -> np.ndarray:
+    """Strings -> ``(n, width)`` uint8 rows: UTF-8, NUL-padded; refuses ids over ``width``."""
+    encoded = [str(value).encode("utf-8") for value in ids]
+    longest = max((len(value) for value in encoded), default=0)
+    if longest > width:
+        raise ValueError(f"Expected ids of at most {width} UTF-8 bytes. Got {longest} instead.")
+    if any(b"\0" in value for value in encoded):
+        raise ValueError("Expected ids without NUL characters (NUL pads the ids array).")
+    fixed = np.array(encoded, dtype=f"S{width}")
+    return fixed.view(np.uint8).reshape(len(encoded), width)
+
+
+def decode_ids(rows: np.ndarray) -> np.ndarray:
+    """``(n, width)`` uint8 rows -> object array of str (the inverse of ``encode_ids``)."""
+    rows = np.ascontiguousarray(rows, dtype=np.uint8)
+    fixed = rows.view(f"S{rows.shape[1]}").reshape(len(rows))  # numpy strips trailing NULs
+    return np.array([value.decode("utf-8") for value in fixed.tolist()], dtype=object)
+
+
 # -- storage helpers ----------------------------------------------------------------------------
-def _fs_and_path(url: str, storage_options: dict | None = None):
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs, path.rstrip("/")
-
-
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
-def _zarr_store(url: str, storage_options: dict | None, read_only: bool):
-    fs, path = _fs_and_path(url, storage_options)
-    if _is_local(fs):
-        return zarr.storage.LocalStore(path, read_only=read_only)
-    store = zarr.storage.FsspecStore.from_url(
-        url, storage_options=storage_options or None, read_only=read_only
-    )
-    # fsspec reuses one filesystem instance per protocol and options, with its listings cache:
-    # listings from before this store was removed or re-created in this process would hide or
-    # invent members (group.arrays()). Every open starts from fresh listings.
-    store.fs.invalidate_cache()
-    return store
-
-
 def _codecs(spec: StoreSpec) -> dict[str, Any]:
     kind, _ = parse_compression(spec.compression)
     compressors: list[Any] = [ZstdCodec(level=3)] if kind in ("zstd", "bitround") else []
@@ -225,6 +249,60 @@ def _feature_storage_dtype(spec: StoreSpec) -> str:
 def _feature_fill(spec: StoreSpec):
     # NaN reads back for never-written chunks; for bfloat16 bits, 0x7FC0 is bfloat16 NaN.
     return 0x7FC0 if spec.dtype == "bfloat16" else float("nan")
+
+
+def _read_json(fs, path: str) -> tuple[dict | None, str | None]:
+    """(parsed JSON object, None) or (None, why it could not be read); missing -> (None, None)."""
+    try:
+        raw = fs.cat_file(path)
+    except FileNotFoundError:
+        return None, None
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return None, f"{path} is not valid JSON ({err})"
+    if not isinstance(value, dict):
+        return None, f"{path} holds {type(value).__name__}, not a JSON object"
+    return value, None
+
+
+def _root_claim(fs, path: str, url: str) -> dict | None:
+    """The ``featcache`` attrs of the group at ``path``; None when there is no ``zarr.json``.
+
+    Raises ``StoreError`` for an unreadable ``zarr.json`` or a Zarr group featcache did not
+    create (no ``featcache`` attrs): neither may be adopted, written into or deleted.
+    """
+    meta, problem = _read_json(fs, f"{path}/zarr.json")
+    if problem:
+        raise StoreError(f"Cannot read {url!r} as a featcache store: {problem}.")
+    if meta is None:
+        return None
+    claim = (meta.get("attributes") or {}).get("featcache")
+    if meta.get("node_type") != "group" or not isinstance(claim, dict):
+        raise StoreError(
+            f"{url!r} is a Zarr {meta.get('node_type', 'node')} that featcache did not create "
+            "(no 'featcache' attrs); featcache neither writes into nor removes it. Choose "
+            "another --out."
+        )
+    return claim
+
+
+def _foreign_entries(fs, path: str) -> list[str]:
+    """Names directly under ``path`` that no featcache store holds (temp files aside)."""
+    try:
+        names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    known = (*_STORE_NAMES, "markers")
+    return sorted(n for n in names if n not in known and not n.endswith(".partial"))
+
+
+def _check_not_file(fs, path: str, url: str) -> None:
+    if fs.isfile(path):
+        raise StoreError(
+            f"Expected a store directory (or a new path) at {url!r}. Got an existing file "
+            "instead; choose another --out."
+        )
 
 
 class FeatureStore:
@@ -241,110 +319,73 @@ class FeatureStore:
         self.group = group
         self.storage_options = storage_options
         self.attrs: dict[str, Any] = dict(group.attrs.get("featcache", {}))
-        self._fs, self._path = _fs_and_path(url, storage_options)
+        self._fs, self._path = fs_and_path(url, storage_options)
 
     # -- creation and opening -------------------------------------------------------------------
     @classmethod
     def create(
         cls, url: str, spec: StoreSpec, *, storage_options: dict | None = None
     ) -> FeatureStore:
-        """Create the store's metadata, or reopen an existing store made with the same spec.
+        """Create the store, resume an interrupted creation of the same spec, or reopen it.
 
         Several processes may create one store at once (``--shard I/N``, racing ``extract``
         commands, a crashed creation being redone): they write identical metadata, arrays that
-        exist are left alone, and a creator that loses a race (its metadata temp file cleaned
-        away by another, see ``remove_metadata_partials``, or the group created between zarr's
-        check and write) simply tries again.
+        exist are left alone, and a creator that loses a race (the group created between
+        zarr's check and its write) tries again. Refused: a file, a non-empty directory that is
+        not a featcache store, a foreign Zarr group, a store of another spec or format. An
+        ``OSError`` (a full disk) becomes a ``StoreError``; the store then holds no markers.
         """
         for attempt in range(5):
             try:
                 return cls._create_once(url, spec, storage_options)
-            except (FileNotFoundError, zarr.errors.ContainsGroupError):
-                # lost a race: a temp file cleaned away, or the group appeared between
-                # zarr's existence check and its write; the next attempt opens what is there
+            except zarr.errors.ContainsGroupError:
                 if attempt == 4:
-                    raise
+                    raise StoreError(
+                        f"Could not create {url!r}: other creators keep racing."
+                    ) from None
+            except StoreError:
+                raise
+            except OSError as err:
+                raise StoreError(
+                    f"Creating store {url!r} failed: {err}. No shard of it is marked; free the "
+                    "space or fix the cause and re-run the same command."
+                ) from err
         raise AssertionError("unreachable")
 
     @classmethod
     def _create_once(cls, url: str, spec: StoreSpec, storage_options) -> FeatureStore:
-        fs, path = _fs_and_path(url, storage_options)
-        if fs.exists(f"{path}/zarr.json"):
-            try:
-                store = cls.open(url, storage_options=storage_options, mode="r+")
-            except StoreError:
-                store = None  # metadata half-written by another creator: write it too
-            if store is not None:
-                store._check_same(spec)
-                return store
-            cls(
-                url,
-                zarr.open_group(_zarr_store(url, storage_options, False), mode="a"),
-                storage_options,
-            ).remove_metadata_partials(older_than_s=0.0)
-        group = zarr.open_group(_zarr_store(url, storage_options, False), mode="a")
-        create_array = _create_if_absent(group)
-        codecs = _codecs(spec)
-        n = spec.num_images
-        shard = spec.shard_size
-        inner = inner_chunk_images(shard)
-        feature_kw = dict(
-            dtype=_feature_storage_dtype(spec), fill_value=_feature_fill(spec), **codecs
-        )
-        for name, row_shape in spec.feature_row_shapes().items():
-            create_array(
-                name,
-                shape=(n, *row_shape),
-                chunks=(inner, *row_shape),
-                shards=(shard, *row_shape),
-                dimension_names=("image", "token", "channel")
-                if len(row_shape) == 2
-                else ("image", "channel"),
-                **feature_kw,
+        fs, path = fs_and_path(url, storage_options)
+        _check_not_file(fs, path, url)
+        claim = _root_claim(fs, path, url)
+        if claim is None:
+            foreign = _foreign_entries(fs, path)
+            if foreign:
+                raise StoreError(
+                    f"Expected a new or empty directory for a store at {url!r}. Got one that "
+                    f"holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''} "
+                    "instead; choose another --out."
+                )
+        elif claim.get("state") != "creating":
+            store = cls.open(url, storage_options=storage_options, mode="r+")
+            store._check_same(spec)
+            return store
+        elif claim.get("store_id") != spec.store_id:
+            raise StoreMismatchError(
+                f"Store {url!r} is being created with other settings (store id "
+                f"{claim.get('store_id')}, requested {spec.store_id}). Use another --out."
             )
-        create_array(
-            "ids",
-            shape=(n,),
-            dtype=str,
-            chunks=(shard,),
-            dimension_names=("image",),
+        if is_local(fs):
+            remove_stale_partials(_metadata_dirs(path, _array_names(spec)))
+        base = {"format": "featcache-store", "format_version": FORMAT_VERSION}
+        group = zarr.open_group(
+            zarr_store(url, storage_options, False),
+            mode="a",
+            attributes={"featcache": {**base, "store_id": spec.store_id, "state": "creating"}},
         )
-        create_array(
-            "labels",
-            shape=(n,),
-            dtype="int64",
-            chunks=(shard,),
-            fill_value=-1,
-            dimension_names=("image",),
-            **codecs,
-        )
-        create_array(
-            "valid",
-            shape=(n,),
-            dtype="bool",
-            chunks=(shard,),
-            fill_value=False,
-            dimension_names=("image",),
-            **codecs,
-        )
-        if spec.mask_shape is not None:
-            height, width_px = spec.mask_shape
-            create_array(
-                "masks",
-                shape=(n, height, width_px),
-                dtype="int16",
-                chunks=(inner, height, width_px),
-                shards=(shard, height, width_px),
-                fill_value=-1,
-                dimension_names=("image", "y", "x"),
-                **codecs,
-            )
-        if cls.MARKER_DIR not in group:
-            # a (sub)group, so zarr and xarray see a known node, not a stray folder
-            group.require_group(cls.MARKER_DIR)
+        _create_arrays(group, spec)
+        group.require_group(cls.MARKER_DIR)
         attrs = {
-            "format": "featcache-store",
-            "format_version": FORMAT_VERSION,
+            **base,
             "store_id": spec.store_id,
             "encoder": spec.encoder,
             "dataset": spec.dataset,
@@ -353,39 +394,44 @@ class FeatureStore:
             "dtype": _feature_storage_dtype(spec),
             "logical_dtype": spec.dtype,
             "compression": spec.compression,
-            "shard_size": shard,
-            "num_shards": -(-n // shard),
+            "shard_size": spec.shard_size,
+            "num_shards": -(-spec.num_images // spec.shard_size),
+            "id_width": spec.id_width,
             "codecs": ["bytes", *(["zstd"] if spec.compression != "none" else []), "crc32c"],
+            "arrays": _array_names(spec),
             "mask_shape": list(spec.mask_shape) if spec.mask_shape else None,
             "tool_version": _tool_version(),
             **spec.extra,
         }
-        group.attrs["featcache"] = attrs  # written last: a group without it is not a store
+        group.attrs["featcache"] = attrs  # written last: until then the store is a claim
         return cls(url, group, storage_options)
 
     @classmethod
     def open(
         cls, url: str, *, storage_options: dict | None = None, mode: str = "r"
     ) -> FeatureStore:
-        fs, path = _fs_and_path(url, storage_options)
-        if not fs.exists(f"{path}/zarr.json"):
+        """Open a complete-metadata featcache store of this format; else ``StoreError``."""
+        fs, path = fs_and_path(url, storage_options)
+        claim = _root_claim(fs, path, url)
+        if claim is None:
             raise StoreError(f"No featcache store at {url!r} (no zarr.json there).")
+        version = claim.get("format_version")
+        if claim.get("format") != "featcache-store" or version != FORMAT_VERSION:
+            raise StoreError(
+                f"Expected a featcache store of format version {FORMAT_VERSION} at {url!r}. Got "
+                f"format version {version} instead: this featcache cannot read it. Remove it "
+                "(featcache rm) and extract it again."
+            )
+        if claim.get("state") == "creating":
+            raise StoreError(
+                f"The store at {url!r} was never fully created (its creation was interrupted). "
+                "Re-run the extraction that makes it, or remove it (featcache rm)."
+            )
         try:
-            group = zarr.open_group(_zarr_store(url, storage_options, mode == "r"), mode=mode)
+            group = zarr.open_group(zarr_store(url, storage_options, mode == "r"), mode=mode)
         except Exception as err:  # zarr raises several types for unreadable metadata
             raise StoreError(f"Cannot open {url!r} as a Zarr v3 group: {err}") from err
-        store = cls(url, group, storage_options)
-        if store.attrs.get("format") != "featcache-store":
-            raise StoreError(
-                f"{url!r} is a Zarr group but not a featcache store (no 'featcache' attrs; "
-                "its creation may have been interrupted: remove it and extract again)."
-            )
-        if store.attrs.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"Expected store format version {FORMAT_VERSION} at {url!r}. "
-                f"Got {store.attrs.get('format_version')} instead."
-            )
-        return store
+        return cls(url, group, storage_options)
 
     def _check_same(self, spec: StoreSpec) -> None:
         if self.attrs.get("store_id") == spec.store_id:
@@ -439,33 +485,82 @@ class FeatureStore:
         start = shard * self.shard_size
         return start, min(start + self.shard_size, self.num_images)
 
+    def feature_arrays(self) -> list[str]:
+        names = [f"layers/{n}" for n in self.layers]
+        if self.attrs["tokens"] != "pooled":
+            names.append("final")
+        return [*names, "pooled"]
+
+    def array_names(self) -> list[str]:
+        """Every array of the store, each holding one object per shard."""
+        return list(self.attrs["arrays"])
+
+    def object_key(self, name: str, shard: int) -> str:
+        """Key (relative to the store) of array ``name``'s one object for ``shard``."""
+        return f"{name}/c/{shard}" + "/0" * (self.group[name].ndim - 1)
+
     # -- markers --------------------------------------------------------------------------------
     def _marker_path(self, shard: int) -> str:
-        return f"{self._path}/{self.MARKER_DIR}/shard-{shard:06d}.json"
+        return f"{self._path}/{self.MARKER_DIR}/shard-{shard:06d}/zarr.json"
+
+    def _marker_problem(self, shard: int, meta: dict | None, problem: str | None) -> str | None:
+        """Why the marker document ``meta`` of ``shard`` does not mark it; None when it does."""
+        if problem or meta is None:
+            return problem or "no completion marker (incomplete)"
+        marker = (meta.get("attributes") or {}).get(MARKER_ATTR)
+        if not isinstance(marker, dict):
+            return "marker holds no featcache_marker attribute"
+        if marker.get("store_id") != self.attrs["store_id"]:
+            return f"marker belongs to another store (store id {marker.get('store_id')})"
+        if marker.get("shard") != shard:
+            return f"marker is that of shard {marker.get('shard')}"
+        objects = marker.get("objects")
+        if not isinstance(objects, dict) or sorted(objects) != sorted(self.array_names()):
+            return "marker does not cover every array of the store"
+        return None
+
+    def _markers(self) -> dict[int, tuple[dict | None, str | None]]:
+        """Per shard: (marker, None) for a valid marker, else (None, why it is not marked)."""
+        paths = [self._marker_path(i) for i in range(self.num_shards)]
+        try:
+            existing = set(self._fs.glob(f"{self._path}/{self.MARKER_DIR}/shard-*/zarr.json"))
+        except FileNotFoundError:
+            existing = set()
+        present = [path for path in paths if path in existing]
+        found = self._fs.cat(present, on_error="return") if present else {}
+        result = {}
+        for shard, path in enumerate(paths):
+            raw = found.get(path)
+            meta, problem = None, None
+            if isinstance(raw, bytes):
+                try:
+                    meta = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    problem = f"marker is not valid JSON ({err})"
+            elif raw is not None:
+                problem = f"marker unreadable ({raw})"
+            why = self._marker_problem(shard, meta if isinstance(meta, dict) else None, problem)
+            result[shard] = (None, why) if why else (meta["attributes"][MARKER_ATTR], None)
+        return result
 
     def marked_shards(self) -> set[int]:
-        """Shards whose marker exists and parses: the only shards that exist for readers."""
-        try:
-            names = self._fs.ls(f"{self._path}/{self.MARKER_DIR}", detail=False, refresh=True)
-        except FileNotFoundError:
-            return set()
-        marked = set()
-        for name in names:
-            base = name.rsplit("/", 1)[-1]
-            if base.startswith("shard-") and base.endswith(".json") and len(base) == 17:
-                marker = self.read_marker(int(base[6:12]))
-                if marker is not None:
-                    marked.add(marker["shard"])
-        return marked
+        """Shards whose marker is valid for this store: the only shards that exist for readers."""
+        return {shard for shard, (marker, _) in self._markers().items() if marker is not None}
 
     def read_marker(self, shard: int) -> dict | None:
-        try:
-            marker = json.loads(self._fs.cat_file(self._marker_path(shard)))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        """The valid marker of ``shard`` (rows, skipped images, objects), else None."""
+        meta, problem = _read_json(self._fs, self._marker_path(shard))
+        if self._marker_problem(shard, meta, problem):
             return None
-        if marker.get("shard") != shard or marker.get("store_id") != self.attrs["store_id"]:
-            return None
-        return marker
+        return meta["attributes"][MARKER_ATTR]
+
+    def marked_mask(self) -> np.ndarray:
+        """``(num_images,)`` bool: True for the rows of marked shards (the rows that exist)."""
+        mask = np.zeros(self.num_images, bool)
+        for shard in self.marked_shards():
+            start, stop = self.shard_rows(shard)
+            mask[start:stop] = True
+        return mask
 
     def missing_shards(self) -> list[int]:
         marked = self.marked_shards()
@@ -476,102 +571,81 @@ class FeatureStore:
         return not self.missing_shards()
 
     def write_marker(self, shard: int, info: dict[str, Any]) -> None:
-        """Write the shard's completion marker, atomically (temp + rename on local disk)."""
+        """Write the shard's marker (a Zarr group), atomically: temp + fsync + rename locally."""
         marker = {"shard": shard, "store_id": self.attrs["store_id"], **info}
-        payload = json.dumps(marker, sort_keys=True).encode()
+        meta = {"zarr_format": 3, "node_type": "group", "attributes": {MARKER_ATTR: marker}}
+        payload = json.dumps(meta, sort_keys=True).encode()
         path = self._marker_path(shard)
-        if _is_local(self._fs):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.partial"
-            with open(tmp, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
+        if is_local(self._fs):
+            write_atomic(path, [payload], sync=True)
         else:
             self._fs.pipe_file(path, payload)  # object stores: a PUT is atomic
 
-    def remove_partials(self, shards: list[int] | set[int]) -> int:
-        """Delete temp files a killed writer left behind for ``shards`` (local stores only).
-
-        Only the given shards' files are touched: this process is their one writer, while other
-        processes (``--shard I/N``, Dask workers) may be mid-write on their own shards, and
-        deleting their temp files would break their atomic renames. Chunk temp files are
-        ``<array>/c/<shard>/...<uuid>.partial``; marker temp files ``markers/shard-<i>.json.*``.
-        Returns how many were removed.
-        """
-        if not _is_local(self._fs):
+    def remove_stale_partials(self, shards: Iterable[int] | None = None) -> int:
+        """Delete temp files of writers that are gone (``featcache.storage``) from the store's
+        metadata folders and the folders of ``shards``' objects and markers (default: every
+        shard); local stores only (object stores have no temp files). Returns how many."""
+        if not is_local(self._fs):
             return 0
-        wanted = set(shards)
-        removed = 0
-        for directory, _, files in os.walk(self._path):
-            for name in files:
-                if ".partial" in name and self._partial_shard(directory, name) in wanted:
-                    os.remove(os.path.join(directory, name))
-                    removed += 1
-        return removed
-
-    def _partial_shard(self, directory: str, name: str) -> int | None:
-        """The shard a temp file belongs to, or None for metadata temp files."""
-        if name.startswith("shard-"):
-            return int(name[6:12])
-        parts = os.path.relpath(os.path.join(directory, name), self._path).split(os.sep)
-        if "c" not in parts[:-1]:
-            return None
-        index = parts.index("c") + 1
-        head = parts[index].split(".")[0]  # the last component carries ".<uuid>.partial"
-        return int(head) if head.isdigit() else None
-
-    def remove_metadata_partials(self, older_than_s: float = 60.0) -> int:
-        """Delete ``zarr.json`` temp files of a killed creation, if older than ``older_than_s``.
-
-        A creator redoing an unfinished creation passes 0 (a concurrent creator that loses its
-        temp file retries, see ``create``); writers of a finished store keep the default, since
-        a live metadata write renames its few-kB temp file within milliseconds.
-        """
-        if not _is_local(self._fs):
-            return 0
-        removed, now = 0, time.time()
-        for directory, _, files in os.walk(self._path):
-            for name in files:
-                path = os.path.join(directory, name)
-                is_metadata = name.startswith("zarr.json.") and name.endswith(".partial")
-                if is_metadata and now - os.path.getmtime(path) >= older_than_s:
-                    os.remove(path)
-                    removed += 1
-        return removed
+        shards = range(self.num_shards) if shards is None else shards
+        directories = _metadata_dirs(self._path, self.array_names())
+        for shard in shards:
+            directories.add(os.path.dirname(self._marker_path(shard)))
+            directories.update(
+                os.path.dirname(f"{self._path}/{self.object_key(name, shard)}")
+                for name in self.array_names()
+            )
+        return len(remove_stale_partials(directories))
 
     # -- writing --------------------------------------------------------------------------------
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> int:
         """Write every array's rows of one shard, then its marker; return feature bytes written.
 
-        ``arrays`` maps array names ("layers/6", "final", "pooled", "ids", "labels", "valid",
-        "masks") to numpy arrays of the shard's rows; features arrive as float32 and are cast to
-        the store dtype here. A shard is written whole by one writer.
+        ``arrays`` maps every array name of the store ("layers/6", "final", "pooled", "ids",
+        "labels", "valid", "masks") to numpy arrays of the shard's rows; features arrive as
+        float32 (or float16) and are cast to the store dtype here, ids as strings. A shard is
+        written whole by one writer. The marker records, per array, the object's key, size and
+        Crc32c of the bytes written, so it proves exactly this shard's objects.
         """
         start, stop = self.shard_rows(shard)
+        missing = sorted(set(self.array_names()) - set(arrays))
+        unknown = sorted(set(arrays) - set(self.array_names()))
+        if missing or unknown:
+            raise ValueError(
+                f"Expected rows for every array of {self.url} ({', '.join(self.array_names())}). "
+                f"Got {missing} missing and {unknown} unknown instead."
+            )
         _, keepbits = parse_compression(self.attrs["compression"])
         feature_names = set(self.feature_arrays())
-        written = 0
+        written, objects = 0, {}
         for name, values in arrays.items():
             if len(values) != stop - start:
                 raise ValueError(
                     f"Shard {shard} of {self.url} holds rows {start}..{stop - 1}: expected "
                     f"{stop - start} rows for {name!r}. Got {len(values)} instead."
                 )
+            if name == "ids":
+                values = encode_ids(values, int(self.attrs["id_width"]))
             if name in feature_names:
                 values = self.encode_features(values, keepbits)
                 written += values.nbytes
             if name in feature_names and self._writes_shards_directly():
-                self._write_shard_file(name, shard, values)
+                objects[name] = self._write_shard_file(name, shard, values)
                 continue
             # every chunk is written, NaN rows of skipped images included: zarr then skips
             # comparing each inner chunk with the fill value (~15% of write time), and a
             # resumed run writes what a fresh one does (this is runtime config, not metadata)
             array = self.group[name].with_config({"write_empty_chunks": True})
             array[start:stop] = values
-        self.write_marker(shard, info)
+            objects[name] = self._object_record(name, shard)
+        self.write_marker(shard, {**info, "objects": objects})
         return written
+
+    def _object_record(self, name: str, shard: int) -> dict:
+        """{key, nbytes, crc32} of array ``name``'s object of ``shard``, read back as written."""
+        key = self.object_key(name, shard)
+        data = self._fs.cat_file(f"{self._path}/{key}")
+        return {"key": key, "nbytes": len(data), "crc32": zlib.crc32(data)}
 
     def _writes_shards_directly(self) -> bool:
         """Uncompressed feature shards are encoded here, byte for byte as zarr would
@@ -579,8 +653,9 @@ class FeatureStore:
         copies each inner chunk several times and runs at ~0.5 of a memmap write."""
         return self.attrs["compression"] == "none"
 
-    def _write_shard_file(self, name: str, shard: int, values: np.ndarray) -> None:
-        """Encode one shard of a feature array (Zarr v3 sharding codec) and write it.
+    def _write_shard_file(self, name: str, shard: int, values: np.ndarray) -> dict:
+        """Encode one shard of a feature array (Zarr v3 sharding codec), write it, return its
+        object record (the digest runs over the parts as they are made: no second pass).
 
         Layout: inner chunks of ``inner`` images in Morton order (along the image axis only,
         so plain order), each the raw little-endian bytes followed by their Crc32c; then the
@@ -597,7 +672,7 @@ class FeatureStore:
         fill = np.array(array.metadata.fill_value, dtype=array.dtype)
         parts: list[bytes | memoryview] = []
         index = np.full((per_shard, 2), 2**64 - 1, dtype="<u8")
-        offset = 0
+        offset, digest = 0, 0
         for chunk in range(per_shard):
             rows = values[chunk * inner : (chunk + 1) * inner]
             if len(rows) == 0:
@@ -609,32 +684,22 @@ class FeatureStore:
                 rows = padded
             contiguous = np.ascontiguousarray(rows, dtype=array.dtype.newbyteorder("<"))
             raw = memoryview(contiguous).cast("B")  # the bytes, without a copy
-            parts += [raw, crc32c.crc32c(raw).to_bytes(4, "little")]
+            checksum = crc32c.crc32c(raw).to_bytes(4, "little")
+            digest = zlib.crc32(checksum, zlib.crc32(raw, digest))
+            parts += [raw, checksum]
             index[chunk] = (offset, contiguous.nbytes + 4)
             offset += contiguous.nbytes + 4
         index_bytes = index.tobytes()
-        parts += [index_bytes, crc32c.crc32c(index_bytes).to_bytes(4, "little")]
-        trailing = "/".join(["0"] * len(row_shape))
-        path = f"{self._path}/{name}/c/{shard}/{trailing}"
-        if _is_local(self._fs):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.partial"
-            try:
-                with open(tmp, "wb") as handle:
-                    handle.writelines(parts)
-                os.replace(tmp, path)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-                raise
+        index_checksum = crc32c.crc32c(index_bytes).to_bytes(4, "little")
+        digest = zlib.crc32(index_checksum, zlib.crc32(index_bytes, digest))
+        parts += [index_bytes, index_checksum]
+        key = self.object_key(name, shard)
+        path = f"{self._path}/{key}"
+        if is_local(self._fs):
+            write_atomic(path, parts)
         else:
             self._fs.pipe_file(path, b"".join(parts))  # object stores: a PUT is atomic
-
-    def feature_arrays(self) -> list[str]:
-        names = [f"layers/{n}" for n in self.layers]
-        if self.attrs["tokens"] != "pooled":
-            names.append("final")
-        return [*names, "pooled"]
+        return {"key": key, "nbytes": offset + len(index_bytes) + 4, "crc32": digest}
 
     def encode_features(self, values: np.ndarray, keepbits: int | None = None) -> np.ndarray:
         logical = self.attrs["logical_dtype"]
@@ -653,8 +718,10 @@ class FeatureStore:
 
     # -- reading --------------------------------------------------------------------------------
     def read(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        """Rows of one array as numpy (features decoded to float32)."""
+        """Rows of one array as numpy: features decoded to float32, ids as str objects."""
         values = self.group[name][rows if rows is not None else slice(None)]
+        if name == "ids":
+            return decode_ids(values)
         return self.decode_features(values) if name in self.feature_arrays() else values
 
     def nbytes_stored(self) -> int:
@@ -664,10 +731,9 @@ class FeatureStore:
             return 0
 
     def summary(self) -> dict[str, Any]:
-        marked = self.marked_shards()
-        skipped = []
-        for shard in sorted(marked):
-            skipped.extend((self.read_marker(shard) or {}).get("skipped", []))
+        markers = self._markers()
+        marked = sorted(shard for shard, (marker, _) in markers.items() if marker is not None)
+        skipped = [item for shard in marked for item in markers[shard][0].get("skipped", [])]
         return {
             "url": self.url,
             "store_id": self.attrs["store_id"],
@@ -686,16 +752,37 @@ class FeatureStore:
             "bytes": self.nbytes_stored(),
         }
 
-    def delete(self) -> None:
-        """Remove the whole store."""
-        self._fs.rm(self._path, recursive=True)
-
     # -- verification ---------------------------------------------------------------------------
-    def verify(self, expected_fingerprint: str | None = None) -> list[str]:
-        """Check markers, checksums, NaN-free valid rows in marked shards; return the faults.
+    def object_faults(self, names: list[str] | None = None) -> list[str]:
+        """Cheap check of marked shards: each object of ``names`` (default: every array) exists
+        with the size its marker records. One listing per array; no data is read."""
+        faults = []
+        markers = {s: m for s, (m, _) in self._markers().items() if m is not None}
+        for name in names or self.array_names():
+            try:
+                sizes = self._fs.find(f"{self._path}/{name}/c", detail=True)
+            except FileNotFoundError:
+                sizes = {}
+            sizes = {path: info.get("size") for path, info in sizes.items()}
+            for shard, marker in sorted(markers.items()):
+                record = marker["objects"][name]
+                size = sizes.get(f"{self._path}/{record['key']}")
+                if size is None:
+                    faults.append(f"shard {shard}: {name} object {record['key']} is missing")
+                elif size != record["nbytes"]:
+                    faults.append(
+                        f"shard {shard}: {name} object {record['key']} holds {size} bytes, its "
+                        f"marker says {record['nbytes']} (truncated or replaced)"
+                    )
+        return faults
 
-        Every chunk of every marked shard is read, so a Crc32c mismatch (a flipped bit) raises
-        inside zarr and is reported with the array and rows; unmarked shards are listed.
+    def verify(self, expected_fingerprint: str | None = None) -> list[str]:
+        """Every fault of the store; an empty list means every shard is proven complete.
+
+        Per shard: a valid marker of this store and shard; for every array, the object its
+        marker names exists at the expected key with the recorded size and CRC-32 (catches
+        deleted, truncated, swapped or replaced objects and foreign markers); then every
+        chunk decodes (zarr's own Crc32c) and valid rows hold finite features.
         """
         faults = []
         if expected_fingerprint and expected_fingerprint != self.attrs["encoder"]["fingerprint"]:
@@ -703,45 +790,140 @@ class FeatureStore:
                 f"encoder fingerprint {self.attrs['encoder']['fingerprint']} differs from "
                 f"expected {expected_fingerprint}"
             )
-        marked = self.marked_shards()
-        for shard in range(self.num_shards):
-            if shard not in marked:
-                faults.append(f"shard {shard}: no completion marker (incomplete)")
+        for shard, (marker, problem) in sorted(self._markers().items()):
+            if marker is None:
+                faults.append(f"shard {shard}: {problem}")
                 continue
-            start, stop = self.shard_rows(shard)
-            try:
-                valid = np.asarray(self.group["valid"][start:stop])
-                for name in self.feature_arrays():
-                    values = self.read(name, slice(start, stop))
-                    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1) & valid
-                    if bad.any():
-                        row = start + int(np.flatnonzero(bad)[0])
-                        faults.append(
-                            f"shard {shard}: {name} has non-finite values in valid row {row} "
-                            f"({int(bad.sum())} rows)"
-                        )
-                for name in ("ids", "labels") + (("masks",) if "masks" in self.group else ()):
-                    self.group[name][start:stop]
-            except Exception as err:  # checksum or decode failures surface as various types
-                faults.append(f"shard {shard} (rows {start}..{stop - 1}): unreadable: {err}")
+            shard_faults = []
+            for name in self.array_names():
+                record, key = marker["objects"][name], self.object_key(name, shard)
+                if record.get("key") != key:
+                    shard_faults.append(
+                        f"shard {shard}: {name}: marker names object {record.get('key')}, "
+                        f"expected {key}"
+                    )
+                    continue
+                try:
+                    data = self._fs.cat_file(f"{self._path}/{key}")
+                except FileNotFoundError:
+                    shard_faults.append(f"shard {shard}: {name} object {key} is missing")
+                    continue
+                if len(data) != record["nbytes"]:
+                    shard_faults.append(
+                        f"shard {shard}: {name} object {key} holds {len(data)} bytes, its "
+                        f"marker says {record['nbytes']} (truncated or replaced)"
+                    )
+                elif zlib.crc32(data) != record["crc32"]:
+                    shard_faults.append(
+                        f"shard {shard}: {name} object {key} differs from its marker's digest "
+                        "(corrupted, replaced or swapped with another shard's)"
+                    )
+            faults += shard_faults or self._decode_faults(shard)
+        return faults
+
+    def _decode_faults(self, shard: int) -> list[str]:
+        """Read every array of ``shard`` through zarr; valid rows must hold finite features."""
+        start, stop = self.shard_rows(shard)
+        faults = []
+        try:
+            valid = np.asarray(self.group["valid"][start:stop])
+            for name in self.feature_arrays():
+                values = self.read(name, slice(start, stop))
+                bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1) & valid
+                if bad.any():
+                    row = start + int(np.flatnonzero(bad)[0])
+                    faults.append(
+                        f"shard {shard}: {name} has non-finite values in valid row {row} "
+                        f"({int(bad.sum())} rows)"
+                    )
+            for name in set(self.array_names()) - set(self.feature_arrays()) - {"valid"}:
+                self.read(name, slice(start, stop))
+        except Exception as err:  # checksum or decode failures surface as various types
+            faults.append(f"shard {shard} (rows {start}..{stop - 1}): unreadable: {err}")
         return faults
 
 
-def _create_if_absent(group: zarr.Group):
-    """``group.create_array`` that leaves an existing array alone (never ``overwrite``).
+def _metadata_dirs(path: str, arrays: list[str]) -> set[str]:
+    """Folders holding the store's ``zarr.json`` documents (root, groups, arrays)."""
+    return {path, f"{path}/layers", f"{path}/{FeatureStore.MARKER_DIR}"} | {
+        f"{path}/{name}" for name in arrays
+    }
 
-    Two processes creating the same store write identical metadata; overwriting would delete
-    chunks the faster one may already have written.
-    """
-    create = group.create_array
 
-    def create_array(name: str, **kwargs: Any):
-        try:
-            return create(name, **kwargs)
-        except zarr.errors.ContainsArrayError:
-            return group[name]
+def _array_names(spec: StoreSpec) -> list[str]:
+    names = [*spec.feature_row_shapes(), "ids", "labels", "valid"]
+    return names + (["masks"] if spec.mask_shape is not None else [])
 
-    return create_array
+
+def _create_arrays(group: zarr.Group, spec: StoreSpec) -> None:
+    """Create every array of ``spec`` that does not exist yet (never ``overwrite``: two
+    processes creating one store write identical metadata, and overwriting would delete chunks
+    the faster one may already have written)."""
+
+    def create(name: str, codecs: dict[str, Any], **kwargs: Any) -> None:
+        with contextlib.suppress(zarr.errors.ContainsArrayError):
+            group.create_array(name, **codecs, **kwargs)
+
+    codecs = _codecs(spec)
+    n, shard = spec.num_images, spec.shard_size
+    inner = inner_chunk_images(shard)
+    storage_dtype = _feature_storage_dtype(spec)
+    for name, row_shape in spec.feature_row_shapes().items():
+        create(
+            name,
+            codecs,
+            shape=(n, *row_shape),
+            dtype=storage_dtype,
+            fill_value=_feature_fill(spec),
+            chunks=(inner, *row_shape),
+            shards=(shard, *row_shape),
+            dimension_names=("image", "token", "channel")
+            if len(row_shape) == 2
+            else ("image", "pooled_channel"),
+            attributes={"logical_dtype": spec.dtype, "storage_dtype": storage_dtype},
+        )
+    # ids compress well whatever the store's compression (paths share long prefixes)
+    ids_codecs = {"serializer": BytesCodec(), "compressors": [ZstdCodec(level=3), Crc32cCodec()]}
+    create(
+        "ids",
+        ids_codecs,
+        shape=(n, spec.id_width),
+        dtype="uint8",
+        fill_value=0,
+        chunks=(shard, spec.id_width),
+        dimension_names=("image", "byte"),
+        attributes={"logical_dtype": "utf-8 string, NUL-padded to the row width"},
+    )
+    create(
+        "labels",
+        codecs,
+        shape=(n,),
+        dtype="int64",
+        chunks=(shard,),
+        fill_value=-1,
+        dimension_names=("image",),
+    )
+    create(
+        "valid",
+        codecs,
+        shape=(n,),
+        dtype="bool",
+        chunks=(shard,),
+        fill_value=False,
+        dimension_names=("image",),
+    )
+    if spec.mask_shape is not None:
+        height, width_px = spec.mask_shape
+        create(
+            "masks",
+            codecs,
+            shape=(n, height, width_px),
+            dtype="int16",
+            chunks=(inner, height, width_px),
+            shards=(shard, height, width_px),
+            fill_value=-1,
+            dimension_names=("image", "y", "x"),
+        )
 
 
 def inner_chunk_images(shard_size: int, most: int = 16) -> int:
@@ -760,14 +942,42 @@ def _tool_version() -> str:
     return __version__
 
 
+def remove_store(url: str, *, storage_options: dict | None = None) -> None:
+    """Delete a featcache store (any format version, complete or interrupted), and nothing else.
+
+    Refused (``StoreError``, nothing deleted): a path with no ``zarr.json``, a Zarr group
+    featcache did not create, or a store directory that also holds entries featcache does not
+    write (a user's file, a foreign array): those are named so they can be moved first.
+    """
+    fs, path = fs_and_path(url, storage_options)
+    _check_not_file(fs, path, url)
+    if _root_claim(fs, path, url) is None:
+        raise StoreError(f"No featcache store at {url!r} (no zarr.json there); nothing removed.")
+    foreign = _foreign_entries(fs, path)
+    layers = f"{path}/layers"
+    if fs.isdir(layers):
+        foreign += [
+            f"layers/{n}"
+            for n in (e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(layers, detail=False))
+            if not (n.isdigit() or n == "zarr.json" or n.endswith(".partial"))
+        ]
+    if foreign:
+        raise StoreError(
+            f"{url!r} is a featcache store that also holds {', '.join(foreign[:5])}, which "
+            "featcache did not write; nothing removed. Move those out first."
+        )
+    fs.rm(path, recursive=True)
+
+
 def find_stores(root: str, *, storage_options: dict | None = None) -> list[FeatureStore]:
     """Every featcache store under ``root`` (the root itself, or any depth below it)."""
-    fs, path = _fs_and_path(root, storage_options)
+    fs, path = fs_and_path(root, storage_options)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     found = []
     for meta in sorted(fs.glob(f"{path}/**/zarr.json") + fs.glob(f"{path}/zarr.json")):
         directory = meta.rsplit("/", 1)[0]
-        if "/layers" in directory[len(path) :] or directory.endswith(("/final", "/pooled")):
+        inside = directory[len(path) :]
+        if "/layers" in inside or "/markers" in inside or directory.endswith(NON_ROOT_NAMES):
             continue
         url = directory if protocol in ("file", "local") else f"{protocol}://{directory}"
         try:
@@ -776,3 +986,6 @@ def find_stores(root: str, *, storage_options: dict | None = None) -> list[Featu
             continue
     unique = {store.url: store for store in found}
     return list(unique.values())
+
+
+NON_ROOT_NAMES = tuple(f"/{name}" for name in _STORE_NAMES[1:])

@@ -10,20 +10,26 @@ layer_distance    mean over test images of the RMS token distance at the stitch 
                   ||S(R_src^n(x)) - R_tgt^n(x)||_F / sqrt(T)          (Figure 2, circles)
 final_distance    the same between stitched and target final tokens  (Figure 2, squares)
 pooled_distance   the plain l2 distance between stitched and target pooled outputs
+
+The test rows are those usable in both test stores (``integrity.usable_rows``): a test store
+with unmarked shards is refused unless the run's ``allow_incomplete``.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
-from stitchtrain.loader import Field, valid_rows
+from stitchtrain.integrity import usable_rows
+from stitchtrain.loader import Field
 from stitchtrain.losses import segmentation_logits
 from stitchtrain.metrics import ConfusionMatrix, token_distance
 from stitchtrain.pairing import find_split_store, source_array
@@ -35,6 +41,8 @@ __all__ = [
     "fit_stitched_probe",
     "stitched_pass",
     "test_stores",
+    "EvaluationSplit",
+    "evaluation_split",
     "probe_accuracy",
     "feature_distances",
 ]
@@ -54,6 +62,30 @@ def test_stores(recipe) -> tuple[FeatureStore, FeatureStore]:
         else find_split_store(recipe.target, "test", ["pooled"])
     )
     return source, target
+
+
+@dataclass(frozen=True)
+class EvaluationSplit:
+    """The test stores of a run, the rows evaluation reads, and notes on incomplete stores."""
+
+    source: FeatureStore
+    target: FeatureStore
+    rows: np.ndarray
+    incomplete: dict[str, dict]  # url -> integrity.StoreRows.note
+
+
+def evaluation_split(recipe) -> EvaluationSplit:
+    """Find (or open) the test stores and check them for every array evaluation reads."""
+    config = recipe.config
+    source, target = test_stores(recipe)
+    labels = "labels" if config.task == "cls" else "masks"
+    wanted = ("pooled", "final", f"layers/{config.position}", labels)
+    reads = [
+        (source, [source_array(config.stitch, config.position)]),
+        (target, [name for name in wanted if name in target.group]),
+    ]
+    rows, incomplete = usable_rows(reads, config.allow_incomplete)
+    return EvaluationSplit(source, target, rows, incomplete)
 
 
 @torch.no_grad()
@@ -216,8 +248,9 @@ def load_run(run_dir: str | Path, **overrides):
     return recipe
 
 
-def evaluate_run(run_dir: str | Path, recipe=None) -> dict[str, Any]:
-    """Test metrics of a finished run (``recipe`` reuses a live one; else rebuilt from disk)."""
+def evaluate_run(run_dir: str | Path, recipe=None, split: EvaluationSplit | None = None) -> dict:
+    """Test metrics of a finished run (``recipe`` reuses a live one; else rebuilt from disk;
+    ``split``: its checked ``evaluation_split``, else found and checked here)."""
     from stitchtrain.fit import load_run_encoder
 
     if recipe is None:
@@ -226,8 +259,8 @@ def evaluate_run(run_dir: str | Path, recipe=None) -> dict[str, Any]:
         recipe.target_encoder = load_run_encoder(
             recipe.target, recipe.config.target_weights, recipe.config.random_init, recipe.device
         )
-    test_source, test_target = test_stores(recipe)
-    test_rows = valid_rows(test_source, test_target)
+    split = split or evaluation_split(recipe)
+    test_source, test_target, test_rows = split.source, split.target, split.rows
     if recipe.stages[-1] == "tlt":
         metrics = _head_metric(recipe, test_source, test_target, test_rows)
     elif recipe.config.task == "cls":
@@ -237,4 +270,6 @@ def evaluate_run(run_dir: str | Path, recipe=None) -> dict[str, Any]:
     metrics.update(feature_distances(recipe, test_source, test_target, test_rows))
     metrics["test_images"] = int(len(test_rows))
     metrics["test_source"], metrics["test_target"] = test_source.url, test_target.url
+    if split.incomplete:
+        metrics["incomplete_stores"] = dict(split.incomplete)
     return metrics

@@ -1,7 +1,9 @@
 """``stitchtrain fit``: one readable training recipe for a stitch layer (paper sections 3-5).
 
-    setup     open and pair the stores, split train rows into train / validation, load the
-              frozen target encoder (FFM, TLT, evaluation) and check its fingerprint
+    setup     open and check the stores (``integrity.usable_rows``: stores with unmarked shards
+              are refused unless ``allow_incomplete``), pair them, split train rows into train /
+              validation, find and check the test stores, load the frozen target encoder (FFM,
+              TLT, evaluation) and check its fingerprint
     stages    the objective's stages in order ("ffm+tlt" = FFM, then TLT from the FFM stitch);
               each stage trains one stitch per learning rate in the grid with early stopping on
               the validation loss and keeps the best by validation metric
@@ -13,36 +15,59 @@ Per stage, one optimisation step on a batch of B rows:
     ffm   loss = mse(T(S(src_n)).final, tgt_final)   (pooled-only: .pooled vs tgt_pooled)
     tlt   loss = CE(head(T(S(src_n)).pooled), y)     (seg: per-patch head on final, upsampled)
 where T is the frozen target tail (blocks n+1..N, final norm, pooling): forward and backward to
-the stitch, no weight gradients in the tail. The LoRA stitch reads src_{n-1} instead.
+the stitch, no weight gradients in the tail. The LoRA stitch reads src_{n-1} instead. Features
+are checked finite as they are read, and a non-finite loss stops the run before its step
+(``NonFiniteLossError``, naming stage, learning rate, epoch and the batch's store rows).
 
-Resuming: after every epoch the complete training state (stitch, head, optimiser, early-stopping
-state, finished learning rates, history) is written atomically to ``checkpoint.pt``. The same
-command on the same run dir continues from there; every random choice is seeded from
-(seed, stage, learning rate, epoch), so a resumed run ends with the metrics of an uninterrupted
-one. A run dir made with a different config is refused.
+Checkpoints: after every epoch, and when a learning rate finishes, the training state is
+written to the run dir as two files:
+    checkpoint-<sha256[:16]>.safetensors   every tensor: the stitch, head and AdamW state of the
+                                           learning rate in progress (after an epoch only), the
+                                           best snapshots (current: this lr; overall: the
+                                           finished lrs), the torch RNG state(s)
+    checkpoint.json                        the rest: stage index, early-stopping state, finished
+                                           learning rates, stage results, history, the non-tensor
+                                           snapshot fields, and the tensors file's name and hash
+Each file is written to a temp file and renamed into place, tensors first: a kill between the
+two leaves the previous checkpoint.json naming the previous tensors file, which is still there
+(older tensors files are deleted only after the new JSON is in place); a tensors file whose
+SHA-256 is not the one the JSON names is refused. The checkpoint files are removed once
+metrics.json is written.
+
+Resume guarantee: the same command on the same run dir continues from the last checkpoint and
+ends with the run an uninterrupted one writes, bitwise (stitch.safetensors, head.safetensors,
+history.csv apart from its timing columns, metrics.json), wherever it was killed: inside a
+learning rate, at a learning-rate or stage boundary, or during evaluation. Every random choice
+is seeded from (seed, stage, learning rate, epoch) or restored from the checkpoint. A run dir
+whose metrics.json exists is finished: ``fit`` returns those metrics at once, without opening
+the stores, loading an encoder or training. A run dir made with a different config is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
+import logging
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 from torch import nn
 
 from featcache.encoders import Encoder, TokenLayout, load_encoder
 from featcache.errors import FeatcacheError
 from featcache.extract import resolve_device
+from featcache.storage import write_atomic
 from featcache.store import FeatureStore
-from stitchtrain.loader import FeatureLoader, Field, parse_size, split_rows, valid_rows
+from stitchtrain.integrity import format_rows, usable_rows
+from stitchtrain.loader import FeatureLoader, Field, parse_size, split_rows
 from stitchtrain.losses import (
     classification_loss,
     feature_matching_loss,
@@ -53,7 +78,22 @@ from stitchtrain.metrics import ConfusionMatrix
 from stitchtrain.pairing import check_pair, source_array
 from stitchtrain.stitches import Stitch, build_stitch
 
-__all__ = ["FitConfig", "StitchRecipe", "fit", "load_run_encoder", "OBJECTIVES"]
+__all__ = [
+    "FitConfig",
+    "StitchRecipe",
+    "NonFiniteLossError",
+    "fit",
+    "load_run_encoder",
+    "OBJECTIVES",
+]
+
+_log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.json"
+
+
+class NonFiniteLossError(FeatcacheError, FloatingPointError):
+    """A NaN or infinite training or validation loss."""
+
 
 OBJECTIVES = ("lfm", "ffm", "tlt", "ffm+tlt", "lfm+tlt")
 STITCHES = ("linear", "mlp", "lora")
@@ -88,6 +128,7 @@ class FitConfig:
     random_init: bool = False
     mlp_hidden: int | None = None
     lora_rank: int = 8
+    allow_incomplete: bool = False  # use the marked shards of stores with unmarked ones
 
     def __post_init__(self) -> None:
         self.lrs = tuple(float(lr) for lr in self.lrs)
@@ -176,6 +217,9 @@ class StitchRecipe:
         )
         self.source = FeatureStore.open(config.source)
         self.target = FeatureStore.open(config.target)
+        self.stages = config.objective.split("+")
+        # before pairing: a stopped extraction's unwritten ids would read as another order
+        rows, self.incomplete = usable_rows(self._reads(), config.allow_incomplete)
         check_pair(
             self.source,
             self.target,
@@ -185,9 +229,7 @@ class StitchRecipe:
             task=config.task,
             pooled_only=config.pooled_only,
         )
-        rows = valid_rows(self.source, self.target)
         self.train_rows, self.val_rows = split_rows(rows, config.val_fraction, config.seed)
-        self.stages = config.objective.split("+")
         needs_target = any(s in ("ffm", "tlt") for s in self.stages)
         self.target_encoder = (
             load_run_encoder(self.target, config.target_weights, config.random_init, self.device)
@@ -203,6 +245,7 @@ class StitchRecipe:
         self.stitch = self._new_stitch()
         self.head = self._new_head()
         self.history: list[dict[str, Any]] = []
+        self.stage_results: dict[str, Any] = {}
         self._loaders: dict[tuple[str, str], FeatureLoader] = {}
 
     # -- construction ---------------------------------------------------------------------------
@@ -237,6 +280,15 @@ class StitchRecipe:
     def _seed(self, stage: str, lr_index: int) -> int:
         return self.config.seed * 1000 + self.stages.index(stage) * 10 + lr_index
 
+    def _reads(self) -> list[tuple[FeatureStore, list[str]]]:
+        """Each training store with the arrays the stages (and --init lstsq) read from it."""
+        position = self.config.position
+        source = [source_array(self.config.stitch, position)]
+        target = [f.array for stage in self.stages for f in self._fields(stage)[1:]]
+        if self.config.init == "lstsq":
+            target.append(f"layers/{position}")
+        return [(self.source, source), (self.target, target)]
+
     def _initial_state(self, stage_index: int) -> dict[str, torch.Tensor]:
         """The stitch a stage starts from: fresh (first stage) or the previous stage's best."""
         if stage_index > 0:
@@ -263,7 +315,9 @@ class StitchRecipe:
             yield batch["source"], batch["target"]
 
     # -- data -----------------------------------------------------------------------------------
-    def _loader(self, fields, rows, batch_size, *, shuffle: bool, seed: int = 0) -> FeatureLoader:
+    def _loader(
+        self, fields, rows, batch_size, *, shuffle: bool, seed: int = 0, return_rows=False
+    ) -> FeatureLoader:
         budget = parse_size(self.config.memory_budget) if self.config.memory_budget else None
         return FeatureLoader(
             fields,
@@ -273,12 +327,14 @@ class StitchRecipe:
             seed=seed,
             device=self.device,
             memory_budget=budget,
+            return_rows=return_rows,
         )
 
     def _stage_loader(self, stage: str, split: str) -> FeatureLoader:
         """One loader per (stage, train|val), kept for the whole grid: staged arrays are read
         from the stores once, not once per learning rate or per validation pass. Every learning
-        rate sees the same seeded batch order (epoch e of every lr: the same batches)."""
+        rate sees the same seeded batch order (epoch e of every lr: the same batches). Batches
+        carry their store "rows", which a non-finite loss names."""
         key = (stage, split)
         if key not in self._loaders:
             train = split == "train"
@@ -288,6 +344,7 @@ class StitchRecipe:
                 self.config.stage_batch_size(stage),
                 shuffle=train,
                 seed=self._seed(stage, 0),
+                return_rows=True,
             )
         return self._loaders[key]
 
@@ -329,8 +386,18 @@ class StitchRecipe:
         parameters = [p for p in self.stitch.parameters() if p.requires_grad]
         return parameters + (list(self.head.parameters()) if stage == "tlt" else [])
 
+    def _check_finite(self, loss: torch.Tensor, where: str, stage, lr, epoch, batch) -> None:
+        """Raise ``NonFiniteLossError`` for a NaN / inf ``loss`` (before its backward pass)."""
+        if not bool(torch.isfinite(loss.detach())):
+            rows = format_rows(batch["rows"].cpu())
+            raise NonFiniteLossError(
+                f"Stage {stage}, lr {lr:g}, epoch {epoch}: expected a finite {where} loss. Got "
+                f"{float(loss.detach())} instead, on the batch of {rows}. The features read "
+                "were finite, so training diverged: use smaller --lr values."
+            )
+
     @torch.no_grad()
-    def _validate(self, stage: str) -> tuple[float, float | None]:
+    def _validate(self, stage: str, lr: float, epoch: int) -> tuple[float, float | None]:
         """(mean validation loss, task metric: accuracy or mIoU for TLT, else None)."""
         self.stitch.eval()
         loader = self._stage_loader(stage, "val")
@@ -338,6 +405,7 @@ class StitchRecipe:
         correct, confusion = 0, ConfusionMatrix(self.num_classes)
         for batch in loader.epoch(0):
             loss, predicted = self._loss(stage, batch)
+            self._check_finite(loss, "validation", stage, lr, epoch, batch)
             size = len(batch["source"])
             total += float(loss) * size
             count += size
@@ -352,31 +420,78 @@ class StitchRecipe:
         return total / max(count, 1), metric
 
     # -- checkpointing --------------------------------------------------------------------------
-    def _checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
-
     def _save_checkpoint(self, stage_index, state: _StageState, optimizer, current, overall):
-        payload = {
+        """Write the training state as checkpoint.json + its tensors file (module docstring).
+
+        ``optimizer`` is that of the learning rate in progress (after one of its epochs), or
+        None at a learning-rate boundary, where nothing is in progress: the next learning rate
+        starts from the stage's initial stitch, a fresh head and a fresh optimiser.
+        """
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        training = None
+        if optimizer is not None:
+            training = {
+                "stitch": self.stitch.state_dict(),
+                "head": self.head.state_dict(),
+                "optimizer": optimizer.state_dict()["state"],  # param_groups: from the config
+            }
+        tensors: dict[str, torch.Tensor] = {}
+        record = {
             "stage_index": stage_index,
             "state": asdict(state),
-            "stitch": self.stitch.state_dict(),
-            "head": self.head.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "current": current,
-            "overall": overall,
+            "training": _split_tensors(training, "training", tensors),
+            "current": _split_tensors(current, "current", tensors),  # best epoch, lr in progress
+            "overall": _split_tensors(overall, "overall", tensors),  # best over finished lrs
+            "rng": _split_tensors(rng, "rng", tensors),
+            "stage_results": self.stage_results,
             "history": self.history,
         }
-        tmp = self._checkpoint_path().with_suffix(".pt.partial")
-        torch.save(payload, tmp)
-        os.replace(tmp, self._checkpoint_path())
+        payload = save(tensors)
+        digest = hashlib.sha256(payload).hexdigest()
+        name = f"checkpoint-{digest[:16]}.safetensors"
+        _write_file(self.out / name, payload)
+        record["tensors"] = {"file": name, "sha256": digest}
+        _write_file(self.out / CHECKPOINT, json.dumps(record).encode())
+        for old in self.out.glob("checkpoint-*.safetensors"):
+            if old.name != name:
+                old.unlink()
 
     def _load_checkpoint(self) -> dict | None:
-        if not self._checkpoint_path().exists():
+        """The checkpoint's record with its tensors in place, or None when there is none."""
+        path = self.out / CHECKPOINT
+        if not path.is_file():
             return None
-        return torch.load(self._checkpoint_path(), map_location=self.device, weights_only=True)
+        try:
+            record = json.loads(path.read_text())
+            name, digest = record["tensors"]["file"], record["tensors"]["sha256"]
+            payload = (self.out / name).read_bytes()
+            got = hashlib.sha256(payload).hexdigest()
+            problem = None if got == digest else f"{name} has SHA-256 {got}, it names {digest}"
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            problem = " ".join(f"{type(err).__name__}: {err}".split())
+        if problem:
+            raise FeatcacheError(
+                f"Cannot resume from {path}: {problem} (changed outside stitchtrain). Remove "
+                f"{path.name} and the checkpoint-*.safetensors files in {self.out} to restart "
+                "the run from scratch."
+            )
+        resume = _join_tensors(record, load(payload))
+        if resume["training"] is not None:  # JSON keys are strings; AdamW's are parameter ids
+            state = resume["training"]["optimizer"]
+            resume["training"]["optimizer"] = {int(k): v for k, v in state.items()}
+        return resume
+
+    def _restore_rng(self, resume: dict) -> None:
+        torch.set_rng_state(resume["rng"]["torch"])
+        if "cuda" in resume["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(resume["rng"]["cuda"], self.device)
 
     # -- the stage loop -------------------------------------------------------------------------
     def _run_stage(self, stage_index: int, resume: dict | None, progress) -> None:
+        """Train stage ``stage_index`` over the learning-rate grid, from its start or from
+        ``resume`` (a checkpoint written inside this stage), and save its best stitch."""
         stage = self.stages[stage_index]
         config = self.config
         start = self._initial_state(stage_index)
@@ -389,11 +504,14 @@ class StitchRecipe:
             self.stitch.load_state_dict(start)
             self.head = self._new_head()
             optimizer = torch.optim.AdamW(self._trainable(stage), lr=lr)
-            if resume is not None:
-                self.stitch.load_state_dict(resume["stitch"])
-                self.head.load_state_dict(resume["head"])
-                optimizer.load_state_dict(resume["optimizer"])
-                resume = None
+            if resume is not None and resume["training"] is not None:  # inside this lr
+                training = resume["training"]
+                self.stitch.load_state_dict(training["stitch"])
+                self.head.load_state_dict(training["head"])
+                groups = optimizer.state_dict()["param_groups"]
+                optimizer.load_state_dict({"state": training["optimizer"], "param_groups": groups})
+                self._restore_rng(resume)
+            resume = None  # a checkpoint at this lr's boundary: it starts fresh, as above
             loader = self._stage_loader(stage, "train")
             while state.epoch < config.epochs and state.stale < config.patience:
                 row = self._train_epoch(stage, lr, state.epoch, loader, optimizer)
@@ -424,7 +542,9 @@ class StitchRecipe:
             overall = _better(overall, current, stage)
             current = None
             state = _StageState(lr_index=state.lr_index + 1, finished=state.finished)
-            self._save_checkpoint(stage_index, state, optimizer, current, overall)
+            self._save_checkpoint(stage_index, state, None, current, overall)
+        if resume is not None:  # written after the grid: the RNG state is all that carries on
+            self._restore_rng(resume)
         self.stitch.load_state_dict(overall["stitch"])
         self.head.load_state_dict(overall["head"])
         save_file(_contiguous(overall["stitch"]), str(self.out / f"stitch-{stage}.safetensors"))
@@ -445,13 +565,14 @@ class StitchRecipe:
         for batch in loader.epoch(epoch):
             step_start = time.perf_counter()
             loss, _ = self._loss(stage, batch)
+            self._check_finite(loss, "training", stage, lr, epoch, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch["source"])
             count += len(batch["source"])
             compute += time.perf_counter() - step_start
-        val_loss, val_metric = self._validate(stage)
+        val_loss, val_metric = self._validate(stage, lr, epoch)
         return {
             "stage": stage,
             "lr": lr,
@@ -465,33 +586,43 @@ class StitchRecipe:
             "data_gb_per_s": round(loader.stats.gb_per_s, 4),
         }
 
-    def run(self, progress=None) -> dict[str, Any]:
-        """Train every stage (resuming if a checkpoint exists), evaluate, save; return metrics."""
-        from stitchtrain.evaluate import evaluate_run
+    def run(self, progress=None, log=None) -> dict[str, Any]:
+        """Train every stage (resuming from the checkpoint if there is one), evaluate, save;
+        return the metrics (a finished run dir: its metrics.json, at once). ``log`` gets one
+        line per incomplete store used (``allow_incomplete``); default: warnings of this
+        module's logger."""
+        from stitchtrain.evaluate import evaluate_run, evaluation_split
 
+        finished = _finished_metrics(self.out, self.config)
+        if finished is not None:
+            return finished
+        split = evaluation_split(self)  # test stores are refused here, before any training step
+        incomplete = {**self.incomplete, **split.incomplete}
+        for url, note in incomplete.items():
+            (log or _log.warning)(
+                f"{url}: {len(note['unmarked_shards'])} of {note['num_shards']} shards have no "
+                f"completion marker; using the marked shards only, {note['rows_used']} of "
+                f"{note['num_rows']} rows."
+            )
         self.out.mkdir(parents=True, exist_ok=True)
         _write_or_check_config(self.out, self.config)
         resume = self._load_checkpoint()
-        self.stage_results: dict[str, Any] = {}
-        if resume is not None:
-            self.history = list(resume["history"])
-            results_path = self.out / "stage_results.json"
-            if results_path.exists():
-                self.stage_results = json.loads(results_path.read_text())
+        self.stage_results = dict(resume["stage_results"]) if resume else {}
+        self.history = list(resume["history"]) if resume else []
         first = resume["stage_index"] if resume else 0
         for stage_index in range(first, len(self.stages)):
-            stage_resume = resume if (resume and stage_index == resume["stage_index"]) else None
-            self._run_stage(stage_index, stage_resume, progress)
-            (self.out / "stage_results.json").write_text(json.dumps(self.stage_results, indent=2))
-            resume = None
+            self._run_stage(stage_index, resume if stage_index == first else None, progress)
         final_stage = self.stages[-1]
         save_file(_contiguous(self.stitch.state_dict()), str(self.out / "stitch.safetensors"))
         _write_history(self.out / "history.csv", self.history)
-        metrics = evaluate_run(self.out, recipe=self)
+        metrics = evaluate_run(self.out, recipe=self, split=split)
+        metrics["train_rows"], metrics["val_rows"] = len(self.train_rows), len(self.val_rows)
+        if incomplete:
+            metrics["incomplete_stores"] = incomplete
         metrics["stages"] = self.stage_results
         metrics["final_stage"] = final_stage
-        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        self._checkpoint_path().unlink(missing_ok=True)
+        _write_file(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        _remove_checkpoint(self.out)
         return metrics
 
 
@@ -522,7 +653,10 @@ def _write_or_check_config(out: Path, config: FitConfig) -> None:
     path = out / "config.json"
     current = json.loads(json.dumps(asdict(config)))
     if path.exists():
-        saved = json.loads(path.read_text())
+        # a field added since the run dir was made (allow_incomplete) counts as its default
+        defaults = {f.name: f.default for f in dataclass_fields(FitConfig)}
+        defaults = {k: v for k, v in defaults.items() if v is not MISSING}
+        saved = {**json.loads(json.dumps(defaults)), **json.loads(path.read_text())}
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])
             raise FeatcacheError(
@@ -542,6 +676,54 @@ def _write_history(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def fit(config: FitConfig, progress=None) -> dict[str, Any]:
-    """Run ``StitchRecipe(config)``; the API behind ``stitchtrain fit``."""
-    return StitchRecipe(config).run(progress)
+def _finished_metrics(out: Path, config: FitConfig) -> dict | None:
+    """metrics.json of a finished run dir, else None; a run dir of another config is refused."""
+    path = out / "metrics.json"
+    if not path.is_file():
+        return None
+    _write_or_check_config(out, config)
+    _remove_checkpoint(out)  # left by a kill between metrics.json and the cleanup
+    return json.loads(path.read_text())
+
+
+def _remove_checkpoint(out: Path) -> None:
+    for path in out.glob("checkpoint*"):  # the JSON, tensors files, temp files of a kill
+        path.unlink()
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` atomically: temp file naming this writer, fsync, rename."""
+    write_atomic(str(path), [data], sync=True)
+
+
+def _split_tensors(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON-able copy of ``value`` (nested dicts / lists), each tensor moved into
+    ``tensors[key/...]`` (a CPU copy) and replaced by ``{"__tensor__": key/...}``."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {str(k): _split_tensors(v, f"{key}/{k}", tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split_tensors(v, f"{key}/{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of ``_split_tensors``."""
+    if isinstance(value, dict):
+        if value.keys() == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_tensors(v, tensors) for v in value]
+    return value
+
+
+def fit(config: FitConfig, progress=None, log=None) -> dict[str, Any]:
+    """The API behind ``stitchtrain fit``: a finished run dir's metrics at once, else
+    ``StitchRecipe(config).run(progress, log)``."""
+    finished = _finished_metrics(Path(config.out), config)
+    if finished is not None:
+        return finished
+    return StitchRecipe(config).run(progress, log)

@@ -12,6 +12,11 @@ A :class:`FeatureLoader` picks one of two modes from a memory budget:
 Batches are ``dict[str, torch.Tensor]`` on the loader's device: features float32, (B, T, D)
 for token arrays ("layers/<n>", "final") and (B, D) for "pooled"; integer arrays int64 (labels
 (B,), masks (B, H, W)); "valid" bool; with ``return_rows`` also "rows" (B,) int64 store rows.
+
+Every read is checked as it arrives (staged: once, while staging; streamed: each shard read):
+an object that does not decode raises ``integrity.UnreadableShardError``, NaN or inf in a
+selected row of a feature array raises ``integrity.NonFiniteFeaturesError``; both name the
+store, the array and the rows, so callers select valid rows (``valid_rows``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import psutil
 import torch
 
 from featcache.store import FeatureStore
+from stitchtrain.integrity import UnreadableShardError, require_finite
 
 __all__ = ["Field", "FeatureLoader", "LoaderStats", "parse_size", "split_rows", "valid_rows"]
 
@@ -182,17 +188,28 @@ class FeatureLoader:
 
     # -- internals ------------------------------------------------------------------------------
     def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """One contiguous read per field covering ``rows`` (sorted, within one shard)."""
+        """One contiguous read per field covering ``rows`` (sorted, within one shard).
+
+        Raises ``UnreadableShardError`` when an object does not decode (Crc32c mismatch) and
+        ``NonFiniteFeaturesError`` when a feature array holds NaN or inf in one of ``rows``.
+        """
         start, stop = int(rows[0]), int(rows[-1]) + 1
         local = rows - start
         begin = time.perf_counter()
         out = {"rows": rows}
         for f in self.fields:
-            values = self._arrays[f.key][start:stop]
-            self.stats.bytes_read += values.nbytes
+            try:
+                values = self._arrays[f.key][start:stop]
+                self.stats.bytes_read += values.nbytes
+                if self._is_feature[f.key]:
+                    values = f.store.decode_features(values)
+            except Exception as err:  # zarr raises several types for checksum / decode faults
+                shard = start // f.store.shard_size
+                raise UnreadableShardError(f.store, f.array, shard, err) from err
+            values = values[local]  # a fresh, writable array
             if self._is_feature[f.key]:
-                values = f.store.decode_features(values)
-            out[f.key] = values[local]  # a fresh, writable array
+                require_finite(f.store, f.array, values, rows)
+            out[f.key] = values
         self.stats.read_seconds += time.perf_counter() - begin
         return out
 
@@ -321,14 +338,9 @@ def parse_size(text: str) -> int:
 
 def valid_rows(*stores: FeatureStore) -> np.ndarray:
     """Rows (ascending int64) valid in every store and inside a marked shard of every store."""
-    n = _check_paired(stores).num_images
-    keep = np.ones(n, bool)
+    keep = np.ones(_check_paired(stores).num_images, bool)
     for store in stores:
-        marked = np.zeros(n, bool)
-        for shard in store.marked_shards():
-            start, stop = store.shard_rows(shard)
-            marked[start:stop] = True
-        keep &= marked & np.asarray(store.read("valid"), bool)
+        keep &= store.marked_mask() & np.asarray(store.read("valid"), bool)
     return np.flatnonzero(keep).astype(np.int64)
 
 

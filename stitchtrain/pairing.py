@@ -1,8 +1,9 @@
 """Which stores a stitch run reads, and whether they pair.
 
 Two stores pair when they hold the same images in the same rows: same dataset manifest hash,
-split and order seed, and the same ``ids`` array (its hash is compared, so a store written by
-another tool version or from a reordered manifest is caught). Each objective then needs arrays:
+split and order seed, and the same ``ids`` in every row both have written (marked shards; the
+hash is compared, so a store written by another tool version or from a reordered manifest is
+caught). Each objective then needs arrays:
 
   lfm       source layers/n (lora: layers/n-1)  target layers/n
   ffm       source layers/n (lora: layers/n-1)  target final (or pooled with pooled-only)
@@ -19,17 +20,30 @@ import numpy as np
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore, find_stores
 
-__all__ = ["PairingError", "ids_hash", "check_pair", "source_array", "find_split_store"]
+__all__ = [
+    "PairingError",
+    "ids_hash",
+    "marked_rows",
+    "check_pair",
+    "source_array",
+    "find_split_store",
+]
 
 
 class PairingError(FeatcacheError, ValueError):
     """Stores that do not hold the same images in the same order, or lack a needed array."""
 
 
-def ids_hash(store: FeatureStore) -> str:
-    """SHA-256 (first 16 hex) of the store's ``ids`` in row order."""
+def ids_hash(store: FeatureStore, rows: np.ndarray | None = None) -> str:
+    """SHA-256 (first 16 hex) of the store's ``ids`` in row order (only ``rows`` if given)."""
     ids = np.asarray(store.read("ids"), dtype=object)
+    ids = ids if rows is None else ids[rows]
     return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
+def marked_rows(*stores: FeatureStore) -> np.ndarray:
+    """Rows (ascending) inside a marked shard of every store: the rows both stores wrote."""
+    return np.flatnonzero(np.logical_and.reduce([store.marked_mask() for store in stores]))
 
 
 def source_array(stitch: str, position: int) -> str:
@@ -68,7 +82,8 @@ def check_pair(
                 f"{key} {source_data.get(key)!r} vs {target_data.get(key)!r}. Extract both from "
                 "the same --data and --split."
             )
-    if ids_hash(source) != ids_hash(target):
+    written = marked_rows(source, target)  # unmarked shards hold no ids yet
+    if ids_hash(source, written) != ids_hash(target, written):
         raise PairingError(
             f"Source {source.url} and target {target.url} order their images differently (ids "
             "hash differs). Extract both with the same featcache version and order seed."

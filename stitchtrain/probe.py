@@ -122,16 +122,21 @@ def probe_store(
     from safetensors.torch import save_file
 
     from featcache.store import FeatureStore
-    from stitchtrain.loader import split_rows, valid_rows
+    from stitchtrain.integrity import check_usable, require_finite
+    from stitchtrain.loader import split_rows
     from stitchtrain.pairing import find_split_store
 
     store = FeatureStore.open(store_url)
     test = (
         FeatureStore.open(test_store) if test_store else find_split_store(store, "test", ["pooled"])
     )
-    train_rows, val_rows = split_rows(valid_rows(store), val_fraction, seed)
-    test_rows = valid_rows(test)
+    # refused before training: unmarked shards, missing or resized objects, non-finite rows
+    usable = check_usable(store, ["pooled", "labels", "valid"], allow_incomplete=False).rows
+    test_rows = check_usable(test, ["pooled", "labels", "valid"], allow_incomplete=False).rows
+    train_rows, val_rows = split_rows(usable, val_fraction, seed)
     pooled = torch.from_numpy(store.read("pooled"))
+    require_finite(store, "pooled", pooled.numpy()[usable], usable)
+    require_finite(test, "pooled", test.read("pooled")[test_rows], test_rows)
     labels = torch.from_numpy(store.read("labels")).long()
     test_pooled = torch.from_numpy(test.read("pooled"))[test_rows]
     test_labels = torch.from_numpy(test.read("labels")).long()[test_rows]

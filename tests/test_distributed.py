@@ -71,9 +71,10 @@ def test_killed_worker_still_yields_complete_store(tmp_path, demo, client):
     job.start()
     pids = client.run(os.getpid)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(tmp_path.glob("dask/*/*.zarr/markers/*.json")):
+    markers = "dask/*/*.zarr/markers/shard-*/zarr.json"
+    while time.monotonic() < deadline and not list(tmp_path.glob(markers)):
         time.sleep(0.01)
-    marked_at_kill = len(list(tmp_path.glob("dask/*/*.zarr/markers/*.json")))
+    marked_at_kill = len(list(tmp_path.glob(markers)))
     victim = next(iter(pids.values()))
     os.kill(victim, signal.SIGKILL)  # the nanny restarts it; its task is retried
     job.join(timeout=300)

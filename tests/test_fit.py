@@ -227,12 +227,12 @@ def test_resume_after_interruption_gives_same_metrics(stores, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         fit(config, interrupt)
-    assert (tmp_path / "b" / "run" / "checkpoint.pt").is_file()
+    assert (tmp_path / "b" / "run" / "checkpoint.json").is_file()
     resumed = fit(config)
     for key in ("test_accuracy", "layer_distance", "final_distance", "pooled_distance"):
         assert resumed[key] == reference[key], key
     assert resumed["stages"] == reference["stages"]
-    assert not (tmp_path / "b" / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "b" / "run" / "checkpoint.json").exists()
     again = fit(config)  # a finished run dir: same config, re-evaluated, same numbers
     assert again["test_accuracy"] == reference["test_accuracy"]
 
@@ -322,7 +322,7 @@ def test_cli_fit_eval_probe(stores, tmp_path):
             "conv",
         ],
     )
-    assert result.exit_code == 2 and "--stitch in" in result.output
+    assert result.exit_code == 2 and "'conv' is not one of" in result.output
 
 
 def test_segmentation_tlt_and_lora_stitch(stores, tmp_path):

@@ -28,7 +28,12 @@ def _spec(dtype: str, num_images: int, shard_size: int) -> StoreSpec:
         "classes": [],
     }
     return StoreSpec(
-        encoder=encoder, dataset=dataset, layers=(1,), dtype=dtype, shard_size=shard_size
+        encoder=encoder,
+        dataset=dataset,
+        layers=(1,),
+        dtype=dtype,
+        shard_size=shard_size,
+        id_width=16,
     )
 
 
@@ -51,7 +56,7 @@ def test_direct_shard_bytes_equal_zarr(tmp_path, dtype, num_images, shard_size):
             "pooled": rng.standard_normal((rows, 3)).astype(np.float32),
         }
         arrays["layers/1"][0, 0, 0] = np.nan  # a skipped row's NaN survives
-        ours.write_shard(shard, arrays, {})
+        ours.write_shard(shard, {**arrays, **_rows_of(start, stop)}, {})
         for name, values in arrays.items():  # zarr's own write of the same rows
             references[name].with_config({"write_empty_chunks": True})[start:stop] = (
                 ours.encode_features(values)
@@ -66,6 +71,15 @@ def test_direct_shard_bytes_equal_zarr(tmp_path, dtype, num_images, shard_size):
             ours.group[name][...].view(np.uint8),
             zarr.open_array(str(tmp_path / "zarr.zarr"), path=name)[...].view(np.uint8),
         )
+
+
+def _rows_of(start: int, stop: int) -> dict[str, np.ndarray]:
+    """The non-feature arrays of rows start..stop-1."""
+    return {
+        "ids": np.array([f"image-{row}.jpg" for row in range(start, stop)], dtype=object),
+        "labels": np.arange(start, stop, dtype=np.int64),
+        "valid": np.ones(stop - start, bool),
+    }
 
 
 def _like(array) -> dict:

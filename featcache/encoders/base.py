@@ -137,8 +137,12 @@ class Encoder(nn.Module):
         return self.layout.num_tokens
 
     def preprocess(self, image) -> torch.Tensor:
-        """RGB PIL image -> ``(3, H, W)`` float tensor, per the model's own pretrained config."""
-        return self.preprocessing(image)
+        """PIL image of any mode -> ``(3, H, W)`` float tensor, per the model's own pretrained
+        config, after the EXIF orientation and RGB conversion extraction applies
+        (``featcache.images.upright_rgb``)."""
+        from featcache.images import upright_rgb
+
+        return self.preprocessing(upright_rgb(image))
 
     def train(self, mode: bool = True) -> Encoder:
         """Encoders stay in eval mode: they are frozen feature extractors (no dropout, no

@@ -1,0 +1,178 @@
+"""Where store bytes go: fsspec URLs, atomic local writes, and temp files that name their writer.
+
+Every local file featcache writes (feature shards, markers, and through ``WriterLocalStore``
+every chunk and ``zarr.json`` that zarr writes for it) goes to a temp file beside its target,
+then ``os.replace`` (or ``os.link`` for exclusive creates). The temp file's name says who wrote
+it::
+
+    <target>.fc-<pid>-<host hash>-<sequence>.partial
+
+so a writer cleaning up after a killed one removes only temp files whose writer is provably
+gone: written on this host by a process id that no longer exists. A live writer's temp files
+(another ``--shard I/N`` process, a Dask worker, a slow rename on network storage) are never
+touched. A recycled pid only makes a dead writer look alive (its temp files stay): the safe side.
+Zarr's own temp files (``<target stem>.<32 hex uuid>.partial``, written by plain zarr, e.g. a
+user's ``zarr.open_group(store, mode="r+")``) carry no writer, so they are removed only once
+older than ``ZARR_TEMP_GRACE_S``. Object stores (``s3://``) need none of this: a PUT is atomic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import os
+import re
+import socket
+import time
+from collections.abc import Iterable
+
+import fsspec
+import zarr
+from zarr.core.buffer import Buffer
+
+__all__ = [
+    "ZARR_TEMP_GRACE_S",
+    "WriterLocalStore",
+    "fs_and_path",
+    "is_local",
+    "remove_stale_partials",
+    "write_atomic",
+    "zarr_store",
+]
+
+ZARR_TEMP_GRACE_S = 900.0
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_SEQUENCE = itertools.count()
+_OURS = re.compile(r"\.fc-(\d+)-([0-9a-f]{8})-\d+\.partial$")
+_ZARRS = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def fs_and_path(url: str, storage_options: dict | None = None):
+    """(fsspec filesystem, path without protocol or trailing slash) of ``url``."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path.rstrip("/")
+
+
+def is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _temp_name(path: str) -> str:
+    return f"{path}.fc-{os.getpid()}-{_HOST}-{next(_SEQUENCE)}.partial"
+
+
+def write_atomic(
+    path: str, parts: Iterable[bytes | memoryview], *, exclusive: bool = False, sync: bool = False
+) -> None:
+    """Write ``parts`` to local ``path`` through a temp file naming this writer, then rename.
+
+    ``exclusive``: fail with ``FileExistsError`` if ``path`` exists (a hard link never
+    overwrites). ``sync``: fsync before the rename (markers: a marker must not outlive its data
+    on a crash). A failure removes the temp file and raises.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.writelines(parts)
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        if exclusive:
+            os.link(tmp, path)
+            os.remove(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+class WriterLocalStore(zarr.storage.LocalStore):
+    """zarr's ``LocalStore`` whose writes go through ``write_atomic`` (temp files that name
+    their writer); reads, listings and deletes are zarr's own."""
+
+    def _target(self, key: str, value: Buffer) -> str:
+        self._check_writable()
+        if not isinstance(value, Buffer):
+            raise TypeError(f"Expected a zarr Buffer for {key!r}. Got {type(value)} instead.")
+        return os.path.join(str(self.root), *key.split("/"))
+
+    async def set(self, key: str, value: Buffer) -> None:
+        if not self._is_open:
+            await self._open()
+        await asyncio.to_thread(write_atomic, self._target(key, value), [value.as_buffer_like()])
+
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        if not self._is_open:
+            await self._open()
+        path = self._target(key, value)
+        with contextlib.suppress(FileExistsError):
+            await asyncio.to_thread(write_atomic, path, [value.as_buffer_like()], exclusive=True)
+
+    def set_sync(self, key: str, value: Buffer) -> None:
+        self._ensure_open_sync()
+        write_atomic(self._target(key, value), [value.as_buffer_like()])
+
+
+def zarr_store(url: str, storage_options: dict | None, read_only: bool):
+    """The zarr store object for ``url``: ``WriterLocalStore`` locally, else fsspec's."""
+    fs, path = fs_and_path(url, storage_options)
+    if is_local(fs):
+        return WriterLocalStore(path, read_only=read_only)
+    store = zarr.storage.FsspecStore.from_url(
+        url, storage_options=storage_options or None, read_only=read_only
+    )
+    # fsspec reuses one filesystem instance per protocol and options, with its listings cache:
+    # listings from before this store was removed or re-created in this process would hide or
+    # invent members (group.arrays()). Every open starts from fresh listings.
+    store.fs.invalidate_cache()
+    return store
+
+
+def _writer_gone(pid: int, host: str) -> bool:
+    """True only when the writer provably no longer runs: this host, and no such process."""
+    if host != _HOST or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def remove_stale_partials(
+    directories: Iterable[str], *, zarr_grace_s: float = ZARR_TEMP_GRACE_S
+) -> list[str]:
+    """Delete temp files directly in local ``directories`` left by writers that are gone.
+
+    Ours go when their writer is provably gone (module doc); zarr's once older than
+    ``zarr_grace_s`` seconds; any other ``.partial`` file is not ours to judge and stays.
+    Returns the removed paths. Directories are scanned one level deep, so the caller bounds
+    the work (a shard's directories, not the whole store).
+    """
+    removed, now = [], time.time()
+    for directory in directories:
+        try:
+            entries = [e for e in os.scandir(directory) if e.name.endswith(".partial")]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            ours = _OURS.search(entry.name)
+            try:
+                if ours:
+                    stale = _writer_gone(int(ours.group(1)), ours.group(2))
+                else:
+                    old = now - entry.stat().st_mtime >= zarr_grace_s
+                    stale = bool(_ZARRS.search(entry.name)) and old
+                if stale:
+                    os.remove(entry.path)
+                    removed.append(entry.path)
+            except FileNotFoundError:  # removed meanwhile (renamed into place, or cleaned)
+                continue
+    return removed
