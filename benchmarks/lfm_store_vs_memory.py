@@ -145,9 +145,12 @@ def write_stores(args: argparse.Namespace, root: Path) -> tuple[str, str, float]
             "valid": np.ones(rows, bool),
         }
         values = rng.standard_normal((rows, tokens, args.width), np.float32)
+        mapped = values @ weight + bias
         info = {"rows": [start, stop], "skipped": []}
-        source.write_shard(shard, {layer: values, **common}, info)
-        target.write_shard(shard, {layer: values @ weight + bias, **common}, info)
+        # a store holds every array of its spec: final and pooled stand in as the layer itself
+        for store, layer_values in ((source, values), (target, mapped)):
+            features = {layer: layer_values, "final": layer_values, "pooled": layer_values[:, 0]}
+            store.write_shard(shard, {**features, **common}, info)
     return source.url, target.url, time.perf_counter() - started
 
 

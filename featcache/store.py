@@ -22,9 +22,11 @@ every store of that dataset split. Feature arrays are float16 (or bfloat16 bits 
 array attribute ``logical_dtype``), up to 16 images per inner chunk inside shards of
 ``shard_size`` images, fill value NaN. Every other array has one chunk per shard. So each array
 holds exactly one object per shard, ``<array>/c/<shard>/0...``, and that is what a marker
-proves: for every array, the object's key, size and CRC-32 (``zlib.crc32``) of the bytes
-written. Not Crc32c: every zarr chunk ends with its own Crc32c, and a CRC over data followed by
-its own CRC is a constant, so a Crc32c of a whole object would not tell two shards apart.
+proves: for every array, the object's key, size and digest: ``zlib.crc32`` of the object's
+chunk checksums (a shard: its index, then the Crc32c trailer of each of its chunks; a chunk:
+its trailer), see ``object_digest``. With zarr's own Crc32c of every chunk (checked as
+``verify`` decodes), that pins every byte, at the cost of reading a few bytes per chunk: no
+pass over the data at write time.
 
 A shard without a valid marker does not exist for readers; resuming = planned shards minus
 marked shards; ``verify`` re-reads every object of every marked shard against its marker.
@@ -642,10 +644,37 @@ class FeatureStore:
         return written
 
     def _object_record(self, name: str, shard: int) -> dict:
-        """{key, nbytes, crc32} of array ``name``'s object of ``shard``, read back as written."""
+        """{key, nbytes, digest} of array ``name``'s object of ``shard``, read back as written."""
         key = self.object_key(name, shard)
         data = self._fs.cat_file(f"{self._path}/{key}")
-        return {"key": key, "nbytes": len(data), "crc32": zlib.crc32(data)}
+        return {"key": key, "nbytes": len(data), "digest": self.object_digest(name, data)}
+
+    def object_digest(self, name: str, data: bytes) -> int:
+        """The digest a marker records for ``data``, an object of array ``name``.
+
+        ``zlib.crc32(index + trailers)`` for a shard (sharding codec, index at the end:
+        ``index`` is its last 16 * chunks + 4 bytes, ``trailers`` the last 4 bytes of each
+        chunk it locates, in index order), ``zlib.crc32(trailer)`` for a plain chunk. Every
+        chunk's codec chain ends with Crc32c, so the trailers are the chunks' checksums, and
+        zarr checks each against its bytes on decode. Not a Crc32c over the whole object: a
+        CRC of data followed by that data's own CRC is a constant, so it would be equal for
+        every shard of one size. Raises ``ValueError`` for an object too short for its index.
+        """
+        array = self.group[name]
+        if array.shards is None:
+            return zlib.crc32(data[-4:])
+        chunks = array.shards[0] // array.chunks[0]
+        index = data[-(16 * chunks + 4) :]
+        if len(index) != 16 * chunks + 4:
+            raise ValueError(f"{len(data)} bytes cannot hold the index of {chunks} chunks")
+        entries = np.frombuffer(index[:-4], dtype="<u8").reshape(chunks, 2)
+        trailers = [
+            data[end - 4 : end]
+            for offset, nbytes in entries.tolist()
+            if offset != 2**64 - 1
+            for end in [offset + nbytes]
+        ]
+        return zlib.crc32(b"".join([index, *trailers]))
 
     def _writes_shards_directly(self) -> bool:
         """Uncompressed feature shards are encoded here, byte for byte as zarr would
@@ -655,7 +684,7 @@ class FeatureStore:
 
     def _write_shard_file(self, name: str, shard: int, values: np.ndarray) -> dict:
         """Encode one shard of a feature array (Zarr v3 sharding codec), write it, return its
-        object record (the digest runs over the parts as they are made: no second pass).
+        object record (its digest from the checksums made on the way: no pass over the data).
 
         Layout: inner chunks of ``inner`` images in Morton order (along the image axis only,
         so plain order), each the raw little-endian bytes followed by their Crc32c; then the
@@ -672,7 +701,7 @@ class FeatureStore:
         fill = np.array(array.metadata.fill_value, dtype=array.dtype)
         parts: list[bytes | memoryview] = []
         index = np.full((per_shard, 2), 2**64 - 1, dtype="<u8")
-        offset, digest = 0, 0
+        offset, trailers = 0, []
         for chunk in range(per_shard):
             rows = values[chunk * inner : (chunk + 1) * inner]
             if len(rows) == 0:
@@ -685,13 +714,13 @@ class FeatureStore:
             contiguous = np.ascontiguousarray(rows, dtype=array.dtype.newbyteorder("<"))
             raw = memoryview(contiguous).cast("B")  # the bytes, without a copy
             checksum = crc32c.crc32c(raw).to_bytes(4, "little")
-            digest = zlib.crc32(checksum, zlib.crc32(raw, digest))
+            trailers.append(checksum)
             parts += [raw, checksum]
             index[chunk] = (offset, contiguous.nbytes + 4)
             offset += contiguous.nbytes + 4
         index_bytes = index.tobytes()
         index_checksum = crc32c.crc32c(index_bytes).to_bytes(4, "little")
-        digest = zlib.crc32(index_checksum, zlib.crc32(index_bytes, digest))
+        digest = zlib.crc32(b"".join([index_bytes, index_checksum, *trailers]))
         parts += [index_bytes, index_checksum]
         key = self.object_key(name, shard)
         path = f"{self._path}/{key}"
@@ -699,7 +728,7 @@ class FeatureStore:
             write_atomic(path, parts)
         else:
             self._fs.pipe_file(path, b"".join(parts))  # object stores: a PUT is atomic
-        return {"key": key, "nbytes": offset + len(index_bytes) + 4, "crc32": digest}
+        return {"key": key, "nbytes": offset + len(index_bytes) + 4, "digest": digest}
 
     def encode_features(self, values: np.ndarray, keepbits: int | None = None) -> np.ndarray:
         logical = self.attrs["logical_dtype"]
@@ -780,7 +809,7 @@ class FeatureStore:
         """Every fault of the store; an empty list means every shard is proven complete.
 
         Per shard: a valid marker of this store and shard; for every array, the object its
-        marker names exists at the expected key with the recorded size and CRC-32 (catches
+        marker names exists at the expected key with the recorded size and digest (catches
         deleted, truncated, swapped or replaced objects and foreign markers); then every
         chunk decodes (zarr's own Crc32c) and valid rows hold finite features.
         """
@@ -813,7 +842,7 @@ class FeatureStore:
                         f"shard {shard}: {name} object {key} holds {len(data)} bytes, its "
                         f"marker says {record['nbytes']} (truncated or replaced)"
                     )
-                elif zlib.crc32(data) != record["crc32"]:
+                elif self._digest_or_none(name, data) != record["digest"]:
                     shard_faults.append(
                         f"shard {shard}: {name} object {key} differs from its marker's digest "
                         "(corrupted, replaced or swapped with another shard's)"
@@ -821,25 +850,38 @@ class FeatureStore:
             faults += shard_faults or self._decode_faults(shard)
         return faults
 
-    def _decode_faults(self, shard: int) -> list[str]:
-        """Read every array of ``shard`` through zarr; valid rows must hold finite features."""
-        start, stop = self.shard_rows(shard)
-        faults = []
+    def _digest_or_none(self, name: str, data: bytes) -> int | None:
         try:
-            valid = np.asarray(self.group["valid"][start:stop])
-            for name in self.feature_arrays():
-                values = self.read(name, slice(start, stop))
-                bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1) & valid
-                if bad.any():
-                    row = start + int(np.flatnonzero(bad)[0])
-                    faults.append(
-                        f"shard {shard}: {name} has non-finite values in valid row {row} "
-                        f"({int(bad.sum())} rows)"
-                    )
-            for name in set(self.array_names()) - set(self.feature_arrays()) - {"valid"}:
-                self.read(name, slice(start, stop))
-        except Exception as err:  # checksum or decode failures surface as various types
-            faults.append(f"shard {shard} (rows {start}..{stop - 1}): unreadable: {err}")
+            return self.object_digest(name, data)
+        except ValueError:
+            return None
+
+    def _decode_faults(self, shard: int) -> list[str]:
+        """Decode every array of ``shard`` through zarr (each chunk against its Crc32c); valid
+        rows must hold finite features. One fault per array that fails, naming it."""
+        start, stop = self.shard_rows(shard)
+        faults, values = [], {}
+        for name in self.array_names():
+            try:
+                values[name] = self.read(name, slice(start, stop))
+            except Exception as err:  # checksum or decode failures surface as various types
+                reason = " ".join(f"{type(err).__name__}: {err}".split())
+                faults.append(
+                    f"shard {shard}: {name} object {self.object_key(name, shard)} does not "
+                    f"decode (a chunk fails its checksum, or worse): {reason}"
+                )
+        valid = values.get("valid")
+        for name in self.feature_arrays():
+            if valid is None or name not in values:
+                continue
+            rows = values[name]
+            bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1) & valid
+            if bad.any():
+                row = start + int(np.flatnonzero(bad)[0])
+                faults.append(
+                    f"shard {shard}: {name} has non-finite values in valid row {row} "
+                    f"({int(bad.sum())} rows)"
+                )
         return faults
 
 

@@ -428,3 +428,23 @@ def test_extract_reports_a_full_disk_during_creation_in_one_line(tmp_path, monke
     assert "No space left on device" in result.output and "re-run" in result.output
     monkeypatch.undo()
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "stores")]).exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["layers/1", "ids", "labels", "masks"])
+def test_verify_names_a_flipped_bit_inside_a_chunk(store, name):
+    path = _object(store, name, 1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x10  # inside a chunk's bytes: size and trailers unchanged
+    path.write_bytes(bytes(data))
+    faults = _faults_of(store)
+    assert len(faults) == 1 and faults[0].startswith(f"shard 1: {name} object "), faults
+    assert "does not decode" in faults[0] or "differs from its marker" in faults[0]
+
+
+def test_marker_digest_does_not_read_the_data(store):
+    """The digest covers the index and chunk checksums (zarr checks each chunk against its
+    own): equal-size shards of other contents get other digests."""
+    digests = {store.read_marker(s)["objects"]["final"]["digest"] for s in range(2)}
+    assert len(digests) == 2
+    data = _object(store, "final", 0).read_bytes()
+    assert store.object_digest("final", data) == store.read_marker(0)["objects"]["final"]["digest"]
