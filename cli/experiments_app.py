@@ -34,6 +34,11 @@ def sweep(
         "sequential", help="sequential | local | local:N | tcp://HOST:PORT (Dask scheduler)."
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the grid points and stop."),
+    allow_geometry_mismatch: bool = typer.Option(
+        False,
+        "--allow-geometry-mismatch",
+        help="Pair stores whose tokens see other pixels ([fit] allow_geometry_mismatch = true).",
+    ),
 ) -> None:
     """Run a grid of stitch runs plus baselines (linear probes, self-stitches); re-running
     skips finished points."""
@@ -41,7 +46,10 @@ def sweep(
 
     check_scheduler(scheduler, sequential=True)
     check_out_dir(out)
-    plan = plan_sweep(load_sweep_config(config), base=config.resolve().parent)
+    loaded = load_sweep_config(config)
+    if allow_geometry_mismatch:
+        loaded["fit"] = {**(loaded.get("fit") or {}), "allow_geometry_mismatch": True}
+    plan = plan_sweep(loaded, base=config.resolve().parent)
     if dry_run:
         table = Table(title=f"{len(plan.points)} grid points")
         for column in ("id", "kind", "done"):
@@ -117,6 +125,9 @@ def cka(
         None, callback=at_least(2), help="Use only the first N valid images (>= 2)."
     ),
     out: Path = typer.Option(Path("cka"), help="Dir for cka.png, cka.json, cka.csv."),
+    allow_geometry_mismatch: bool = typer.Option(
+        False, "--allow-geometry-mismatch", help="Compare stores whose tokens see other pixels."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Linear CKA between layers of two stores (out of core), as a heatmap."""
@@ -134,6 +145,7 @@ def cka(
         tokens=tokens,
         minibatch=minibatch,
         max_images=max_images,
+        allow_geometry_mismatch=allow_geometry_mismatch,
     )
     paths = result.save(out)
     if as_json:
@@ -155,13 +167,18 @@ def predictions(
     stitched_run: Path = typer.Argument(..., help="Run dir of the stitched model."),
     self_a: Path = typer.Argument(..., help="Run dir of the first self-stitch baseline."),
     self_b: Path = typer.Argument(..., help="Run dir of the second self-stitch baseline."),
+    allow_geometry_mismatch: bool = typer.Option(
+        False, "--allow-geometry-mismatch", help="Accept a run whose stores see other pixels."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON."),
 ) -> None:
     """Preserve / rescue / interference counts of a stitched run against its two self-stitch
     runs (paper Table 12); saves predictions.npy in each run dir."""
     from stitchtrain.analysis import prediction_analysis
 
-    result = prediction_analysis(stitched_run, self_a, self_b)
+    result = prediction_analysis(
+        stitched_run, self_a, self_b, allow_geometry_mismatch=allow_geometry_mismatch
+    )
     if as_json:
         print(json.dumps(result, indent=2))
         return

@@ -17,6 +17,7 @@ from cli._parse import at_least, check_out_dir, check_scheduler, parse_ints, par
 Tokens = Literal["all", "prefix", "pooled"]
 Dtype = Literal["float16", "bfloat16", "float32"]
 OnBadImage = Literal["fail", "skip"]
+ResizeMode = Literal["shortest", "squash"]  # featcache.preprocess resize modes
 
 app = typer.Typer(
     help="Run frozen vision foundation models once and cache their token features.",
@@ -168,6 +169,20 @@ def extract(
     num_workers: int = typer.Option(2, callback=at_least(0), help="Decoding threads (>= 0)."),
     weights: list[str] = typer.Option([], help="NAME=FILE.safetensors weights for a model."),
     random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights."),
+    reduce_zero_label: bool | None = typer.Option(
+        None,
+        "--reduce-zero-label/--keep-zero-label",
+        help="Mask value 0 -> ignore, k -> k-1 (mmsegmentation's convention). Default: the "
+        "dataset layout's (on for ADE20K, off for folders and manifests).",
+    ),
+    crop_pct: float | None = typer.Option(
+        None,
+        help="Centre-crop fraction for every --model (0 < F <= 1; default: the model's, 1.0 "
+        "for presets).",
+    ),
+    resize_mode: ResizeMode | None = typer.Option(
+        None, help="shortest (keep aspect, crop) or squash, for every --model (default: model's)."
+    ),
     scheduler: str | None = typer.Option(
         None, help="Run shards as Dask tasks: local, local:N or tcp://HOST:PORT."
     ),
@@ -195,7 +210,10 @@ def extract(
         num_workers=num_workers,
         shard_size=shard_size,
         random_init=random_init,
+        reduce_zero_label=reduce_zero_label,
         weights=parse_weights(weights),
+        crop_pct=crop_pct,
+        resize_mode=resize_mode,
     )
     out_console = err_console if as_json else console
     result = _extract_with_progress(config, out_console, transient=as_json, scheduler=scheduler)

@@ -16,6 +16,10 @@ Stitch = Literal["linear", "mlp", "lora"]
 Objective = Literal["lfm", "ffm", "tlt", "ffm+tlt", "lfm+tlt"]
 Task = Literal["cls", "seg"]
 Init = Literal["random", "lstsq", "identity"]
+Head = Literal["fresh", "probe"]  # stitchtrain.fit.HEADS, LR_SCHEDULES, SEG_DECODERS
+LrSchedule = Literal["constant", "cosine"]
+SegDecoder = Literal["grid", "fixed"]
+Miou = Literal["mmseg", "gt-present"]  # stitchtrain.metrics.MIOU_DEFINITIONS
 
 app = typer.Typer(
     help="Train stitch layers between vision foundation models from cached features.",
@@ -113,11 +117,31 @@ def fit(
     batch_size: int | None = typer.Option(
         None, callback=at_least(1), help="Default: 256 for LFM, 128 otherwise (>= 1)."
     ),
-    init: Init = typer.Option("random", help="lstsq: linear stitch only; identity: self-stitch."),
+    init: Init = typer.Option(
+        "random",
+        help="lstsq: linear stitch only; identity: a linear stitch at the identity (a check; "
+        "sweeps self-stitch from random init).",
+    ),
     val_fraction: float = typer.Option(
         0.1, help="Share of training rows for validation (0 < x < 1)."
     ),
     seed: int = typer.Option(0, help="Seed for splits, init and batch order."),
+    head: Head = typer.Option(
+        "fresh", help="TLT head: fresh (random) or probe (the target's fitted probe / decoder)."
+    ),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay (>= 0)."),
+    lr_schedule: LrSchedule = typer.Option(
+        "constant", help="Per-step learning rate: constant, or cosine to 0 over --epochs."
+    ),
+    warmup_epochs: int = typer.Option(
+        0, callback=at_least(0), help="Cosine: epochs of linear warm-up (>= 0, < --epochs)."
+    ),
+    seg_decoder: SegDecoder = typer.Option(
+        "grid",
+        help="Scoring LFM/FFM seg stitches: grid (lr grid + early stopping) or fixed (20 "
+        "epochs at the first lr).",
+    ),
+    miou: Miou = typer.Option("mmseg", help="mIoU definition (seg)."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     memory_budget: str | None = typer.Option(
         None, help="Size such as 512MB, 8GB or 2GiB; default: 25% of free RAM."
@@ -127,6 +151,11 @@ def fit(
         False,
         "--allow-incomplete",
         help="Train on the marked shards of incomplete stores (says how many rows were used).",
+    ),
+    allow_geometry_mismatch: bool = typer.Option(
+        False,
+        "--allow-geometry-mismatch",
+        help="Pair stores whose tokens see different pixels (other crop / resize mode).",
     ),
     source_test: str | None = typer.Option(None, help="Source store of the test split."),
     target_test: str | None = typer.Option(None, help="Target store of the test split."),
@@ -159,6 +188,12 @@ def fit(
         init=init,
         val_fraction=val_fraction,
         seed=seed,
+        head=head,
+        weight_decay=weight_decay,
+        lr_schedule=lr_schedule,
+        warmup_epochs=warmup_epochs,
+        seg_decoder=seg_decoder,
+        miou=miou,
         device=device,
         memory_budget=memory_budget,
         pooled_only=pooled_only,
@@ -168,6 +203,7 @@ def fit(
         target_weights=target_weights,
         random_init=random_init,
         allow_incomplete=allow_incomplete,
+        allow_geometry_mismatch=allow_geometry_mismatch,
     )
 
     def progress(row: dict) -> None:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from cli._console import console, reports_errors
 from cli._parse import at_least, check_device, check_out_dir, parse_ints, parse_weights
+from featcache.errors import FeatcacheError
 
 Precision = Literal["fp32", "bf16", "amp-bf16"]  # stitchtrain.tree_bench.PRECISIONS
 Stitch = Literal["linear", "mlp", "lora"]  # stitchtrain.stitches.STITCH_KINDS
@@ -20,6 +21,17 @@ tree_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+def _readout_option(what: str, default: str, extra: str = ""):
+    return typer.Option(
+        None,
+        "--readout-layer",
+        callback=at_least(2),
+        help=f"R: {what} read at layer R: branches run blocks n+1..R and nothing after block R "
+        f"runs (no final norm or pool).{extra} Default: {default}. MLLMs read the penultimate "
+        "layer, 23 of a 24-block ViT-L (the paper's L = 23) (>= 2, above every position n).",
+    )
 
 
 def _parse_branch(item: str) -> str | tuple[str, str]:
@@ -41,24 +53,33 @@ def build(
         ..., help="A finished fit run dir, or NAME=RUN_DIR to name the branch (repeatable)."
     ),
     out: Path = typer.Option(..., help="Tree dir to write (tree.json + stitch safetensors)."),
+    readout_layer: int | None = _readout_option(
+        "every output of the tree is", "N, the final output (normed tokens, pooled)"
+    ),
     weights: list[str] = typer.Option([], help="NAME=FILE.safetensors for an encoder."),
     random_init: bool = typer.Option(False, "--random-init", help="Random-init encoders."),
     device: str = typer.Option(
         "cpu", help="Where to load the encoders to check them: auto, cpu, cuda or cuda:N."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing tree."),
+    allow_geometry_mismatch: bool = typer.Option(
+        False, "--allow-geometry-mismatch", help="Accept runs whose stores see other pixels."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print tree.json instead of a table."),
 ) -> None:
     """Build a tree from run dirs whose source is the trunk encoder at --position, and save it.
 
     Every run's source store must come from the trunk (same fingerprint) and every branch
     encoder must match its run's target store; each output of the tree then equals the
-    stitched model of its run dir, and the trunk's output equals the trunk's own forward.
+    stitched model of its run dir, and the trunk's output equals the trunk's own forward (cut at
+    --readout-layer, recorded in tree.json, when given).
     """
     from featcache.extract import resolve_device
-    from stitchtrain.tree import VFMStitchTree, load_trunk
+    from stitchtrain.tree import VFMStitchTree, check_readout_layer, load_trunk
 
     check_out_dir(out)
+    if readout_layer is not None:  # before any run dir or encoder is read
+        check_readout_layer(readout_layer, position, what="--readout-layer")
     runs = [_parse_branch(item) for item in branch]
     named_weights = parse_weights(weights)
     target_device = resolve_device(device)
@@ -76,13 +97,17 @@ def build(
         weights=named_weights,
         random_init=random_init,
         device=target_device,
+        readout_layer=readout_layer,
+        allow_geometry_mismatch=allow_geometry_mismatch,
     )
     tree.save(out, overwrite=overwrite)
     described = tree.describe()
     if as_json:
         print(json.dumps(described, indent=2))
         return
-    table = Table(title=f"VFM Stitch Tree: {trunk} blocks 1..{position} shared")
+    read = "final output" if tree.reads_final else f"layer {tree.readout_layer} tokens"
+    title = f"VFM Stitch Tree: {trunk} blocks 1..{position} shared, read at {read}"
+    table = Table(title=title)
     for column in ("output", "encoder", "stitch", "blocks run", "fingerprint", "from"):
         table.add_column(column)
     trunk_info = described["trunk"]
@@ -90,18 +115,18 @@ def build(
         described["trunk_name"],
         trunk_info["name"],
         "-",
-        f"1..{trunk_info['depth']}",
+        f"1..{tree.layers_read(tree.trunk)}",
         trunk_info["fingerprint"],
         "trunk",
     )
-    for entry in described["branches"]:
+    for entry, tree_branch in zip(described["branches"], tree.branches, strict=True):
         encoder = entry["encoder"]
         first = position if entry["stitch"]["kind"] == "lora" else position + 1
         table.add_row(
             entry["name"],
             encoder["name"],
             entry["stitch"]["kind"],
-            f"{first}..{encoder['depth']}",
+            f"{first}..{tree.layers_read(tree_branch.encoder)}",
             encoder["fingerprint"],
             entry["provenance"].get("run_dir", ""),
         )
@@ -132,10 +157,11 @@ def _systems_table(result: dict) -> Table:
 
 def _cost_table(result: dict) -> Table:
     rows = result["cost"]
-    table = Table(title="Table 13 (ours): additional computation relative to one encoder")
+    layer = result["readout_layer"]
+    read = f"layer L = {layer}" if layer is not None else "each encoder's depth N"
+    title = f"Table 13 (ours): extra computation over one encoder, read at {read}"
+    table = Table(title=title)
     columns = ["system", "blocks run", "formula", "blocks", "block FLOPs", "all FLOPs", "stitches"]
-    if rows and "paper_formula" in rows[0]:
-        columns.append("paper formula")
     for index, column in enumerate(columns):
         table.add_column(column, justify="left" if index == 0 else "right")
     for row in rows:
@@ -148,8 +174,6 @@ def _cost_table(result: dict) -> Table:
             f"{row['total_flops_extra']:.1%}",
             f"{row['stitch_share']:.1%}",
         ]
-        if "paper_formula" in row:
-            cells.append(f"{row['paper_formula']:.0%}")
         table.add_row(*cells)
     return table
 
@@ -174,18 +198,29 @@ def bench(
     stitch: Stitch = typer.Option("mlp", help="Random stitch kind in --encoder mode."),
     weights: list[str] = typer.Option([], help="NAME=FILE.safetensors for an encoder."),
     random_init: bool = typer.Option(False, "--random-init", help="Random-init encoders."),
+    readout_layer: int | None = _readout_option(
+        "every system (naive and VST-n) is",
+        "the tree dir's own, else N",
+        " Blocks, FLOPs and the formula (k-1)(L-n)/L of the cost table use L = R.",
+    ),
     formula_depth: int | None = typer.Option(
-        None,
-        callback=at_least(1),
-        help="Also show (k-1)(L-n)/L with this L (the paper: 23) (>= 1).",
+        None, callback=at_least(2), hidden=True, help="Old name of --readout-layer."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Naive multi-encoder system vs VST-n: parameters, GFLOPs, latency, peak memory (paper
-    Table 5), and the additional-cost table (Table 13) counted from the systems."""
+    Table 5), and the additional-cost table (Table 13) counted from the systems, every system
+    read at --readout-layer (default: a tree dir's own, else N)."""
     from stitchtrain.tree_bench import BenchConfig, run_bench
 
     check_device(device)
+    if formula_depth is not None:  # the old name: L of the formula is now the readout layer
+        if readout_layer not in (None, formula_depth):
+            raise FeatcacheError(
+                "Expected --readout-layer alone (--formula-depth is its old name). "
+                f"Got --readout-layer {readout_layer} and --formula-depth {formula_depth} instead."
+            )
+        readout_layer = formula_depth
     config = BenchConfig(
         encoders=list(encoder),
         tree=tree_dir,
@@ -198,7 +233,7 @@ def bench(
         stitch=stitch,
         weights=parse_weights(weights),
         random_init=random_init,
-        formula_depth=formula_depth,
+        readout_layer=readout_layer,
     )
 
     def log(line: str) -> None:

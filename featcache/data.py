@@ -1,6 +1,7 @@
-"""Image datasets: a folder of class subfolders, or a CSV / JSONL manifest.
+"""Image datasets: a folder of class subfolders, the ADE20K layout, or a CSV / JSONL manifest.
 
-Rules (each tested in tests/test_data.py):
+Rules (each tested in tests/test_data.py; the ADE20K layout and ``MaskLabels`` in
+tests/test_ade20k.py):
   - A folder holds one subfolder per class; labels follow the sorted subfolder names, and images
     (``IMAGE_EXTENSIONS``, any case) are found recursively in each. If every top-level subfolder is
     a split name (``SPLIT_NAMES``), each is a split of class subfolders and the class list is the
@@ -18,6 +19,23 @@ Rules (each tested in tests/test_data.py):
     largest becomes a class, so a stray huge index would make millions of empty classes
     (tested in tests/test_redteam_data.py).
   - A split has a mask on every row or on none.
+  - The ADE20K layout (ADEChallengeData2016): a folder whose subfolders include ``images`` and
+    ``annotations``, with ``training`` and/or ``validation`` under either. Splits "train"
+    (training) and "val" (validation); every image (``IMAGE_EXTENSIONS``, any case, found
+    recursively) has the ``.png`` annotation of the same relative path and stem, and every
+    ``.png`` annotation its image, else a ``ManifestError`` names the file. Labels are -1 and
+    the classes are ``featcache.ade20k.ADE20K_CLASSES``. Everything else (objectInfo150.txt,
+    sceneCategories.txt, other folders, also beside training / validation) is ignored.
+  - ``Dataset.mask_labels`` (``MaskLabels``) says how raw mask values become training labels:
+    ``reduce_zero_label`` (0 -> ignored, k -> k - 1) is on by default for ADE20K (150 classes;
+    off: 151 classes, "other" first) and off for manifests and class folders;
+    ``load_dataset(path, reduce_zero_label=...)`` overrides it. The raw value 255 is ignored.
+    Ignored pixels become ``MASK_IGNORE`` (-1: stitchtrain's ``IGNORE_INDEX``, the store's
+    int16 fill); any other value outside the classes (``num_classes`` after reduction; when not
+    declared, as for manifests, 0..32767: what an int16 store holds) is a ``MaskLabelError``,
+    never a new class.
+    ``mask_labels`` enters ``manifest_hash`` of splits with masks (hashes of splits without
+    masks are those of the original formula).
 Every record's ``id`` is its normalised path relative to the data root, with ``/`` separators,
 so ``manifest_hash`` does not change when the dataset folder moves.
 """
@@ -38,9 +56,20 @@ from typing import Any
 
 import numpy as np
 
+from featcache.ade20k import ADE20K_CLASSES, ADE20K_IGNORE_VALUE, ADE20K_OTHER, ADE20K_SPLITS
 from featcache.errors import FeatcacheError
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLIT_NAMES", "Dataset", "ManifestError", "Record", "load_dataset"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MASK_IGNORE",
+    "SPLIT_NAMES",
+    "Dataset",
+    "ManifestError",
+    "MaskLabelError",
+    "MaskLabels",
+    "Record",
+    "load_dataset",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLIT_NAMES = frozenset({"train", "val", "valid", "validation", "test"})
@@ -49,12 +78,116 @@ _INTEGER = re.compile(r"[+-]?\d+")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _ACCEPTED_LABELS = "labels that are all integers >= 0 (class indices) or all class names"
 _MAX_CLASSES = 100_000
+MASK_IGNORE = -1  # an ignored mask pixel: stitchtrain.losses.IGNORE_INDEX and the store's fill
+_MASK_LIMIT = int(np.iinfo(np.int16).max) + 1  # stores keep masks as int16
 
 _Resolve = Callable[[str, str, str], str]  # (path, expected, got) -> resolved path; see _resolver
 
 
 class ManifestError(FeatcacheError, ValueError):
     """A dataset folder or manifest that cannot be read; the message names file, row and value."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class MaskLabelError(FeatcacheError, ValueError):
+    """A label map that ``MaskLabels.apply`` cannot map: not (H, W), not integer, or holding
+    values outside the classes; the message lists the values and how many pixels hold them."""
+
+
+@dataclass(frozen=True)
+class MaskLabels:
+    """How the raw values of a decoded label map become training labels.
+
+    Attributes:
+        reduce_zero_label: mmsegmentation's convention: raw 0 ("other") is ignored and raw k is
+            label k - 1 (ADE20K's 1..150 -> 0..149).
+        ignore_value: the raw value meaning "no label" (255, mmsegmentation's ignore_index), or
+            None when every value is a label.
+        num_classes: labels (after reduction) must be below it; None: the classes are not
+            declared and labels must fit the store's int16 (below 32768).
+    """
+
+    reduce_zero_label: bool = False
+    ignore_value: int | None = 255
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reduce_zero_label, bool):
+            raise ValueError(
+                f"Expected reduce_zero_label True or False. Got {self.reduce_zero_label!r}."
+            )
+        if self.ignore_value is not None and not _is_int(self.ignore_value):
+            raise ValueError(
+                f"Expected an integer ignore_value or None. Got {self.ignore_value!r}."
+            )
+        if self.num_classes is not None and not (
+            _is_int(self.num_classes) and 1 <= self.num_classes <= _MASK_LIMIT
+        ):
+            raise ValueError(
+                f"Expected num_classes in 1..{_MASK_LIMIT} or None. Got {self.num_classes!r}."
+            )
+
+    def apply(self, mask: Any) -> np.ndarray:
+        """Raw label map (PIL image or array, (H, W) integers) -> int64 (H, W) training labels,
+        ``MASK_IGNORE`` (-1) where ignored; other values outside the classes raise
+        ``MaskLabelError``. Pointwise, so it commutes with nearest-neighbour resizing."""
+        values = np.asarray(mask)
+        if values.ndim != 2:
+            raise MaskLabelError(
+                f"Expected a single-channel (H, W) label map. Got shape {values.shape} instead."
+            )
+        if values.dtype.kind not in "biu":
+            raise MaskLabelError(
+                f"Expected integer label values. Got dtype {values.dtype} instead."
+            )
+        raw = values.astype(np.int64)
+        ignored = (
+            raw == self.ignore_value
+            if self.ignore_value is not None
+            else np.zeros(raw.shape, dtype=bool)
+        )
+        if self.reduce_zero_label:
+            ignored |= raw == 0
+            labels = raw - 1
+        else:
+            labels = raw
+        limit = _MASK_LIMIT if self.num_classes is None else self.num_classes
+        bad = ~ignored & ((labels < 0) | (labels >= limit))
+        if bad.any():
+            found = np.unique(raw[bad])
+            listed = ", ".join(str(v) for v in found[:10]) + (" ..." if len(found) > 10 else "")
+            raise MaskLabelError(
+                f"Expected raw mask values {self._accepted(limit)}. Got values {listed} on "
+                f"{int(bad.sum())} pixel(s) instead."
+            )
+        labels[ignored] = MASK_IGNORE
+        return labels
+
+    def _accepted(self, limit: int) -> str:
+        if self.reduce_zero_label:
+            text = f"1..{limit} (labels 0..{limit - 1})"
+        else:
+            text = f"0..{limit - 1}"
+        ignored = ["0"] if self.reduce_zero_label else []
+        ignored += [] if self.ignore_value is None else [str(self.ignore_value)]
+        return text + (f" or {' / '.join(ignored)} (ignored)" if ignored else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (part of ``manifest_hash`` for splits with masks)."""
+        return {
+            "reduce_zero_label": self.reduce_zero_label,
+            "ignore_value": self.ignore_value,
+            "num_classes": self.num_classes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MaskLabels:
+        """The inverse of ``to_dict``; missing keys take the defaults."""
+        names = ("reduce_zero_label", "ignore_value", "num_classes")
+        return cls(**{name: data[name] for name in names if name in data})
 
 
 @dataclass(frozen=True)
@@ -70,12 +203,14 @@ class Record:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Every record of a dataset, sorted by id, with the class names in label order."""
+    """Every record of a dataset, sorted by id, with the class names in label order, and how
+    its masks' raw values become labels (``mask_labels``)."""
 
     source: str
     root: str
     classes: tuple[str, ...]
     records: tuple[Record, ...]
+    mask_labels: MaskLabels = MaskLabels()
 
     def splits(self) -> list[str]:
         """The split names present, sorted."""
@@ -97,12 +232,16 @@ class Dataset:
         return [records[i] for i in np.random.default_rng(seed).permutation(len(records))]
 
     def manifest_hash(self, name: str) -> str:
-        """32 hex chars of sha256 over classes and (id, label, mask id) rows; path-independent."""
+        """32 hex chars of sha256 over classes, (id, label, mask id) rows and, for a split with
+        masks, ``mask_labels``; path-independent."""
         rows = [
             [r.id, r.label, None if r.mask is None else _relative_id(self.root, r.mask)]
             for r in self.split(name)
         ]
-        text = json.dumps({"classes": list(self.classes), "records": rows}, separators=(",", ":"))
+        content: dict[str, Any] = {"classes": list(self.classes), "records": rows}
+        if self.has_masks(name):
+            content["mask_labels"] = self.mask_labels.to_dict()
+        text = json.dumps(content, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
     def has_masks(self, name: str) -> bool:
@@ -110,11 +249,17 @@ class Dataset:
         return all(record.mask is not None for record in self.split(name))
 
 
-def load_dataset(path: str | os.PathLike) -> Dataset:
-    """Read a class-folder tree, a ``.csv`` or a ``.jsonl`` manifest (rules in the module doc)."""
+def load_dataset(path: str | os.PathLike, reduce_zero_label: bool | None = None) -> Dataset:
+    """Read a class-folder tree, the ADE20K layout, a ``.csv`` or a ``.jsonl`` manifest (rules
+    in the module doc). ``reduce_zero_label`` None takes the layout's default (ADE20K: on;
+    others: off); True / False sets ``Dataset.mask_labels.reduce_zero_label``."""
+    if reduce_zero_label is not None and not isinstance(reduce_zero_label, bool):
+        raise ManifestError(
+            f"Expected reduce_zero_label True, False or None. Got {reduce_zero_label!r} instead."
+        )
     source = os.path.abspath(os.fspath(path))
     if os.path.isdir(source):
-        return _load_folder(source)
+        return _load_folder(source, reduce_zero_label)
     suffix = os.path.splitext(source)[1].lower()
     accepted = "a directory of class folders, a .csv or a .jsonl manifest"
     if suffix not in (".csv", ".jsonl"):
@@ -124,7 +269,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
             f"Expected {accepted} as --data. Got {source}, which does not exist, instead."
         )
     rows = _read_csv(source) if suffix == ".csv" else _read_jsonl(source)
-    return _load_rows(source, rows)
+    return _load_rows(source, rows, MaskLabels(reduce_zero_label=bool(reduce_zero_label)))
 
 
 def _relative_id(root: str, path: str) -> str:
@@ -181,8 +326,10 @@ def _images_under(root: str, folder: str, resolve: _Resolve) -> list[str]:
     return found
 
 
-def _load_folder(root: str) -> Dataset:
+def _load_folder(root: str, reduce_zero_label: bool | None) -> Dataset:
     top = _visible_dirs(root)
+    if _is_ade20k(root, top):
+        return _load_ade20k(root, True if reduce_zero_label is None else reduce_zero_label)
     if top and all(name in SPLIT_NAMES for name in top):
         layout = {split: (f"{split}/", _visible_dirs(os.path.join(root, split))) for split in top}
     else:
@@ -201,7 +348,70 @@ def _load_folder(root: str) -> Dataset:
             f"Expected image files ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders of "
             f"{root}. Got none instead."
         )
-    return Dataset(root, root, classes, tuple(sorted(records, key=lambda r: r.id)))
+    mask_labels = MaskLabels(reduce_zero_label=bool(reduce_zero_label))
+    return Dataset(root, root, classes, tuple(sorted(records, key=lambda r: r.id)), mask_labels)
+
+
+def _is_ade20k(root: str, top: list[str]) -> bool:
+    """``images/`` and ``annotations/`` with a training or validation folder under either."""
+    return {"images", "annotations"} <= set(top) and any(
+        os.path.isdir(os.path.join(root, kind, folder))
+        for kind in ("images", "annotations")
+        for folder in ADE20K_SPLITS
+    )
+
+
+def _by_stem(root: str, folder: str, resolve: _Resolve, suffixes: tuple[str, ...]) -> dict:
+    """Files under ``root/folder`` ending in ``suffixes``: path below it without extension ->
+    id; two files of one stem are a ``ManifestError`` naming both."""
+    found: dict[str, str] = {}
+    for rid in sorted(_images_under(root, folder, resolve)):
+        if not rid.lower().endswith(suffixes):
+            continue
+        stem = posixpath.splitext(rid[len(folder) + 1 :])[0]
+        if stem in found:
+            raise ManifestError(
+                f"Expected one file per name in {folder} of the ADE20K layout under {root}. "
+                f"Got {found[stem]!r} and {rid!r} instead."
+            )
+        found[stem] = rid
+    return found
+
+
+def _load_ade20k(root: str, reduce_zero_label: bool) -> Dataset:
+    resolve = _resolver(root)
+    records, problems = [], []
+    for folder, split in ADE20K_SPLITS.items():
+        images = _by_stem(root, f"images/{folder}", resolve, IMAGE_EXTENSIONS)
+        annotations = _by_stem(root, f"annotations/{folder}", resolve, (".png",))
+        for stem in sorted(images.keys() | annotations.keys()):
+            image, annotation = images.get(stem), annotations.get(stem)
+            if annotation is None:
+                problems.append(f"the image {image} without annotations/{folder}/{stem}.png")
+            elif image is None:
+                problems.append(
+                    f"the annotation {annotation} with no image images/{folder}/{stem}.*"
+                )
+            else:
+                records.append(
+                    Record(image, _absolute(root, image), -1, split, _absolute(root, annotation))
+                )
+    if problems:
+        more = f" (and {len(problems) - 1} more unpaired files)" if len(problems) > 1 else ""
+        raise ManifestError(
+            f"Expected each image under images/ of the ADE20K layout under {root} to have its "
+            f".png annotation of the same name under annotations/, and each annotation its "
+            f"image. Got {problems[0]}{more} instead."
+        )
+    if not records:
+        folders = " or ".join(f"images/{folder}" for folder in ADE20K_SPLITS)
+        raise ManifestError(
+            f"Expected image files ({', '.join(IMAGE_EXTENSIONS)}) in {folders} of the ADE20K "
+            f"layout under {root}. Got none instead."
+        )
+    classes = ADE20K_CLASSES if reduce_zero_label else (ADE20K_OTHER, *ADE20K_CLASSES)
+    mask_labels = MaskLabels(reduce_zero_label, ADE20K_IGNORE_VALUE, len(classes))
+    return Dataset(root, root, classes, tuple(sorted(records, key=lambda r: r.id)), mask_labels)
 
 
 def _read_csv(file: str) -> list[tuple[int, dict[str, Any]]]:
@@ -319,7 +529,9 @@ def _check_class_count(entries: list[tuple[str, Any]], labels: list[int]) -> Non
     )
 
 
-def _load_rows(source: str, rows: list[tuple[int, dict[str, Any]]]) -> Dataset:
+def _load_rows(
+    source: str, rows: list[tuple[int, dict[str, Any]]], mask_labels: MaskLabels
+) -> Dataset:
     root = os.path.dirname(source)
     if not rows:
         raise ManifestError(f"Expected at least one data row in {source}. Got none instead.")
@@ -355,4 +567,4 @@ def _load_rows(source: str, rows: list[tuple[int, dict[str, Any]]]) -> Dataset:
         Record(rid, _absolute(root, rid), label, split, mask and _absolute(root, mask))
         for (_, rid, split, mask, _), label in zip(parsed, labels, strict=True)
     ]
-    return Dataset(source, root, classes, tuple(sorted(records, key=lambda r: r.id)))
+    return Dataset(source, root, classes, tuple(sorted(records, key=lambda r: r.id)), mask_labels)

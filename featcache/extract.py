@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.data import Dataset, Record, load_dataset
+from featcache.data import Dataset, MaskLabelError, MaskLabels, Record, load_dataset
 from featcache.encoders import Encoder, load_encoder
 from featcache.errors import BadImageError, FeatcacheError
 from featcache.images import decode_image, decode_mask
@@ -59,7 +59,11 @@ class ExtractConfig:
     seed: int = 0
     weights: dict[str, str] = field(default_factory=dict)
     random_init: bool = False
+    reduce_zero_label: bool | None = None  # None: the dataset layout's default (ADE20K: on)
     storage_options: dict[str, Any] | None = None
+    # geometry for every model of the run (None: the model's default; presets share one)
+    crop_pct: float | None = None
+    resize_mode: str | None = None
 
     def __post_init__(self) -> None:
         import os
@@ -94,6 +98,12 @@ class ExtractConfig:
             raise FeatcacheError(
                 f"Expected --dtype float16 with --compression {self.compression} (it rounds "
                 f"float16 mantissa bits). Got --dtype {self.dtype} instead."
+            )
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise FeatcacheError(f"Expected 0 < --crop-pct <= 1. Got {self.crop_pct} instead.")
+        if self.resize_mode not in (None, "shortest", "squash"):
+            raise FeatcacheError(
+                f"Expected --resize-mode shortest or squash. Got {self.resize_mode!r} instead."
             )
         if not self.layers and self.tokens != "pooled":
             raise FeatcacheError(
@@ -170,13 +180,26 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
     """Load the dataset and encoders, validate layers, and derive one store spec per encoder.
 
     ``encoders`` replaces loading ``config.models`` by name (for models built in Python).
+    ``config.crop_pct`` / ``config.resize_mode`` set the geometry of every model loaded by
+    name (recorded in each encoder's spec and fingerprint, so each store's geometry is that
+    run's); models passed as ``encoders`` bring their own.
     """
+    geometry = {
+        key: value
+        for key, value in (("crop_pct", config.crop_pct), ("resize_mode", config.resize_mode))
+        if value is not None
+    }
+    if encoders is not None and geometry:
+        raise FeatcacheError(
+            "Expected --crop-pct / --resize-mode only for models loaded by name; pass "
+            "crop_pct= / resize_mode= to load_encoder for encoders built in Python."
+        )
     if config.out.rstrip("/").endswith(".zarr") and len(encoders or config.models) != 1:
         raise FeatcacheError(
             f"Expected one --model when --out names a store ({config.out}). "
             f"Got {len(encoders or config.models)}; give a root directory instead."
         )
-    dataset = load_dataset(config.data)
+    dataset = load_dataset(config.data, reduce_zero_label=config.reduce_zero_label)
     splits = dataset.splits()
     split = config.split or ("train" if "train" in splits else splits[0])
     records = dataset.ordered(split, seed=config.seed)
@@ -188,6 +211,7 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
                 weights=config.weights.get(name),
                 random_init=config.random_init,
                 device=device,
+                **geometry,
             )
             for name in config.models
         ]
@@ -213,6 +237,7 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
                 "split": split,
                 "manifest_hash": dataset.manifest_hash(split),
                 "classes": list(dataset.classes),
+                "mask_labels": dataset.mask_labels.to_dict(),
                 "order_seed": config.seed,
                 "num_images": len(records),
             },
@@ -239,8 +264,13 @@ class _Item:
     error: str | None  # why the image was unreadable, else None
 
 
-def _prepare(record: Record, encoders: list[Encoder]) -> _Item:
-    """Decode an image (and its mask) once; apply each encoder's own preprocessing."""
+def _prepare(record: Record, encoders: list[Encoder], labels: MaskLabels | None = None) -> _Item:
+    """Decode an image (and its mask) once; apply each encoder's own preprocessing.
+
+    A mask is resized with each encoder's geometry (nearest neighbour), then its raw values
+    become training labels by ``labels`` (the dataset's ``MaskLabels``: ``reduce_zero_label``,
+    ignore value -> -1); values outside the declared classes make the image unreadable.
+    """
     try:
         image = decode_image(record.path, name=record.id)
     except BadImageError as err:
@@ -250,7 +280,13 @@ def _prepare(record: Record, encoders: list[Encoder]) -> _Item:
     except BadImageError as err:
         return _Item(record, None, None, f"mask {err}")
     inputs = [encoder.preprocess(image) for encoder in encoders]
-    masks = None if mask is None else [e.preprocessing.mask(mask) for e in encoders]
+    masks = None
+    if mask is not None:
+        labels = labels or MaskLabels()
+        try:
+            masks = [labels.apply(e.preprocessing.mask(mask)) for e in encoders]
+        except MaskLabelError as err:
+            return _Item(record, None, None, f"mask {record.mask}: {err}")
     return _Item(record, inputs, masks, None)
 
 
@@ -423,7 +459,10 @@ def run_extraction(
 
     def read_shard(shard: int) -> list[_Item]:
         start, stop = stores[0].shard_rows(shard)
-        return list(pool.map(lambda r: _prepare(r, plan.encoders), plan.records[start:stop]))
+        labels = plan.dataset.mask_labels
+        return list(
+            pool.map(lambda r: _prepare(r, plan.encoders, labels), plan.records[start:stop])
+        )
 
     # The reader thread decodes the next shard (through the worker pool) while the main thread
     # computes this one; one shared pool could deadlock a shard task on its own subtasks. The

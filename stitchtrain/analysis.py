@@ -193,13 +193,29 @@ def _describe(run_dir: Path) -> str:
 
 
 def prediction_analysis(
-    stitched_run: str | Path, self_a_run: str | Path, self_b_run: str | Path
+    stitched_run: str | Path,
+    self_a_run: str | Path,
+    self_b_run: str | Path,
+    *,
+    allow_geometry_mismatch: bool = False,
 ) -> dict[str, Any]:
     """Table 12 for a stitched run and its two self-stitch runs (all classification runs on
-    the same test images); predictions are computed once and cached in each run dir."""
-    from stitchtrain.pairing import ids_hash
+    the same test images); predictions are computed once and cached in each run dir.
+
+    The stitched run's source and target stores must see the same pixels
+    (``pairing.check_geometry``) unless ``allow_geometry_mismatch`` or the run was fit with
+    it (its config.json records ``allow_geometry_mismatch``)."""
+    from stitchtrain.pairing import check_geometry, ids_hash
 
     runs = [Path(stitched_run), Path(self_a_run), Path(self_b_run)]
+    stitched = _run_config(runs[0])
+    if "source" in stitched and "target" in stitched:
+        allowed = allow_geometry_mismatch or stitched.get("allow_geometry_mismatch", False)
+        check_geometry(
+            FeatureStore.open(stitched["source"]),
+            FeatureStore.open(stitched["target"]),
+            allow_mismatch=allowed,
+        )
     predictions = [run_predictions(run) for run in runs]
     tests = [
         FeatureStore.open(json.loads((run / "predictions.json").read_text())["test_store"])

@@ -316,11 +316,18 @@ def cka_stores(
     minibatch: int | None = None,
     max_images: int | None = None,
     chunk_images: int = 64,
+    allow_geometry_mismatch: bool = False,
 ) -> CKAResult:
-    """CKA between layers of two paired stores (default: every stored layer of each)."""
+    """CKA between layers of two paired stores (default: every stored layer of each).
+
+    The stores must see the same pixels (``pairing.check_geometry``) unless
+    ``allow_geometry_mismatch``."""
+    from stitchtrain.pairing import check_geometry
+
     a = store_a if isinstance(store_a, FeatureStore) else FeatureStore.open(store_a)
     b = store_b if isinstance(store_b, FeatureStore) else FeatureStore.open(store_b)
     _check_same_images(a, b)
+    check_geometry(a, b, allow_mismatch=allow_geometry_mismatch)
     names_a = [str(x) for x in (layers_a or a.layers)]
     names_b = [str(x) for x in (layers_b or layers_a or b.layers)]
     rows = valid_rows(a, b)

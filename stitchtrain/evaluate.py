@@ -4,8 +4,13 @@ accuracy / mIoU   with the run's trained head when its last stage is TLT; otherw
                   FFM) a linear probe / linear decoder is fitted on the stitched model's
                   frozen outputs over the training rows (paper: FFM is "evaluated via linear
                   probing"): classification with the AdamW / early-stopping / lr-grid
-                  protocol; the segmentation decoder for min(epochs, 20) epochs at the first
-                  learning rate of the grid (the paper gives no protocol for it).
+                  protocol of A.2.2 (the run's lrs, epochs, patience, seed, weight decay);
+                  the segmentation decoder by ``seg_decoder``: "grid" (default) the same
+                  protocol, validation-selected by mIoU (A.2.5: LFM / FFM "reuse the
+                  optimization and hyperparameter settings described for classification"),
+                  "fixed" min(epochs, 20) epochs at the first learning rate of the grid (the
+                  scoring before it was an option). mIoU by the run's ``miou`` definition
+                  (``metrics.ConfusionMatrix``), named in the metrics as miou_definition.
 layer_distance    mean over test images of the RMS token distance at the stitch position,
                   ||S(R_src^n(x)) - R_tgt^n(x)||_F / sqrt(T)          (Figure 2, circles)
 final_distance    the same between stitched and target final tokens  (Figure 2, squares)
@@ -30,10 +35,10 @@ from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
 from stitchtrain.integrity import usable_rows
 from stitchtrain.loader import Field
-from stitchtrain.losses import segmentation_logits
+from stitchtrain.losses import segmentation_logits, segmentation_loss, segmentation_targets
 from stitchtrain.metrics import ConfusionMatrix, token_distance
 from stitchtrain.pairing import find_split_store, source_array
-from stitchtrain.probe import evaluate_probe, fit_linear_probe
+from stitchtrain.probe import evaluate_probe, fit_linear_decoder, fit_linear_probe
 
 __all__ = [
     "evaluate_run",
@@ -135,6 +140,7 @@ def fit_stitched_probe(recipe):
         epochs=config.epochs,
         patience=config.patience,
         seed=config.seed,
+        weight_decay=config.weight_decay,
     )
 
 
@@ -148,27 +154,51 @@ def probe_accuracy(recipe, test_source, test_target, test_rows) -> dict[str, Any
 
 
 def _seg_decoder_miou(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
-    """Fit the linear decoder on frozen stitched final tokens, then test mIoU."""
+    """Fit the linear decoder on frozen stitched final tokens (``seg_decoder``: "grid" or
+    "fixed", module docstring), then test mIoU."""
     config = recipe.config
     train_x, train_y = stitched_outputs_in_memory(
         recipe, recipe.source, recipe.target, recipe.train_rows, "final"
     )
-    head = recipe._new_head()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lrs[0])
-    generator = torch.Generator().manual_seed(config.seed)
-    from stitchtrain.losses import segmentation_loss
-
-    for _ in range(min(config.epochs, 20)):
-        for index in torch.randperm(len(train_x), generator=generator).split(128):
-            pixels = segmentation_logits(head(train_x[index]), tuple(train_y.shape[-2:]))
-            loss = segmentation_loss(pixels, train_y[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    train_y = segmentation_targets(train_y, recipe.num_classes, recipe.mask_ignore)
+    if config.seg_decoder == "grid":
+        val_x, val_y = stitched_outputs_in_memory(
+            recipe, recipe.source, recipe.target, recipe.val_rows, "final"
+        )
+        decoder = fit_linear_decoder(
+            train_x,
+            train_y,
+            val_x,
+            val_y,
+            make_head=recipe._new_head,
+            num_classes=recipe.num_classes,
+            lrs=config.lrs,
+            epochs=config.epochs,
+            patience=config.patience,
+            seed=config.seed,
+            weight_decay=config.weight_decay,
+            miou=config.miou,
+            ignore_value=recipe.mask_ignore,
+        )
+        head, decoder_lr = decoder.head, decoder.lr
+    else:
+        head, decoder_lr = recipe._new_head(), config.lrs[0]
+        optimizer = torch.optim.AdamW(
+            head.parameters(), lr=decoder_lr, weight_decay=config.weight_decay
+        )
+        generator = torch.Generator().manual_seed(config.seed)
+        for _ in range(min(config.epochs, 20)):
+            for index in torch.randperm(len(train_x), generator=generator).split(128):
+                pixels = segmentation_logits(head(train_x[index]), tuple(train_y.shape[-2:]))
+                loss = segmentation_loss(pixels, train_y[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     recipe.head = head
     return {
         **_head_metric(recipe, test_source, test_target, test_rows),
         "evaluation": "linear_decoder",
+        "decoder_lr": decoder_lr,
     }
 
 
@@ -188,11 +218,14 @@ def _head_metric(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
             count += len(labels)
         else:
             pixels = segmentation_logits(recipe.head(final), tuple(labels.shape[-2:]))
-            confusion.update(pixels.argmax(1), labels)
+            truth = segmentation_targets(labels, recipe.num_classes, recipe.mask_ignore)
+            confusion.update(pixels.argmax(1), truth)
     if task == "cls":
         return {"test_accuracy": correct / max(count, 1), "evaluation": "head"}
+    definition = recipe.config.miou
     return {
-        "test_miou": confusion.miou(),
+        "test_miou": confusion.miou(definition),
+        "miou_definition": definition,
         "test_pixel_accuracy": confusion.pixel_accuracy(),
         "evaluation": "head",
     }

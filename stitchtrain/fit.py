@@ -15,7 +15,10 @@ Per stage, one optimisation step on a batch of B rows:
     ffm   loss = mse(T(S(src_n)).final, tgt_final)   (pooled-only: .pooled vs tgt_pooled)
     tlt   loss = CE(head(T(S(src_n)).pooled), y)     (seg: per-patch head on final, upsampled)
 where T is the frozen target tail (blocks n+1..N, final norm, pooling): forward and backward to
-the stitch, no weight gradients in the tail. The LoRA stitch reads src_{n-1} instead. Features
+the stitch, no weight gradients in the tail. The step is AdamW's (``weight_decay``, default
+0.01) at ``scheduled_lr`` (``lr_schedule``: constant, or per-step linear warm-up and cosine);
+the TLT head starts fresh or, ``head="probe"``, from the target's own fitted probe / decoder.
+The LoRA stitch reads src_{n-1} instead. Features
 are checked finite as they are read, and a non-finite loss stops the run before its step
 (``NonFiniteLossError``, naming stage, learning rate, epoch and the batch's store rows).
 
@@ -25,7 +28,8 @@ written to the run dir as two files:
                                            learning rate in progress (after an epoch only), the
                                            best snapshots (current: this lr; overall: the
                                            finished lrs), the torch RNG state(s)
-    checkpoint.json                        the rest: stage index, early-stopping state, finished
+    checkpoint.json                        the rest: stage index, early-stopping and schedule
+                                           state (optimiser steps taken at the lr), finished
                                            learning rates, stage results, history, the non-tensor
                                            snapshot fields, and the tensors file's name and hash
 Each file is written to a temp file and renamed into place, tensors first: a kill between the
@@ -69,12 +73,15 @@ from featcache.store import FeatureStore
 from stitchtrain.integrity import format_rows, usable_rows
 from stitchtrain.loader import FeatureLoader, Field, parse_size, split_rows
 from stitchtrain.losses import (
+    IGNORE_INDEX,
+    IGNORE_VALUE,
     classification_loss,
     feature_matching_loss,
     segmentation_logits,
     segmentation_loss,
+    segmentation_targets,
 )
-from stitchtrain.metrics import ConfusionMatrix
+from stitchtrain.metrics import MIOU_DEFINITIONS, ConfusionMatrix
 from stitchtrain.pairing import check_pair, source_array
 from stitchtrain.stitches import Stitch, build_stitch
 
@@ -85,6 +92,12 @@ __all__ = [
     "fit",
     "load_run_encoder",
     "OBJECTIVES",
+    "HEADS",
+    "LR_SCHEDULES",
+    "SEG_DECODERS",
+    "scheduled_lr",
+    "mask_num_classes",
+    "mask_ignore_value",
 ]
 
 _log = logging.getLogger(__name__)
@@ -98,6 +111,9 @@ class NonFiniteLossError(FeatcacheError, FloatingPointError):
 OBJECTIVES = ("lfm", "ffm", "tlt", "ffm+tlt", "lfm+tlt")
 STITCHES = ("linear", "mlp", "lora")
 INITS = ("random", "lstsq", "identity")
+HEADS = ("fresh", "probe")  # the TLT head: fresh (today) or the target's fitted probe / decoder
+LR_SCHEDULES = ("constant", "cosine")
+SEG_DECODERS = ("grid", "fixed")  # scoring LFM / FFM seg stitches: A.2.2 protocol, or 20 epochs
 
 
 @dataclass
@@ -129,9 +145,19 @@ class FitConfig:
     mlp_hidden: int | None = None
     lora_rank: int = 8
     allow_incomplete: bool = False  # use the marked shards of stores with unmarked ones
+    allow_geometry_mismatch: bool = False  # pair stores whose tokens see different pixels
+    # the protocol's open choices (README, Stitching: "Protocol choices"); defaults: the recipe
+    # as it was before they were options (seg_decoder excepted: "fixed" was the old scoring)
+    head: str = "fresh"  # TLT head: "fresh" (random, trained jointly) or "probe" (initialised)
+    weight_decay: float = 0.01  # AdamW's (torch.optim.AdamW's default)
+    lr_schedule: str = "constant"  # or "cosine": per step, linear warm-up then cosine to 0
+    warmup_epochs: int = 0  # cosine only: epochs of linear warm-up
+    seg_decoder: str = "grid"  # LFM / FFM seg scoring: "grid" (A.2.2 protocol) or "fixed"
+    miou: str = "mmseg"  # mIoU definition (stitchtrain.metrics.MIOU_DEFINITIONS)
 
     def __post_init__(self) -> None:
         self.lrs = tuple(float(lr) for lr in self.lrs)
+        self.weight_decay = float(self.weight_decay)
         checks = [
             (self.stitch in STITCHES, f"--stitch in {STITCHES}", self.stitch),
             (self.objective in OBJECTIVES, f"--objective in {OBJECTIVES}", self.objective),
@@ -140,15 +166,87 @@ class FitConfig:
             (self.lrs and all(lr > 0 for lr in self.lrs), "positive --lr values", self.lrs),
             (self.epochs >= 1 and self.patience >= 1, "--epochs, --patience >= 1", self.epochs),
             (0 < self.val_fraction < 1, "0 < --val-fraction < 1", self.val_fraction),
+            (self.head in HEADS, f"--head in {HEADS}", self.head),
+            (
+                self.lr_schedule in LR_SCHEDULES,
+                f"--lr-schedule in {LR_SCHEDULES}",
+                self.lr_schedule,
+            ),
+            (
+                self.seg_decoder in SEG_DECODERS,
+                f"--seg-decoder in {SEG_DECODERS}",
+                self.seg_decoder,
+            ),
+            (self.miou in MIOU_DEFINITIONS, f"--miou in {MIOU_DEFINITIONS}", self.miou),
+            (
+                math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                "--weight-decay >= 0",
+                self.weight_decay,
+            ),
+            (self.warmup_epochs >= 0, "--warmup-epochs >= 0", self.warmup_epochs),
         ]
         for ok, expected, got in checks:
             if not ok:
                 raise FeatcacheError(f"Expected {expected}. Got {got!r} instead.")
         if self.init == "lstsq" and self.stitch != "linear":
             raise FeatcacheError(f"--init lstsq fits a linear stitch. Got --stitch {self.stitch}.")
+        if self.head == "probe" and "tlt" not in self.objective.split("+"):
+            raise FeatcacheError(
+                f"--head probe initialises the TLT head. Got --objective {self.objective}, "
+                "which has no TLT stage."
+            )
+        if self.warmup_epochs and self.lr_schedule != "cosine":
+            raise FeatcacheError(
+                f"--warmup-epochs needs --lr-schedule cosine. Got --warmup-epochs "
+                f"{self.warmup_epochs} with --lr-schedule {self.lr_schedule}."
+            )
+        if self.warmup_epochs >= self.epochs:
+            raise FeatcacheError(
+                f"Expected --warmup-epochs < --epochs (the cosine needs an epoch to decay). Got "
+                f"--warmup-epochs {self.warmup_epochs} with --epochs {self.epochs}."
+            )
 
     def stage_batch_size(self, stage: str) -> int:
         return self.batch_size or (256 if stage == "lfm" else 128)
+
+
+def scheduled_lr(
+    base: float, step: int, steps_per_epoch: int, epochs: int, warmup_epochs: int, schedule: str
+) -> float:
+    """The learning rate of optimiser step ``step`` (0-based, counted from the start of one
+    learning rate of the grid). "constant": ``base``. "cosine", with W = warmup_epochs x
+    steps_per_epoch and T = epochs x steps_per_epoch (the maximum, not where early stopping
+    ends): ``base * (step + 1) / W`` for step < W, then ``base * (1 + cos(pi (step - W) /
+    (T - W))) / 2``, which would reach 0 at step T."""
+    if schedule == "constant":
+        return base
+    warm, total = warmup_epochs * steps_per_epoch, epochs * steps_per_epoch
+    if step < warm:
+        return base * (step + 1) / warm
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+
+def mask_ignore_value(dataset: dict) -> int | None:
+    """The raw "no label" value left in a store's masks: None for a store that records its
+    ``mask_labels`` (extraction mapped the ignore value to -1 already), ``IGNORE_VALUE`` (255)
+    for a store from before that record, whose masks hold the label maps' raw values."""
+    return None if "mask_labels" in dataset else IGNORE_VALUE
+
+
+def mask_num_classes(dataset: dict, masks) -> int:
+    """Segmentation classes of a store (attrs ``dataset``, its ``masks``): the declared
+    ``dataset["mask_labels"]["num_classes"]`` (ADE20K: 150), else the largest mask value + 1
+    (at least 1), never counting an ignored value (``IGNORE_INDEX``, and ``mask_ignore_value``:
+    a 255 does not make 256 classes). ``dataset["classes"]`` are the images' labels, not the
+    masks' (demo dataset: 3 shape labels, masks 0 = background .. 3), so they are not used."""
+    declared = (dataset.get("mask_labels") or {}).get("num_classes")
+    if declared:
+        return int(declared)
+    ignored = masks == IGNORE_INDEX
+    if mask_ignore_value(dataset) is not None:
+        ignored |= masks == mask_ignore_value(dataset)
+    values = masks[~ignored]
+    return int(values.max()) + 1 if values.size else 1
 
 
 def load_run_encoder(
@@ -200,6 +298,7 @@ class _StageState:
     best_loss: float = math.inf  # of the lr in progress
     best_epoch: int = -1
     stale: int = 0  # epochs since the validation loss last improved
+    step: int = 0  # optimiser steps taken at the lr in progress: the lr schedule's position
     finished: list[dict[str, Any]] = field(default_factory=list)  # per finished lr
 
 
@@ -228,6 +327,7 @@ class StitchRecipe:
             objective=config.objective,
             task=config.task,
             pooled_only=config.pooled_only,
+            allow_geometry_mismatch=config.allow_geometry_mismatch,
         )
         self.train_rows, self.val_rows = split_rows(rows, config.val_fraction, config.seed)
         needs_target = any(s in ("ffm", "tlt") for s in self.stages)
@@ -248,12 +348,33 @@ class StitchRecipe:
         self.stage_results: dict[str, Any] = {}
         self._loaders: dict[tuple[str, str], FeatureLoader] = {}
 
+    def protocol(self) -> dict[str, Any]:
+        """The run's choices among those the paper leaves open (README), for metrics.json."""
+        config = self.config
+        protocol = {
+            "head": config.head,
+            "weight_decay": config.weight_decay,
+            "lr_schedule": config.lr_schedule,
+            "warmup_epochs": config.warmup_epochs,
+            "validation": {
+                "rows": "val_fraction of the train rows",
+                "val_fraction": config.val_fraction,
+                "seed": config.seed,
+            },
+        }
+        if config.task == "seg":
+            protocol["miou_definition"] = config.miou
+            if self.stages[-1] != "tlt":
+                protocol["seg_decoder"] = config.seg_decoder
+        return protocol
+
     # -- construction ---------------------------------------------------------------------------
     def _num_classes(self) -> int:
+        self.mask_ignore = None  # seg: mask_ignore_value of the target store
         if self.config.task == "cls":
             return max(len(self.target.attrs["dataset"]["classes"]), 1)
-        masks = self.target.read("masks")
-        return int(masks.max()) + 1
+        self.mask_ignore = mask_ignore_value(self.target.attrs["dataset"])
+        return mask_num_classes(self.target.attrs["dataset"], self.target.read("masks"))
 
     def _new_stitch(self) -> Stitch:
         config = self.config
@@ -277,6 +398,61 @@ class StitchRecipe:
             self.device
         )
 
+    def _probe_head(self) -> dict[str, Any]:
+        """``--head probe``: the TLT head every learning rate starts from, fitted once (cached)
+        on the target store's own outputs over the run's train / validation rows with the
+        A.2.2 protocol (``probe.fit_linear_probe`` on pooled features for cls,
+        ``probe.fit_linear_decoder`` on final tokens for seg), the run's lr grid, epochs,
+        patience, seed and weight decay. Fitted under a forked RNG: the training's random
+        stream is the one ``--head fresh`` sees. {"state", "lr", "val_metric", "epochs"}."""
+        if getattr(self, "_probe_cache", None) is not None:
+            return self._probe_cache
+        from stitchtrain.integrity import require_finite
+        from stitchtrain.probe import fit_linear_decoder, fit_linear_probe
+
+        config, target = self.config, self.target
+        name, labels = ("pooled", "labels") if config.task == "cls" else ("final", "masks")
+        split = {}
+        for key, rows in (("train", self.train_rows), ("val", self.val_rows)):
+            values = target.read(name, rows)
+            require_finite(target, name, values, rows)
+            split[key] = (
+                torch.from_numpy(values).to(self.device),
+                torch.from_numpy(target.read(labels, rows)).long().to(self.device),
+            )
+        protocol = dict(
+            lrs=config.lrs,
+            epochs=config.epochs,
+            patience=config.patience,
+            seed=config.seed,
+            weight_decay=config.weight_decay,
+        )
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if config.task == "cls":
+                result = fit_linear_probe(
+                    *split["train"], *split["val"], num_classes=self.num_classes, **protocol
+                )
+                metric = result.val_accuracy
+            else:
+                result = fit_linear_decoder(
+                    *split["train"],
+                    *split["val"],
+                    make_head=self._new_head,
+                    num_classes=self.num_classes,
+                    miou=config.miou,
+                    ignore_value=self.mask_ignore,
+                    **protocol,
+                )
+                metric = result.val_miou
+        self._probe_cache = {
+            "state": _snapshot(result.head),
+            "lr": result.lr,
+            "val_metric": metric,
+            "epochs": result.epochs,
+        }
+        return self._probe_cache
+
     def _seed(self, stage: str, lr_index: int) -> int:
         return self.config.seed * 1000 + self.stages.index(stage) * 10 + lr_index
 
@@ -287,7 +463,10 @@ class StitchRecipe:
         target = [f.array for stage in self.stages for f in self._fields(stage)[1:]]
         if self.config.init == "lstsq":
             target.append(f"layers/{position}")
-        return [(self.source, source), (self.target, target)]
+        if self.config.head == "probe":  # the head's probe / decoder reads the target's own
+            target.append("pooled" if self.config.task == "cls" else "final")
+            target.append("labels" if self.config.task == "cls" else "masks")
+        return [(self.source, source), (self.target, list(dict.fromkeys(target)))]
 
     def _initial_state(self, stage_index: int) -> dict[str, torch.Tensor]:
         """The stitch a stage starts from: fresh (first stage) or the previous stage's best."""
@@ -378,7 +557,7 @@ class StitchRecipe:
             if self.config.task == "cls":
                 logits = self.head(pooled)
                 return classification_loss(logits, batch["labels"]), logits.argmax(-1)
-            masks = batch["labels"].long()
+            masks = segmentation_targets(batch["labels"], self.num_classes, self.mask_ignore)
             pixels = segmentation_logits(self.head(final), tuple(masks.shape[-2:]))
             return segmentation_loss(pixels, masks), pixels.argmax(1)
 
@@ -412,11 +591,13 @@ class StitchRecipe:
             if predicted is not None and self.config.task == "cls":
                 correct += int((predicted == batch["labels"]).sum())
             elif predicted is not None:
-                confusion.update(predicted, batch["labels"])
+                truth = segmentation_targets(batch["labels"], self.num_classes, self.mask_ignore)
+                confusion.update(predicted, truth)
         self.stitch.train()
         if stage != "tlt":
             return total / max(count, 1), None
-        metric = correct / max(count, 1) if self.config.task == "cls" else confusion.miou()
+        task = self.config.task
+        metric = correct / max(count, 1) if task == "cls" else confusion.miou(self.config.miou)
         return total / max(count, 1), metric
 
     # -- checkpointing --------------------------------------------------------------------------
@@ -503,7 +684,11 @@ class StitchRecipe:
             torch.manual_seed(self._seed(stage, state.lr_index))
             self.stitch.load_state_dict(start)
             self.head = self._new_head()
-            optimizer = torch.optim.AdamW(self._trainable(stage), lr=lr)
+            if stage == "tlt" and config.head == "probe":  # the same start for every lr
+                self.head.load_state_dict(self._probe_head()["state"])
+            optimizer = torch.optim.AdamW(
+                self._trainable(stage), lr=lr, weight_decay=config.weight_decay
+            )
             if resume is not None and resume["training"] is not None:  # inside this lr
                 training = resume["training"]
                 self.stitch.load_state_dict(training["stitch"])
@@ -514,7 +699,7 @@ class StitchRecipe:
             resume = None  # a checkpoint at this lr's boundary: it starts fresh, as above
             loader = self._stage_loader(stage, "train")
             while state.epoch < config.epochs and state.stale < config.patience:
-                row = self._train_epoch(stage, lr, state.epoch, loader, optimizer)
+                row = self._train_epoch(stage, lr, state.epoch, loader, optimizer, state)
                 self.history.append(row)
                 if row["val_loss"] < state.best_loss:
                     state.best_loss, state.best_epoch, state.stale = row["val_loss"], state.epoch, 0
@@ -556,9 +741,18 @@ class StitchRecipe:
             "val_loss": overall["val_loss"],
             "val_metric": overall["val_metric"],
         }
+        if stage == "tlt" and config.head == "probe":
+            probe = self._probe_head()
+            self.stage_results[stage]["head_init"] = {
+                "from": "target probe" if config.task == "cls" else "target linear decoder",
+                **{k: probe[k] for k in ("lr", "val_metric", "epochs")},
+            }
 
-    def _train_epoch(self, stage, lr, epoch, loader, optimizer) -> dict[str, Any]:
-        """One pass over the training rows, then validation; the history row of that epoch."""
+    def _train_epoch(self, stage, lr, epoch, loader, optimizer, state=None) -> dict[str, Any]:
+        """One pass over the training rows, then validation; the history row of that epoch.
+        Each step's learning rate is ``scheduled_lr`` of ``state.step`` (counted on)."""
+        config = self.config
+        state = state if state is not None else _StageState(epoch=epoch, step=epoch * len(loader))
         started = time.perf_counter()
         total, count, compute = 0.0, 0, 0.0
         wait_before = loader.stats.wait_seconds
@@ -568,7 +762,13 @@ class StitchRecipe:
             self._check_finite(loss, "training", stage, lr, epoch, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            step_lr = scheduled_lr(
+                lr, state.step, len(loader), config.epochs, config.warmup_epochs, config.lr_schedule
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
             optimizer.step()
+            state.step += 1
             total += float(loss.detach()) * len(batch["source"])
             count += len(batch["source"])
             compute += time.perf_counter() - step_start
@@ -621,6 +821,7 @@ class StitchRecipe:
             metrics["incomplete_stores"] = incomplete
         metrics["stages"] = self.stage_results
         metrics["final_stage"] = final_stage
+        metrics["protocol"] = self.protocol()
         _write_file(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
         _remove_checkpoint(self.out)
         return metrics

@@ -1,4 +1,4 @@
-"""Minibatches of cached features for the stitch trainers (DESIGN.md, "Feeding the trainers").
+"""Minibatches of cached features for the stitch trainers (docs/design.md).
 
 A :class:`FeatureLoader` picks one of two modes from a memory budget:
 

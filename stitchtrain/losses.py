@@ -18,13 +18,19 @@ import torch.nn.functional as F
 
 __all__ = [
     "IGNORE_INDEX",
+    "IGNORE_VALUE",
     "feature_matching_loss",
     "classification_loss",
     "segmentation_logits",
     "segmentation_loss",
+    "segmentation_targets",
 ]
 
 IGNORE_INDEX = -1  # mask pixels without a label (and rows of skipped images)
+# the "no label" value of label-map files (mmsegmentation's ignore_index). Stores record how
+# their masks were mapped (attrs dataset.mask_labels: the ignore value is -1 there already);
+# in a store from before that record, masks hold raw values and 255 means "ignore"
+IGNORE_VALUE = 255
 
 
 def feature_matching_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -54,3 +60,26 @@ def segmentation_logits(patch_logits: torch.Tensor, mask_size: tuple[int, int]) 
 def segmentation_loss(pixel_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Per-pixel cross-entropy, ``(B, C, h, w)`` vs ``(B, h, w)``, ignoring ``IGNORE_INDEX``."""
     return F.cross_entropy(pixel_logits, masks, ignore_index=IGNORE_INDEX)
+
+
+def segmentation_targets(
+    masks: torch.Tensor, num_classes: int, ignore_value: int | None = None
+) -> torch.Tensor:
+    """Stored masks -> int64 class indices for the loss and the confusion matrix:
+    ``ignore_value`` (a store's raw "no label", e.g. 255; None: none) becomes ``IGNORE_INDEX``;
+    any other value outside ``[0, num_classes)`` (and not -1) is refused, naming it, rather
+    than left to fail inside cross-entropy or the confusion matrix."""
+    from featcache.errors import FeatcacheError
+
+    masks = masks.long()
+    if ignore_value is not None:
+        masks = masks.masked_fill(masks == ignore_value, IGNORE_INDEX)
+    bad = (masks < IGNORE_INDEX) | (masks >= num_classes)
+    if bool(bad.any()):
+        value = int(masks[bad][0])
+        raise FeatcacheError(
+            f"Expected mask values in 0..{num_classes - 1} or {IGNORE_INDEX} (ignored). Got mask "
+            f"value {value} instead: the training store's masks have fewer classes; declare "
+            "the dataset's classes."
+        )
+    return masks

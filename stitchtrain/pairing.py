@@ -8,6 +8,13 @@ caught). Each objective then needs arrays:
   lfm       source layers/n (lora: layers/n-1)  target layers/n
   ffm       source layers/n (lora: layers/n-1)  target final (or pooled with pooled-only)
   tlt       source layers/n (lora: layers/n-1)  target labels (cls) / masks (seg)
+
+Stitching is per token, so paired stores must also agree on geometry: token (i, j) of the
+source (its grid mapped onto the target's by grid fraction, as the stitch resamples) must see
+the same pixels of the original image as token (i, j) of the target. ``check_geometry``
+compares the geometries the stores record (``featcache.preprocess.Geometry``) over 1:1, 4:3,
+3:4 and 16:9 images and refuses an offset over ``GEOMETRY_TOLERANCE`` target patches, unless
+told to allow it (CLI: ``--allow-geometry-mismatch``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from featcache.errors import FeatcacheError
+from featcache.preprocess import REFERENCE_SIZES, Geometry, token_offset
 from featcache.store import FeatureStore, find_stores
 
 __all__ = [
@@ -25,6 +33,9 @@ __all__ = [
     "ids_hash",
     "marked_rows",
     "check_pair",
+    "check_geometry",
+    "store_geometry",
+    "GEOMETRY_TOLERANCE",
     "source_array",
     "find_split_store",
 ]
@@ -39,6 +50,46 @@ def ids_hash(store: FeatureStore, rows: np.ndarray | None = None) -> str:
     ids = np.asarray(store.read("ids"), dtype=object)
     ids = ids if rows is None else ids[rows]
     return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
+GEOMETRY_TOLERANCE = 0.1  # target patches: paired token centres may differ by this much
+_GEOMETRY_FIX = (
+    "Extract both with the same geometry (featcache extract --crop-pct F --resize-mode "
+    "shortest|squash applies one to every --model of a run; the presets share one by default), "
+    "or pass --allow-geometry-mismatch to pair them anyway."
+)
+
+
+def store_geometry(store: FeatureStore) -> Geometry:
+    """The geometry a store records (derived from its preprocessing for older stores)."""
+    try:
+        return Geometry.from_description(store.attrs["encoder"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise PairingError(
+            f"The store {store.url} records no usable geometry ({type(err).__name__}: {err}); "
+            "extract it again with this featcache version."
+        ) from err
+
+
+def check_geometry(
+    source: FeatureStore, target: FeatureStore, *, allow_mismatch: bool = False
+) -> float:
+    """Largest offset, in target patches, between paired token centres of two stores.
+
+    Raises ``PairingError`` naming both geometries and the override when it exceeds
+    ``GEOMETRY_TOLERANCE`` and ``allow_mismatch`` is False.
+    """
+    a, b = store_geometry(source), store_geometry(target)
+    offset = token_offset(a, b, REFERENCE_SIZES)
+    if offset > GEOMETRY_TOLERANCE and not allow_mismatch:
+        name_a = source.attrs["encoder"].get("name", "?")
+        name_b = target.attrs["encoder"].get("name", "?")
+        raise PairingError(
+            f"Source {name_a} ({a}; {source.url}) and target {name_b} ({b}; {target.url}) see "
+            f"different pixels: paired token centres differ by up to {offset:.2f} target "
+            f"patches (tolerance {GEOMETRY_TOLERANCE}). {_GEOMETRY_FIX}"
+        )
+    return offset
 
 
 def marked_rows(*stores: FeatureStore) -> np.ndarray:
@@ -72,8 +123,12 @@ def check_pair(
     objective: str,
     task: str,
     pooled_only: bool = False,
+    allow_geometry_mismatch: bool = False,
 ) -> None:
-    """Raise ``PairingError`` naming the mismatch or the missing array; return when usable."""
+    """Raise ``PairingError`` naming the mismatch or the missing array; return when usable.
+
+    ``allow_geometry_mismatch`` pairs stores whose tokens see different pixels
+    (``check_geometry``)."""
     source_data, target_data = source.attrs["dataset"], target.attrs["dataset"]
     for key in ("manifest_hash", "split", "order_seed", "num_images"):
         if source_data.get(key) != target_data.get(key):
@@ -88,6 +143,7 @@ def check_pair(
             f"Source {source.url} and target {target.url} order their images differently (ids "
             "hash differs). Extract both with the same featcache version and order seed."
         )
+    check_geometry(source, target, allow_mismatch=allow_geometry_mismatch)
     last = min(source.attrs["encoder"]["depth"], target.attrs["encoder"]["depth"])
     if not 1 <= position <= last:
         raise PairingError(

@@ -2,9 +2,11 @@
 evaluate LFM / FFM stitches (paper A.2.2: "a single linear classifier is trained on pooled image
 features while all VFM parameters remain frozen").
 
-Protocol (A.2.2): AdamW, up to ``epochs`` epochs, early stopping with ``patience`` on the
-validation loss, learning rate chosen from ``lrs`` by validation accuracy, no augmentation.
-Features are small here (pooled vectors), so they live in memory as one tensor.
+Protocol (A.2.2): AdamW (weight decay 0.01, AdamW's default, unless given), a constant learning
+rate, up to ``epochs`` epochs, early stopping with ``patience`` on the validation loss, learning
+rate chosen from ``lrs`` by validation accuracy, no augmentation. Features are small here
+(pooled vectors), so they live in memory as one tensor. ``fit_linear_decoder`` runs the same
+protocol for a per-patch linear segmentation decoder (paper A.2.5), chosen by validation mIoU.
 """
 
 from __future__ import annotations
@@ -16,10 +18,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stitchtrain.losses import classification_loss
-from stitchtrain.metrics import accuracy
+from stitchtrain.losses import (
+    IGNORE_INDEX,
+    classification_loss,
+    segmentation_logits,
+    segmentation_loss,
+    segmentation_targets,
+)
+from stitchtrain.metrics import ConfusionMatrix, accuracy
 
-__all__ = ["ProbeResult", "fit_linear_probe", "evaluate_probe", "probe_store"]
+__all__ = [
+    "ProbeResult",
+    "DecoderResult",
+    "fit_linear_probe",
+    "fit_linear_decoder",
+    "evaluate_probe",
+    "evaluate_decoder",
+    "probe_store",
+]
 
 
 @dataclass
@@ -63,29 +79,160 @@ def fit_linear_probe(
     patience: int = 5,
     batch_size: int = 128,
     seed: int = 0,
+    weight_decay: float = 0.01,
 ) -> ProbeResult:
     """Train one linear classifier per learning rate; return the best by validation accuracy.
 
     Features ``(N, D)`` float32, labels ``(N,)`` int64, all on one device.
     """
-    best: ProbeResult | None = None
+    best = _fit_head_grid(
+        train_features,
+        train_labels,
+        val_features,
+        val_labels,
+        make_head=lambda: nn.Linear(train_features.shape[1], num_classes),
+        loss_fn=lambda head, x, y: classification_loss(head(x), y),
+        evaluate=evaluate_probe,
+        lrs=lrs,
+        epochs=epochs,
+        patience=patience,
+        batch_size=batch_size,
+        seed=seed,
+        weight_decay=weight_decay,
+    )
+    return ProbeResult(
+        best.head, best.lr, best.val_metric, best.val_loss, best.epochs, best.history
+    )
+
+
+@dataclass
+class DecoderResult:
+    """The linear segmentation decoder chosen from the grid, by validation mIoU."""
+
+    head: nn.Module
+    lr: float
+    val_miou: float
+    val_loss: float
+    epochs: int
+    history: list[dict]
+
+
+@torch.no_grad()
+def evaluate_decoder(
+    head: nn.Module,
+    features: torch.Tensor,
+    masks: torch.Tensor,
+    batch_size: int = 128,
+    miou: str = "mmseg",
+) -> tuple[float, float]:
+    """(loss over the labelled pixels, mIoU by definition ``miou``) of a per-patch ``head`` on
+    ``(N, T, D)`` tokens against ``(N, h, w)`` class indices (``segmentation_targets``)."""
+    confusion, total, pixels = None, 0.0, 0
+    for start in range(0, len(features), batch_size):
+        truth = masks[start : start + batch_size]
+        logits = segmentation_logits(head(features[start : start + batch_size]), truth.shape[-2:])
+        labelled = int((truth != IGNORE_INDEX).sum())
+        if labelled:
+            total += float(segmentation_loss(logits, truth)) * labelled
+            pixels += labelled
+        confusion = confusion or ConfusionMatrix(logits.shape[1])
+        confusion.update(logits.argmax(1), truth)
+    return total / max(pixels, 1), confusion.miou(miou) if confusion else float("nan")
+
+
+def fit_linear_decoder(
+    train_features: torch.Tensor,
+    train_masks: torch.Tensor,
+    val_features: torch.Tensor,
+    val_masks: torch.Tensor,
+    *,
+    make_head,
+    num_classes: int,
+    lrs: tuple[float, ...] = (1e-3, 5e-3, 1e-2),
+    epochs: int = 100,
+    patience: int = 5,
+    batch_size: int = 128,
+    seed: int = 0,
+    weight_decay: float = 0.01,
+    miou: str = "mmseg",
+    ignore_value: int | None = None,
+) -> DecoderResult:
+    """The classification protocol for a linear segmentation decoder (paper A.2.5: LFM / FFM
+    "reuse the optimization and hyperparameter settings described for classification"): one
+    decoder ``make_head()`` per learning rate, AdamW, early stopping on the validation loss,
+    the best by validation mIoU (definition ``miou``). Tokens ``(N, T, D)``, masks
+    ``(N, h, w)`` as stored (``ignore_value``: a raw "no label" value left in them)."""
+    train_masks = segmentation_targets(train_masks, num_classes, ignore_value)
+    val_masks = segmentation_targets(val_masks, num_classes, ignore_value)
+    best = _fit_head_grid(
+        train_features,
+        train_masks,
+        val_features,
+        val_masks,
+        make_head=make_head,
+        loss_fn=lambda head, x, y: segmentation_loss(
+            segmentation_logits(head(x), tuple(y.shape[-2:])), y
+        ),
+        evaluate=lambda head, x, y: evaluate_decoder(head, x, y, miou=miou),
+        lrs=lrs,
+        epochs=epochs,
+        patience=patience,
+        batch_size=batch_size,
+        seed=seed,
+        weight_decay=weight_decay,
+    )
+    return DecoderResult(
+        best.head, best.lr, best.val_metric, best.val_loss, best.epochs, best.history
+    )
+
+
+@dataclass
+class _GridResult:
+    head: nn.Module
+    lr: float
+    val_metric: float
+    val_loss: float
+    epochs: int
+    history: list[dict]
+
+
+def _fit_head_grid(
+    train_x,
+    train_y,
+    val_x,
+    val_y,
+    *,
+    make_head,
+    loss_fn,
+    evaluate,
+    lrs,
+    epochs,
+    patience,
+    batch_size,
+    seed,
+    weight_decay,
+) -> _GridResult:
+    """The A.2.2 loop shared by probe and decoder: per lr (seeded the same), AdamW, up to
+    ``epochs`` epochs of shuffled batches, early stopping on the validation loss; the best
+    lr by (validation metric, -validation loss), ties keeping the first."""
+    best: _GridResult | None = None
     for lr in lrs:
         torch.manual_seed(seed)
-        head = nn.Linear(train_features.shape[1], num_classes).to(train_features.device)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
+        head = make_head().to(train_x.device)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
         generator = torch.Generator().manual_seed(seed)
         best_state, best_loss, best_epoch, stale, history = None, float("inf"), 0, 0, []
         for epoch in range(epochs):
             head.train()
-            for index in _batches(len(train_features), batch_size, generator):
-                loss = classification_loss(head(train_features[index]), train_labels[index])
+            for index in _batches(len(train_x), batch_size, generator):
+                loss = loss_fn(head, train_x[index], train_y[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             head.eval()
-            val_loss, val_accuracy = evaluate_probe(head, val_features, val_labels)
+            val_loss, val_metric = evaluate(head, val_x, val_y)
             history.append(
-                {"lr": lr, "epoch": epoch, "val_loss": val_loss, "val_accuracy": val_accuracy}
+                {"lr": lr, "epoch": epoch, "val_loss": val_loss, "val_accuracy": val_metric}
             )
             if val_loss < best_loss:
                 best_loss, best_epoch, stale = val_loss, epoch, 0
@@ -95,9 +242,9 @@ def fit_linear_probe(
                 if stale >= patience:
                     break
         head.load_state_dict(best_state)
-        _, val_accuracy = evaluate_probe(head, val_features, val_labels)
-        candidate = ProbeResult(head, lr, val_accuracy, best_loss, best_epoch + 1, history)
-        if best is None or (val_accuracy, -best_loss) > (best.val_accuracy, -best.val_loss):
+        _, val_metric = evaluate(head, val_x, val_y)
+        candidate = _GridResult(head, lr, val_metric, best_loss, best_epoch + 1, history)
+        if best is None or (val_metric, -best_loss) > (best.val_metric, -best.val_loss):
             best = candidate
     assert best is not None
     return best

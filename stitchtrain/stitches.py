@@ -1,7 +1,7 @@
 """Stitch layers: linear, MLP and LoRA maps from source layer-n tokens to target layer-n tokens.
 
 A stitch S acts on a source token sequence ``(B, Ts, Ds)`` and returns a target-shaped one
-``(B, Tt, Dt)`` (DESIGN.md "Token alignment between two encoders"):
+``(B, Tt, Dt)`` (docs/design.md, "Token alignment between two encoders"):
 
     S(x) = map(align(x)) + offsets        offsets only on target prefix slots, see TokenAligner
 

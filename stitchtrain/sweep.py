@@ -52,6 +52,7 @@ import pandas as pd
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
 from stitchtrain.fit import OBJECTIVES, STITCHES, FitConfig, fit
+from stitchtrain.pairing import check_geometry
 from stitchtrain.probe import probe_store
 
 __all__ = [
@@ -303,6 +304,12 @@ def plan_sweep(config: dict[str, Any], base: str | Path = ".") -> SweepPlan:
         return SweepPoint(id=name, config=fit_kwargs, **common)
 
     directions = [(s, t) for s, t in pairs if s != t]
+    for source, target in directions:  # refused here, before any point runs
+        check_geometry(
+            FeatureStore.open(stores[source]["train"]),
+            FeatureStore.open(stores[target]["train"]),
+            allow_mismatch=defaults.allow_geometry_mismatch,
+        )
     encoders = list(dict.fromkeys(k for pair in pairs for k in pair))
     points: list[SweepPoint] = []
     if baselines["probe"] and task == "cls":

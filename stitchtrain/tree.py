@@ -14,6 +14,18 @@ the branch encoder's blocks n+1..N), and the trunk's output equals the trunk enc
 forward: the tree only removes the repeated work. ``forward`` returns
 ``{name: (final (B, T, D), pooled (B, D'))}`` with the trunk first, then the branches in order.
 
+Readout layer R (``readout_layer``; CLI ``--readout-layer``). An MLLM does not read an encoder's
+final output: LLaVA takes the penultimate layer (layer 23 of a 24-block ViT-L), and the paper's
+costs (Table 13, section 6.2) count blocks up to that layer. With R < N the trunk runs blocks
+1..R and every branch runs blocks n+1..R only (no final norm, no pool: nothing after block R
+runs), and ``forward`` returns ``{name: layer-R tokens (B, T, D)}``: the raw output of block R,
+all T tokens (prefix tokens first), what ``encoder.run(images, upto=R)`` gives for the trunk and
+what the stitched model cut at layer R gives for a branch. The tree returns ``(final, pooled)``
+pairs, bit-identical to a tree without a readout layer, only when R is every encoder's depth N
+(``reads_final``); that is the default (``readout_layer=None``: each encoder's own N). An
+explicit R must lie in n+1..N (N: the smallest depth among the encoders); it is recorded in
+tree.json (``readout_layer``; a tree.json without the key reads layer N).
+
 LoRA branches (paper Table 3) are supported: such a stitch consumes trunk layer n-1 and runs its
 own LoRA copy of trunk block n. When a tree has one, the trunk runs blocks 1..n-1 once, the LoRA
 branches read layer n-1, and trunk block n runs once for the trunk's own output and the other
@@ -23,7 +35,8 @@ extra block (its adapted copy) and runs it, i.e. it specialises blocks n..N inst
 Saved form (``save`` / ``load``), never pickle::
 
     TREE_DIR/tree.json                     trunk and branch encoder specs + fingerprints, the
-                                           position, per branch the stitch kind and constructor
+                                           position, the readout layer (null: each encoder's
+                                           own depth), per branch the stitch kind and constructor
                                            arguments and its weight file, provenance (run dirs)
     TREE_DIR/stitch-<branch>.safetensors   one per branch: the stitch's state dict
 
@@ -31,9 +44,10 @@ Encoder weights are not copied: they are re-loaded from their spec (plus the use
 keyed by encoder name, as everywhere else) and every fingerprint is checked against tree.json.
 
 Memory: with ``prune=True`` (the default of ``from_runs`` and ``load``) the branch encoders'
-blocks 1..n are freed, since the tree never runs them; such an encoder then only supports
-``run_from(tokens, m)`` for m >= n. Patch embeddings and position embeddings of the branches are
-kept (about 0.4% of a ViT-L).
+blocks 1..n are freed, since the tree never runs them, and with R < N their blocks R+1..N too;
+such an encoder then only supports running blocks n+1..R. Patch embeddings and position
+embeddings of the branches are kept (about 0.4% of a ViT-L). The trunk is never pruned (it is
+the caller's encoder): its blocks R+1..N stay in memory, unused.
 """
 
 from __future__ import annotations
@@ -59,6 +73,7 @@ __all__ = [
     "TreeError",
     "VFMStitchTree",
     "additional_cost",
+    "check_readout_layer",
     "load_trunk",
     "stitch_args",
 ]
@@ -75,10 +90,11 @@ class TreeError(FeatcacheError, ValueError):
 def additional_cost(num_encoders: int, position: int, depth: int) -> float:
     """Paper Table 13: extra compute of a k-encoder tree relative to one encoder.
 
-    With k encoders of equal depth L sharing blocks 1..n, the tree runs n + k (L - n) blocks
-    instead of one encoder's L, so the additional cost is (k - 1)(L - n) / L. ``position=0``
-    is the naive system ("Full": (k - 1) L / L = k - 1). The paper takes L = 23 (MLLMs read
-    layer 23 of a 24-block ViT-L): k=4, n=14 gives 3 * 9 / 23 = 117%.
+    With k encoders read at layer L (the readout layer: every system runs blocks up to L)
+    sharing blocks 1..n, the tree runs n + k (L - n) blocks instead of one encoder's L, so the
+    additional cost is (k - 1)(L - n) / L. ``position=0`` is the naive system ("Full":
+    (k - 1) L / L = k - 1). The paper takes L = 23 (MLLMs read layer 23 of a 24-block ViT-L):
+    k=2 gives 9 / 23 = 39% (VST-14) and 1 / 23 = 4.3% (VST-22); k=4, n=14 gives 27 / 23 = 117%.
     """
     if num_encoders < 1 or not 0 <= position <= depth:
         raise ValueError(
@@ -86,6 +102,34 @@ def additional_cost(num_encoders: int, position: int, depth: int) -> float:
             f"Got num_encoders={num_encoders}, position={position} instead."
         )
     return (num_encoders - 1) * (depth - position) / depth
+
+
+def check_readout_layer(
+    readout_layer: Any, position: int, depth: int | None = None, *, what: str = "a readout layer"
+) -> int:
+    """Refuse a readout layer R outside ``position + 1 .. depth`` (``depth`` None: no upper
+    bound known yet) in one line naming the value and the range; return R."""
+    upper = "N" if depth is None else str(depth)
+    if (
+        type(readout_layer) is not int
+        or readout_layer <= position
+        or (depth is not None and readout_layer > depth)
+    ):
+        raise TreeError(
+            f"Expected {what} in {position + 1}..{upper} (above the stitch position {position}, "
+            f"up to the encoders' depth {upper}). Got {readout_layer!r} instead."
+        )
+    return readout_layer
+
+
+def _run_blocks(encoder: Encoder, tokens: Tensor, start: int, stop: int) -> Tensor:
+    """Layer-``start`` tokens ``(B, T, D)`` -> layer-``stop`` tokens through blocks
+    start+1..stop: the loop of ``Encoder.run_from`` (one block context, e.g. RoPE tables), without
+    the final norm and pool, which only follow block N."""
+    context = encoder._context(encoder.grid, tokens)
+    for index in range(start, stop):
+        tokens = encoder._block(index, tokens, context)
+    return tokens
 
 
 # -- describing encoders and stitches ------------------------------------------------------------
@@ -142,14 +186,14 @@ def _build_from_args(args: Mapping[str, Any], trunk: Encoder, position: int) -> 
     )
 
 
-def _free_blocks(encoder: Encoder, upto: int) -> None:
-    """Release the weights of blocks 1..``upto`` (zero-size tensors keep the module structure).
+def _free_blocks(encoder: Encoder, blocks: Sequence[int]) -> None:
+    """Release the weights of ``blocks`` (zero-size tensors keep the module structure).
 
-    Done in place, after the fingerprint is cached: the encoder can then only run
-    ``run_from(tokens, m)`` for m >= ``upto``.
+    Done in place, after the fingerprint is cached: the encoder can then only run the blocks
+    it still holds (blocks 1..n freed: ``run_from(tokens, m)`` for m >= n).
     """
     encoder.fingerprint  # noqa: B018  (computed and cached while the weights still exist)
-    for n in range(1, upto + 1):
+    for n in blocks:
         for module in encoder.block(n).modules():
             for key, tensor in module._parameters.items():
                 if tensor is not None and tensor.numel():
@@ -163,9 +207,11 @@ def _free_blocks(encoder: Encoder, upto: int) -> None:
 class TreeBranch(nn.Module):
     """One branch: a stitch into ``encoder`` at ``position``, then that encoder's tail.
 
-    ``forward``: trunk tokens ``(B, T0, D0)`` (layer n; layer n-1 for a LoRA stitch) ->
-    ``(final (B, T, D), pooled (B, D'))`` of ``encoder``: the stitch maps them to the encoder's
-    layer-n layout ``(B, T, D)``, then blocks n+1..N, the final norm and the pool run.
+    ``forward(trunk_tokens, readout_layer=None)``: trunk tokens ``(B, T0, D0)`` (layer n;
+    layer n-1 for a LoRA stitch) -> ``(final (B, T, D), pooled (B, D'))`` of ``encoder``: the
+    stitch maps them to the encoder's layer-n layout ``(B, T, D)``, then blocks n+1..N, the
+    final norm and the pool run. With ``readout_layer`` R: blocks n+1..R only, and the layer-R
+    tokens ``(B, T, D)`` are returned.
 
     Attributes:
         name: the output key in the tree.
@@ -211,13 +257,20 @@ class TreeBranch(nn.Module):
         """True when the stitch consumes trunk layer n-1 (and runs its own copy of block n)."""
         return self.stitch.kind == "lora"
 
-    def forward(self, trunk_tokens: Tensor) -> tuple[Tensor, Tensor]:
-        return self.encoder.run_from(self.stitch(trunk_tokens), self.position)
+    def forward(
+        self, trunk_tokens: Tensor, readout_layer: int | None = None
+    ) -> tuple[Tensor, Tensor] | Tensor:
+        stitched = self.stitch(trunk_tokens)  # (B, T, D), the encoder's layer n
+        if readout_layer is None:
+            return self.encoder.run_from(stitched, self.position)
+        return _run_blocks(self.encoder, stitched, self.position, readout_layer)
 
-    def prune(self) -> None:
-        """Free the encoder's blocks 1..n, which the tree never runs."""
+    def prune(self, readout_layer: int | None = None) -> None:
+        """Free the encoder's blocks 1..n (and R+1..N with a readout layer R), which the tree
+        never runs."""
         if not self.pruned:
-            _free_blocks(self.encoder, self.position)
+            tail = range(readout_layer + 1, self.encoder.depth + 1) if readout_layer else ()
+            _free_blocks(self.encoder, [*range(1, self.position + 1), *tail])
             self.pruned = True
 
     def extra_repr(self) -> str:
@@ -233,11 +286,20 @@ class VFMStitchTree(nn.Module):
         position: n, the number of shared trunk blocks (1..N0).
         branches: stitched tails, each at ``position`` with a stitch from the trunk's layout.
         trunk_name: the trunk's output key (default ``trunk.name``).
-        prune: free the branch encoders' blocks 1..n now (modifies them in place).
+        readout_layer: R, the layer every output is read at (n+1..N, N the smallest depth);
+            None (the default) reads each encoder's final output (module docstring).
+        prune: free the branch encoders' blocks 1..n (and R+1..N) now (modifies them in place).
 
     ``forward(images)`` takes ``(B, 3, H, W)`` at ``trunk.image_size`` and returns
-    ``{name: (final, pooled)}`` for the trunk and each branch. Only stitch parameters require
-    gradients, so the tree drops into another model as a module whose stitches can be tuned.
+    ``{name: (final, pooled)}`` for the trunk and each branch when ``reads_final``, else
+    ``{name: layer-R tokens (B, T, D)}``. Only stitch parameters require gradients, so the tree
+    drops into another model as a module whose stitches can be tuned.
+
+    Attributes:
+        readout_layer: R; when None was given, the common depth N (None only when the
+            encoders' depths differ: each is then read at its own N).
+        reads_final: True when every encoder is read at its depth N: outputs are
+            ``(final, pooled)``; False: outputs are layer-R tokens.
     """
 
     def __init__(
@@ -247,6 +309,7 @@ class VFMStitchTree(nn.Module):
         branches: Sequence[TreeBranch],
         *,
         trunk_name: str | None = None,
+        readout_layer: int | None = None,
         prune: bool = False,
     ) -> None:
         super().__init__()
@@ -263,6 +326,12 @@ class VFMStitchTree(nn.Module):
             self._check_branch(branch, seen)
             seen.add(branch.name)
         self.branches = nn.ModuleList(branches)
+        depths = [trunk.depth, *(branch.encoder.depth for branch in branches)]
+        if readout_layer is None:
+            self.readout_layer = depths[0] if len(set(depths)) == 1 else None
+        else:
+            self.readout_layer = check_readout_layer(readout_layer, position, min(depths))
+        self.reads_final = readout_layer is None or set(depths) == {readout_layer}
         if prune:
             self.prune_branches()
 
@@ -309,19 +378,30 @@ class VFMStitchTree(nn.Module):
         """Trunk blocks whose output every branch reads: n, or n-1 with a LoRA branch."""
         return self.position - 1 if self.has_lora else self.position
 
+    @property
+    def _upto(self) -> int | None:
+        """The layer the blocks run up to: R, or None where each encoder runs to its own N."""
+        return None if self.reads_final else self.readout_layer
+
+    def layers_read(self, encoder: Encoder) -> int:
+        """The layer ``encoder`` (the trunk or a branch's) is read at: R, or its depth N."""
+        return encoder.depth if self.reads_final else self.readout_layer
+
     def prune_branches(self) -> None:
-        """Free every branch encoder's blocks 1..n (see ``TreeBranch.prune``)."""
+        """Free every branch encoder's blocks 1..n and R+1..N (see ``TreeBranch.prune``)."""
         for branch in self.branches:
-            branch.prune()
+            branch.prune(self._upto)
 
     def blocks_per_forward(self) -> int:
-        """Transformer blocks one forward runs: N0 + sum over branches of (N_b - n [+ 1 LoRA])."""
-        tails = sum(b.encoder.depth - self.position + b.is_lora for b in self.branches)
-        return self.trunk.depth + tails
+        """Transformer blocks one forward runs: R0 + sum over branches of (R_b - n [+ 1 LoRA]),
+        with R_b the readout layer R, or the encoder's depth N_b when ``reads_final``."""
+        tails = sum(self.layers_read(b.encoder) - self.position + b.is_lora for b in self.branches)
+        return self.layers_read(self.trunk) + tails
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, images: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-        """``images (B, 3, H, W)`` at the trunk's size -> ``{name: (final, pooled)}``."""
+    def forward(self, images: Tensor) -> dict[str, tuple[Tensor, Tensor]] | dict[str, Tensor]:
+        """``images (B, 3, H, W)`` at the trunk's size -> ``{name: (final, pooled)}``, or
+        ``{name: layer-R tokens (B, T, D)}`` when not ``reads_final``."""
         if images.ndim != 4 or tuple(images.shape[-2:]) != tuple(self.trunk.image_size):
             raise TreeError(
                 f"Expected images of shape (B, 3, {self.trunk.image_size[0]}, "
@@ -331,9 +411,13 @@ class VFMStitchTree(nn.Module):
         n = self.position
         shared = self.trunk.run(images, upto=self.shared_blocks)  # (B, T0, D0), layer n or n-1
         layer_n = self.trunk.run_block(n, shared) if self.has_lora else shared  # (B, T0, D0)
-        outputs = {self.trunk_name: self.trunk.run_from(layer_n, n)}
+        upto = self._upto
+        if upto is None:
+            outputs = {self.trunk_name: self.trunk.run_from(layer_n, n)}
+        else:
+            outputs = {self.trunk_name: _run_blocks(self.trunk, layer_n, n, upto)}
         for branch in self.branches:
-            outputs[branch.name] = branch(shared if branch.is_lora else layer_n)
+            outputs[branch.name] = branch(shared if branch.is_lora else layer_n, upto)
         return outputs
 
     # -- construction from run dirs -------------------------------------------------------------
@@ -348,7 +432,9 @@ class VFMStitchTree(nn.Module):
         random_init: bool = False,
         device: str | torch.device | None = None,
         trunk_name: str | None = None,
+        readout_layer: int | None = None,
         prune: bool = True,
+        allow_geometry_mismatch: bool = False,
     ) -> VFMStitchTree:
         """A tree from finished ``stitchtrain fit`` run dirs, one branch per run.
 
@@ -357,9 +443,16 @@ class VFMStitchTree(nn.Module):
         (same fingerprint) and the run must stitch at ``position``; each branch encoder is
         loaded from the run's target store spec (``weights[name]`` or ``random_init``) and
         checked against that store's fingerprint. Anything else is refused with a
-        ``TreeError`` naming the run dir.
+        ``TreeError`` naming the run dir. ``readout_layer``: see the class (checked first).
+        Each run's source and target stores must see the same pixels
+        (``pairing.check_geometry``) unless ``allow_geometry_mismatch`` or the run was fit
+        with it.
         """
         from stitchtrain.fit import load_run_encoder
+        from stitchtrain.pairing import check_geometry
+
+        if readout_layer is not None:  # refused before any run dir is read
+            check_readout_layer(readout_layer, position, trunk.depth)
 
         weights = dict(weights or {})
         device = device if device is not None else _device_of(trunk)
@@ -386,6 +479,8 @@ class VFMStitchTree(nn.Module):
                     "with (same name, --weights, --random-init)."
                 )
             target = FeatureStore.open(config["target"])
+            allowed = allow_geometry_mismatch or config.get("allow_geometry_mismatch", False)
+            check_geometry(source, target, allow_mismatch=allowed)
             target_name = target.attrs["encoder"]["name"]
             encoder = load_run_encoder(target, weights.get(target_name), random_init, device)
             stitch = build_stitch(
@@ -414,7 +509,14 @@ class VFMStitchTree(nn.Module):
                     provenance=provenance,
                 )
             )
-        return cls(trunk, position, branches, trunk_name=trunk_name, prune=prune)
+        return cls(
+            trunk,
+            position,
+            branches,
+            trunk_name=trunk_name,
+            readout_layer=readout_layer,
+            prune=prune,
+        )
 
     # -- saving and loading ---------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -424,6 +526,7 @@ class VFMStitchTree(nn.Module):
             "format": TREE_FORMAT,
             "version": TREE_VERSION,
             "position": self.position,
+            "readout_layer": self.readout_layer,
             "trunk_name": self.trunk_name,
             "trunk": _describe_encoder(self.trunk),
             "branches": [
@@ -488,6 +591,7 @@ class VFMStitchTree(nn.Module):
             )
         weights = dict(weights or {})
         position = int(described["position"])
+        readout_layer = described.get("readout_layer")  # absent before readout layers: N
         where = f"tree {directory}"
         trunk = _load_recorded(described["trunk"], weights, random_init, device, f"{where}, trunk")
         branches = []
@@ -507,7 +611,17 @@ class VFMStitchTree(nn.Module):
                     provenance=entry.get("provenance"),
                 )
             )
-        return cls(trunk, position, branches, trunk_name=described.get("trunk_name"), prune=prune)
+        depths = {trunk.depth, *(branch.encoder.depth for branch in branches)}
+        if depths == {readout_layer}:
+            readout_layer = None  # the final output, as recorded (also where position is N)
+        return cls(
+            trunk,
+            position,
+            branches,
+            trunk_name=described.get("trunk_name"),
+            readout_layer=readout_layer,
+            prune=prune,
+        )
 
 
 # -- helpers ----------------------------------------------------------------------------------

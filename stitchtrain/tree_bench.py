@@ -1,10 +1,16 @@
 """``stitchtrain tree bench``: what a VFM Stitch Tree saves over running every encoder in full.
 
 For k encoders (the first is the trunk) it measures the naive system (each encoder on its own
-input, in full) and VST-n for several positions n, one system at a time on the device:
+input, in full) and VST-n for several positions n, one system at a time on the device.
+
+Every system is read at the readout layer R (``readout_layer``, CLI ``--readout-layer``; default
+N, each encoder's final output): with R < N the naive system runs each encoder's blocks 1..R and
+a tree runs trunk blocks 1..R and branch blocks n+1..R (``VFMStitchTree``), nothing after block R
+(no final norm, no pool). MLLMs read layer 23 of a 24-block ViT-L, the paper's L = 23.
 
   params_m     parameters the system holds, in millions (a LoRA branch's frozen copy of trunk
-               block n included; pruned branch blocks 1..n excluded)
+               block n included; pruned branch blocks 1..n and, in every system, blocks R+1..N
+               excluded: the bench's copies free what the system never runs)
   gflops       counted forward FLOPs per image (``torch.utils.flop_counter`` at batch 1, with
                attention counted on every backend, see ``count_flops``); FLOPs = 2 x MACs, so
                fvcore-style "GFLOPs" (MACs) are half of these
@@ -17,11 +23,13 @@ input, in full) and VST-n for several positions n, one system at a time on the d
                ``/proc/self/clear_refs``; reported separately as ``activation_mb``)
 
 That is the paper's Table 5 in our measurements. The additional-cost table (Table 13) compares,
-for each system, the compute beyond one trunk encoder with the formula (k - 1)(L - n) / L:
+for each system, the compute beyond one trunk encoder (read at layer R) with the formula
+(k - 1)(L - n) / L, L = R:
 
-  formula            (k - 1)(L - n) / L with L the trunk's depth; generalised to
-                     sum_b (N_b - n + [b is LoRA]) / N_0 when depths differ or LoRA branches exist
-  blocks_extra       transformer blocks counted by forward hooks, minus N_0, over N_0
+  formula            (k - 1)(R - n) / R with R the readout layer (the trunk's depth N by
+                     default); generalised to sum_b (R_b - n + [b is LoRA]) / R_0 when LoRA
+                     branches exist, or depths differ and no readout layer is given (R_b = N_b)
+  blocks_extra       transformer blocks counted by forward hooks, minus R_0, over R_0
   block_flops_extra  counted FLOPs inside transformer blocks beyond the trunk encoder's own,
                      relative to them: equals the formula when all encoders share one
                      architecture (the formula's assumption). A LoRA block copy also forms
@@ -31,7 +39,9 @@ for each system, the compute beyond one trunk encoder with the formula (k - 1)(L
                      trunk encoder's full forward
   stitch_share       FLOPs inside the stitches relative to the trunk encoder's forward (a LoRA
                      stitch includes its block copy)
-  paper_formula      (k - 1)(L - n) / L with L = ``formula_depth`` (the paper: 23), if given
+
+The trunk encoder's own forward (the reference) is its run up to layer R. Two encoders of one
+architecture read at R = 23 of 24 give 9/23 = 39% (VST-14) and 1/23 = 4.3% (VST-22) counted.
 
 Precision: ``fp32``; ``bf16`` (weights cast to bfloat16, run under bf16 autocast, as MLLMs serve
 encoders); ``amp-bf16`` (fp32 weights, bf16 autocast).
@@ -59,7 +69,14 @@ from featcache.encoders import Encoder, load_encoder
 from featcache.errors import FeatcacheError
 from featcache.extract import resolve_device
 from stitchtrain.stitches import STITCH_KINDS, Stitch, build_stitch
-from stitchtrain.tree import TreeBranch, VFMStitchTree, additional_cost, stitch_args
+from stitchtrain.tree import (
+    TreeBranch,
+    VFMStitchTree,
+    _free_blocks,
+    additional_cost,
+    check_readout_layer,
+    stitch_args,
+)
 
 __all__ = ["BenchConfig", "FlopReport", "NaiveSystem", "PRECISIONS", "count_flops", "run_bench"]
 
@@ -74,6 +91,8 @@ class BenchConfig:
     Either ``tree`` (a saved tree dir: its trunk and branch encoders, its trained stitches at
     its own position) or ``encoders`` (two or more names, the first is the trunk; random
     stitches of kind ``stitch``). ``positions`` defaults to the tree's position.
+    ``readout_layer`` (R, every system read at layer R; positions below it) defaults to the
+    tree's, or N in ``encoders`` mode.
     """
 
     encoders: list[str] = field(default_factory=list)
@@ -87,7 +106,7 @@ class BenchConfig:
     stitch: str = "mlp"
     weights: dict[str, str] = field(default_factory=dict)
     random_init: bool = False
-    formula_depth: int | None = None
+    readout_layer: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -101,7 +120,12 @@ class BenchConfig:
             (self.warmup >= 0 and self.repeats >= 1, "--warmup >= 0 and --repeats >= 1"),
             (self.precision in PRECISIONS, f"--precision in {PRECISIONS}"),
             (self.stitch in STITCH_KINDS, f"--stitch in {STITCH_KINDS}"),
-            (self.formula_depth is None or self.formula_depth >= 1, "--formula-depth >= 1"),
+            (self.readout_layer is None or self.readout_layer >= 2, "--readout-layer >= 2"),
+            (
+                self.readout_layer is None or all(n < self.readout_layer for n in self.positions),
+                f"--positions below --readout-layer {self.readout_layer} (a branch runs blocks "
+                f"n+1..{self.readout_layer})",
+            ),
         ]
         for ok, expected in checks:
             if not ok:
@@ -111,7 +135,8 @@ class BenchConfig:
         return (
             f"tree={self.tree!r}, encoders={self.encoders}, positions={self.positions}, "
             f"batch_sizes={self.batch_sizes}, warmup={self.warmup}, repeats={self.repeats}, "
-            f"precision={self.precision!r}, stitch={self.stitch!r}"
+            f"precision={self.precision!r}, stitch={self.stitch!r}, "
+            f"readout_layer={self.readout_layer!r}"
         )
 
 
@@ -208,19 +233,56 @@ def _count_calls(modules: Sequence[nn.Module]):
 
 
 # -- systems -------------------------------------------------------------------------------------
+class _ReadAt(nn.Module):
+    """One encoder of the naive system: its final output (``upto`` None) or its layer ``upto``.
+
+    A module of its own so that the FLOP counter attributes the encoder's work to it even where
+    ``Encoder.run`` (not the encoder's forward) runs the blocks."""
+
+    def __init__(self, encoder: Encoder, upto: int | None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.upto = upto
+
+    def forward(self, images: Tensor) -> Any:
+        if self.upto is None:
+            return self.encoder(images)  # (final, pooled)
+        return self.encoder.run(images, upto=self.upto)  # layer-R tokens (B, T, D)
+
+
 class NaiveSystem(nn.Module):
     """Every encoder in full on its own input: ``{name: images (B, 3, H_i, W_i)}`` ->
-    ``{name: (final, pooled)}``. The baseline a tree replaces (paper: "Naive", "Full")."""
+    ``{name: (final, pooled)}``. The baseline a tree replaces (paper: "Naive", "Full").
 
-    def __init__(self, names: Sequence[str], encoders: Sequence[Encoder]) -> None:
+    With ``readout_layer`` R below some encoder's depth, every encoder runs blocks 1..R and
+    ``{name: layer-R tokens}`` is returned, as a ``VFMStitchTree`` with that readout layer does.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        encoders: Sequence[Encoder],
+        readout_layer: int | None = None,
+    ) -> None:
         super().__init__()
         self.names = list(names)
-        self.encoders = nn.ModuleList(encoders)
+        self.reads_final = readout_layer is None or {e.depth for e in encoders} == {readout_layer}
+        self.readout_layer = readout_layer
+        upto = None if self.reads_final else readout_layer
+        self.readers = nn.ModuleList(_ReadAt(encoder, upto) for encoder in encoders)
 
-    def forward(self, images: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    @property
+    def encoders(self) -> list[Encoder]:
+        return [reader.encoder for reader in self.readers]
+
+    def layers_read(self, encoder: Encoder) -> int:
+        """The layer ``encoder`` is read at: R, or its depth N."""
+        return encoder.depth if self.reads_final else self.readout_layer
+
+    def forward(self, images: dict[str, Tensor]) -> dict[str, Any]:
         return {
-            name: encoder(images[name])
-            for name, encoder in zip(self.names, self.encoders, strict=True)
+            name: reader(images[name])
+            for name, reader in zip(self.names, self.readers, strict=True)
         }
 
 
@@ -273,6 +335,7 @@ def _unique_names(names: Sequence[str]) -> list[str]:
 
 def _load_systems(config: BenchConfig, log) -> tuple[list[str], list[Encoder], list[_Template]]:
     """(names, encoders, templates) with the trunk first; everything on the CPU."""
+    readout = config.readout_layer
     if config.tree:
         log(f"loading tree {config.tree}")
         tree = VFMStitchTree.load(
@@ -282,6 +345,8 @@ def _load_systems(config: BenchConfig, log) -> tuple[list[str], list[Encoder], l
         encoders = [tree.trunk, *(branch.encoder for branch in tree.branches)]
         kinds = [stitch_args(branch.stitch) for branch in tree.branches]
         positions = config.positions or (tree.position,)
+        if readout is None and not tree.reads_final:
+            readout = tree.readout_layer
     else:
         names = _unique_names(config.encoders)
         encoders = []
@@ -303,13 +368,16 @@ def _load_systems(config: BenchConfig, log) -> tuple[list[str], list[Encoder], l
                 f"Expected positions in 1..{last} (the smallest depth among "
                 f"{', '.join(names)}). Got {n} instead."
             )
-    templates = [_Template("naive", None, NaiveSystem(names, encoders))]
+    if readout is not None:  # before anything is built: n < R <= the smallest depth
+        what = "--readout-layer" if config.readout_layer is not None else "the tree's readout layer"
+        check_readout_layer(readout, max(positions), last, what=what)
+    templates = [_Template("naive", None, NaiveSystem(names, encoders, readout))]
     for n in positions:
         if tree is not None and n == tree.position:
-            module = tree  # the trained stitches
+            branches = list(tree.branches)  # the trained stitches
         else:
             branches = _random_branches(trunk, names[1:], encoders[1:], n, kinds, config.seed)
-            module = VFMStitchTree(trunk, n, branches, trunk_name=names[0])
+        module = VFMStitchTree(trunk, n, branches, trunk_name=names[0], readout_layer=readout)
         templates.append(_Template(f"VST-{n}", n, module))
     return names, encoders, templates
 
@@ -422,10 +490,16 @@ def _precision_context(device: torch.device, precision: str):
 
 
 def _on_device(template: _Template, precision: str, device: torch.device) -> nn.Module:
-    """A private copy of the template on the device (a tree's branches pruned)."""
+    """A private copy of the template on the device: a tree's branches pruned, and every
+    encoder's blocks after the readout layer freed (no system runs them)."""
     system = copy.deepcopy(template.module)
     if isinstance(system, VFMStitchTree):
         system.prune_branches()
+        unpruned = [system.trunk]
+    else:
+        unpruned = list(system.encoders)
+    for encoder in unpruned:
+        _free_blocks(encoder, range(system.layers_read(encoder) + 1, encoder.depth + 1))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return system.to(device=device, dtype=dtype).eval()
 
@@ -449,9 +523,9 @@ def _counted(system: nn.Module, template: _Template, device: torch.device) -> di
     }
     if isinstance(system, NaiveSystem):  # the single-encoder reference of Table 13
         trunk = system.encoders[0]
-        result["trunk_gflops"] = flops.sum_of(_names_of(system, [trunk])) / 1e9
+        result["trunk_gflops"] = flops.sum_of(_names_of(system, [system.readers[0]])) / 1e9
         result["trunk_block_gflops"] = flops.sum_of(_names_of(system, _block_modules(trunk))) / 1e9
-        result["trunk_blocks"] = trunk.depth
+        result["trunk_blocks"] = system.layers_read(trunk)
     return result
 
 
@@ -491,14 +565,12 @@ def _release(device: torch.device) -> None:
 
 
 def _cost_rows(
-    systems: list[dict[str, Any]],
-    templates: list[_Template],
-    depths: Sequence[int],
-    formula_depth: int | None,
+    systems: list[dict[str, Any]], templates: list[_Template], read: Sequence[int]
 ) -> list[dict[str, Any]]:
-    """The Table 13 comparison for every measured system (see the module docstring)."""
+    """The Table 13 comparison for every measured system (see the module docstring); ``read``
+    holds the layer each encoder is read at (R, or its depth N), the trunk first."""
     naive = systems[0]
-    trunk_depth, k = depths[0], len(depths)
+    k = len(read)
     rows = []
     for result, template in zip(systems, templates, strict=True):
         n = template.position or 0
@@ -506,11 +578,11 @@ def _cost_rows(
             lora = [b.is_lora for b in template.module.branches]
         else:
             lora = [False] * (k - 1)
-        uniform = len(set(depths)) == 1 and not any(lora)
+        uniform = len(set(read)) == 1 and not any(lora)
         formula = (
-            additional_cost(k, n, trunk_depth)
+            additional_cost(k, n, read[0])
             if uniform
-            else sum(d - n + extra for d, extra in zip(depths[1:], lora, strict=True)) / trunk_depth
+            else sum(r - n + extra for r, extra in zip(read[1:], lora, strict=True)) / read[0]
         )
         row = {
             "system": result["system"],
@@ -523,8 +595,6 @@ def _cost_rows(
             "total_flops_extra": result["gflops"] / naive["trunk_gflops"] - 1,
             "stitch_share": result["stitch_gflops"] / naive["trunk_gflops"],
         }
-        if formula_depth is not None:
-            row["paper_formula"] = additional_cost(k, min(n, formula_depth), formula_depth)
         rows.append(row)
     return rows
 
@@ -540,7 +610,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         for template in templates:
             systems.append(_measure(template, config, device, log))
             _release(device)
-    depths = [encoder.depth for encoder in encoders]
+    naive = templates[0].module
+    read = [naive.layers_read(encoder) for encoder in encoders]
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -548,6 +619,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         "batch_sizes": list(config.batch_sizes),
         "warmup": config.warmup,
         "repeats": config.repeats,
+        "readout_layer": read[0] if len(set(read)) == 1 else None,
         "memory_method": _memory_method(device),
         "flops_method": "torch.utils.flop_counter at batch 1, FLOPs = 2 x MACs, attention counted",
         "encoders": [
@@ -563,5 +635,5 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
             for index, (name, encoder) in enumerate(zip(names, encoders, strict=True))
         ],
         "systems": systems,
-        "cost": _cost_rows(systems, templates, depths, config.formula_depth),
+        "cost": _cost_rows(systems, templates, read),
     }

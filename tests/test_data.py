@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.data import Dataset, ManifestError, Record, load_dataset
+from featcache.data import Dataset, ManifestError, MaskLabels, Record, load_dataset
 from featcache.demo_data import make_demo_dataset
 from featcache.errors import FeatcacheError
 
@@ -317,3 +318,45 @@ def test_jsonl_lines_that_are_not_objects(tmp_path, bad):
 def test_empty_path_or_the_root_itself_is_rejected(tmp_path, bad):
     manifest = _csv(tmp_path / "m.csv", [("a.png", 0), (bad, 1)], header=("path", "label"))
     assert f"line 3 of {manifest}" in _error(manifest)
+
+
+# ---- mask labels --------------------------------------------------------------------------
+
+
+def test_manifest_masks_are_not_reduced_unless_asked(tmp_path):
+    rows = [
+        ("a.png", 0, "train", "ma.png"),
+        ("b.png", 1, "train", "mb.png"),
+        ("c.png", 1, "test", ""),
+    ]
+    manifest = _csv(tmp_path / "m.csv", rows)
+    default = load_dataset(manifest)
+    assert default.mask_labels == MaskLabels(reduce_zero_label=False, ignore_value=255)
+    assert load_dataset(manifest, reduce_zero_label=None).mask_labels == default.mask_labels
+    reduced = load_dataset(manifest, reduce_zero_label=True)
+    assert reduced.mask_labels == MaskLabels(reduce_zero_label=True, ignore_value=255)
+    assert reduced.classes == default.classes == ("0", "1")  # image labels, not mask classes
+    # the option is part of the masked split's identity, and of nothing else
+    assert reduced.manifest_hash("train") != default.manifest_hash("train")
+    assert reduced.manifest_hash("test") == default.manifest_hash("test")
+    assert load_dataset(manifest, reduce_zero_label=True).manifest_hash("train") == (
+        reduced.manifest_hash("train")
+    )
+
+
+def test_datasets_without_masks_keep_their_hash_under_either_option(tmp_path):
+    _png(tmp_path / "cat" / "1.png")
+    _png(tmp_path / "dog" / "2.png")
+    plain = load_dataset(tmp_path)
+    assert plain.mask_labels == MaskLabels() and not plain.has_masks("train")
+    rows = [[r.id, r.label, None] for r in plain.split("train")]
+    text = json.dumps({"classes": list(plain.classes), "records": rows}, separators=(",", ":"))
+    expected = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]  # the original formula
+    assert plain.manifest_hash("train") == expected
+    assert load_dataset(tmp_path, reduce_zero_label=True).manifest_hash("train") == expected
+
+
+def test_a_dataset_built_by_hand_gets_the_default_mask_labels(tmp_path):
+    record = Record("a.png", str(tmp_path / "a.png"), -1, "train", str(tmp_path / "m.png"))
+    data = Dataset(str(tmp_path), str(tmp_path), (), (record,))
+    assert data.mask_labels == MaskLabels()

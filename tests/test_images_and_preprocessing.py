@@ -99,16 +99,21 @@ def test_decompression_bomb(tmp_path, monkeypatch):
         decode_image(path)
 
 
-def _library_transform(encoder):
+def _library_transform(encoder, own: bool = False):
+    """The library's eval transform; at the encoder's geometry (a preset's shared one) unless
+    ``own``, which keeps the library's pretrained crop."""
+    pp = encoder.pretrained_preprocessing if own else encoder.preprocessing
     if encoder.spec["library"] == "timm":
         import timm.data
 
         config = timm.data.resolve_model_data_config(encoder.module)
         config["input_size"] = (3, *encoder.image_size)
+        if not own:
+            config["crop_pct"] = pp.crop_pct
+            config["crop_mode"] = {"shortest": "center", "squash": "squash"}[pp.resize_mode]
         return timm.data.create_transform(**config, is_training=False)
     import open_clip
 
-    pp = encoder.preprocessing
     return open_clip.image_transform(
         encoder.image_size,
         is_train=False,
@@ -129,6 +134,8 @@ def test_preprocess_equals_library_transform(encoder_cache, family_id, size):
     ours = encoder.preprocess(image)
     assert ours.shape == (3, *encoder.image_size)
     assert torch.equal(ours, _library_transform(encoder)(image))
+    own = encoder.pretrained_preprocessing(image)  # the library's own eval crop, unchanged
+    assert torch.equal(own, _library_transform(encoder, own=True)(image))
 
 
 def test_open_clip_siglip2_uses_tag_preprocessing(encoder_cache):

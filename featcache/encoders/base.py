@@ -1,6 +1,6 @@
 """The one interface every encoder family implements.
 
-Layer numbering (paper convention, DESIGN.md):
+Layer numbering (paper convention, docs/design.md):
   layer 0      tokens entering block 1: patch embed + prefix tokens + position embedding + pre-norm
   layer n      output of block n (the library's ``blocks[n - 1]``), 1 <= n <= N
   final        the model's final norm applied to layer N tokens (timm ``forward_features``)
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from featcache.errors import LayerIndexError
-from featcache.preprocess import Preprocessing
+from featcache.preprocess import Geometry, Preprocessing
 
 __all__ = ["Encoder", "TokenLayout"]
 
@@ -107,6 +107,8 @@ class Encoder(nn.Module):
         self._blocks = list(blocks)
         self.width = int(width)
         self.preprocessing = preprocessing
+        self.pretrained_preprocessing = preprocessing  # the library's own; load_encoder may
+        # replace ``preprocessing``'s geometry (a preset's shared geometry, --crop-pct, ...)
         self.layout = TokenLayout(_prefix_names(has_cls, num_registers), tuple(grid))
         self.pooling = pooling
         self.spec = dict(spec)
@@ -135,6 +137,22 @@ class Encoder(nn.Module):
     @property
     def num_tokens(self) -> int:
         return self.layout.num_tokens
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """(height, width) of one patch in input pixels: the library's patch embedding's, else
+        the input size over the grid."""
+        module = getattr(self.module, "trunk", self.module)  # open_clip TimmModel: timm trunk
+        size = getattr(getattr(module, "patch_embed", None), "patch_size", None)
+        size = size if size is not None else getattr(module, "patch_size", None)
+        if size is None:
+            return (self.image_size[0] // self.grid[0], self.image_size[1] // self.grid[1])
+        return (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
+
+    @property
+    def geometry(self) -> Geometry:
+        """Which original-image pixels each patch token sees (``featcache.preprocess``)."""
+        return Geometry.from_preprocessing(self.preprocessing, self.grid, self.patch_size)
 
     def preprocess(self, image) -> torch.Tensor:
         """PIL image of any mode -> ``(3, H, W)`` float tensor, per the model's own pretrained
@@ -305,6 +323,7 @@ class Encoder(nn.Module):
             "pooling": self.pooling,
             "pooled_width": self.pooled_width,
             "preprocessing": self.preprocessing.to_dict(),
+            "geometry": self.geometry.to_dict(),
             "fingerprint": self.fingerprint,
         }
 

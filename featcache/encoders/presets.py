@@ -4,6 +4,14 @@ The paper's presets all give a 24x24 patch grid: DINOv2-L/14 and CLIP-L/14 at 33
 SigLIP2-L/16 and DINOv3-L/16 at 384 px. DINOv3 pools with its CLS token, as upstream DINOv3
 does (timm's default for the architecture is "avg").
 
+Every preset uses one shared geometry, ``SHARED_GEOMETRY``: resize the shorter side to the
+model's own input size and keep all of it (centre crop, crop_pct 1.0). Stitching pairs token
+(i, j) of one model with token (i, j) of another, so both must see the same pixels; each
+model keeps its own input size, interpolation and normalisation. The geometry is an override
+(``preset.overrides``), so it is recorded in the encoder spec and in the fingerprint. DINOv2,
+DINOv3 and CLIP evaluate this way anyway; SigLIP2's timm config crops 0.9 (``featcache
+extract --crop-pct 0.9`` restores it, for every model of the run).
+
 Tiny presets are random-init, seeded, few blocks and small width: the same architectures
 (patch sizes, prefix tokens, pooling, RoPE) at toy size, for the demo and the tests. Their
 LayerScale starts at 0.5, far from DINO's 1e-5, and every Linear weight is drawn with
@@ -15,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Preset", "PRESETS"]
+__all__ = ["Preset", "PRESETS", "SHARED_GEOMETRY"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +34,8 @@ class Preset:
         name: the preset name users type (``dinov2-l``).
         library: ``"timm"`` or ``"open_clip"``.
         model: timm ``name.tag`` or open_clip ``Name@tag``.
-        overrides: architecture kwargs passed to the library (img_size, depth, ...).
+        overrides: architecture kwargs passed to the library (img_size, depth, ...), and the
+            geometry (``resize_mode``, ``crop_pct``) replacing the pretrained eval geometry.
         tiny: random-init toy model; never needs weights.
         about: one line for ``featcache models``.
     """
@@ -39,11 +48,21 @@ class Preset:
     about: str = ""
 
 
+# The geometry every preset extracts with (see the module docstring): shared, so that paired
+# tokens cover the same pixels.
+SHARED_GEOMETRY: dict[str, Any] = {"resize_mode": "shortest", "crop_pct": 1.0}
+
+
 def _timm(name: str, model: str, about: str, **overrides: Any) -> Preset:
-    return Preset(name, "timm", model, overrides, about=about)
+    return Preset(name, "timm", model, {**overrides, **SHARED_GEOMETRY}, about=about)
+
+
+def _open_clip(name: str, model: str, about: str, **overrides: Any) -> Preset:
+    return Preset(name, "open_clip", model, {**overrides, **SHARED_GEOMETRY}, about=about)
 
 
 def _tiny(name: str, library: str, model: str, about: str, **overrides: Any) -> Preset:
+    overrides = {**overrides, **SHARED_GEOMETRY}
     return Preset(name, library, model, overrides, tiny=True, about=about)
 
 
@@ -101,8 +120,8 @@ PRESETS: dict[str, Preset] = {
         _timm("siglip2-b", "vit_base_patch16_siglip_384.v2_webli", "SigLIP2 ViT-B/16 (timm)"),
         _timm("siglip2-l", "vit_large_patch16_siglip_384.v2_webli", "SigLIP2 ViT-L/16 (timm)"),
         # CLIP (open_clip native VisionTransformer: ln_pre, ln_post, proj)
-        Preset("clip-b", "open_clip", "ViT-B-16@openai", about="OpenAI CLIP ViT-B/16, 224 px"),
-        Preset("clip-l", "open_clip", "ViT-L-14-336@openai", about="OpenAI CLIP ViT-L/14, 336 px"),
+        _open_clip("clip-b", "ViT-B-16@openai", "OpenAI CLIP ViT-B/16, 224 px"),
+        _open_clip("clip-l", "ViT-L-14-336@openai", "OpenAI CLIP ViT-L/14, 336 px"),
         # tiny random-init models of the same architectures
         _tiny(
             "dinov2-tiny",

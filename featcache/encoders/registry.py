@@ -125,17 +125,20 @@ def load_encoder(
         seed: seed for random weights (tiny presets and ``random_init``).
         device: where to put the module.
         overrides: architecture kwargs for the library (depth, embed_dim, num_heads, img_size,
-            init_values, ...); they override the preset's and enter the fingerprint.
+            init_values, ...), and the geometry keys ``resize_mode`` / ``crop_pct`` (replacing
+            the pretrained eval geometry; None keeps the model's own); they override the
+            preset's and enter the fingerprint.
     """
     preset = resolve_spec(name)
     arch = {**preset.overrides, **overrides}
+    geometry = _geometry_overrides(arch)  # removed from arch: not architecture kwargs
     weights_path = _check_weights_file(weights) if weights is not None else None
     use_random = weights_path is None and (random_init or preset.tiny)
     if weights_path is None and not use_random and pretrained is False:
         raise WeightsUnavailableError(
             f"{name} needs weights and pretrained=False forbids the hub. {_HOW_TO_SUPPLY}"
         )
-    spec = {"library": preset.library, "model": preset.model, "overrides": arch}
+    spec = {"library": preset.library, "model": preset.model, "overrides": {**arch, **geometry}}
     with torch.random.fork_rng(devices=[]), _single_threaded(use_random):
         torch.manual_seed(seed)
         if preset.library == "timm":
@@ -144,7 +147,28 @@ def load_encoder(
             encoder = _load_open_clip(name, preset.model, arch, spec, weights_path, use_random)
         if preset.tiny and weights_path is None:
             _scale_tiny_init(encoder.module)
+    if geometry:
+        encoder.preprocessing = encoder.preprocessing.with_geometry(**geometry)
+        encoder._fingerprint = None
     return encoder.to(device)
+
+
+def _geometry_overrides(arch: dict[str, Any]) -> dict[str, Any]:
+    """Pop ``resize_mode`` / ``crop_pct`` from ``arch`` (None: the model's own); check them.
+
+    They replace the model's pretrained eval geometry (input size and normalisation stay its
+    own) and are recorded in ``spec["overrides"]``, so reloading a store's encoder from its
+    spec (``load_encoder(name, **spec["overrides"])``) gives the same preprocessing.
+    """
+    from featcache.preprocess import GEOMETRY_KEYS, Preprocessing
+
+    geometry = {key: arch.pop(key) for key in GEOMETRY_KEYS if key in arch}
+    geometry = {key: value for key, value in geometry.items() if value is not None}
+    if "crop_pct" in geometry:
+        geometry["crop_pct"] = float(geometry["crop_pct"])
+    probe = {"resize_mode": "squash", "crop_pct": 1.0, **geometry}
+    Preprocessing((16, 16), probe["resize_mode"], probe["crop_pct"], "bicubic", (0,) * 3, (1,) * 3)
+    return geometry
 
 
 @contextlib.contextmanager
@@ -332,10 +356,17 @@ def _load_open_clip(name, model, arch, spec, weights_path, use_random) -> Encode
 
 def describe_preset(name: str) -> dict[str, Any]:
     """Architecture facts of a preset without weights: built on the meta device (no memory,
-    no download), so ``featcache models`` can list ViT-L presets in a fraction of a second."""
+    no download), so ``featcache models`` can list ViT-L presets in a fraction of a second.
+
+    ``preprocessing`` / ``geometry`` are what extraction uses by default (the presets' shared
+    geometry); ``pretrained_preprocessing`` / ``pretrained_geometry`` the model's own eval
+    transform from its library config."""
+    from featcache.preprocess import Geometry
+
     preset = PRESETS[name]
     with torch.device("meta"):
         encoder = load_encoder(name, random_init=True, device="meta")
+    own = encoder.pretrained_preprocessing
     return {
         "name": name,
         "model": f"{preset.library}:{preset.model}",
@@ -345,6 +376,12 @@ def describe_preset(name: str) -> dict[str, Any]:
         "grid": encoder.grid,
         "image_size": encoder.image_size,
         "pooling": encoder.pooling,
+        "preprocessing": encoder.preprocessing.to_dict(),
+        "geometry": encoder.geometry.to_dict(),
+        "pretrained_preprocessing": own.to_dict(),
+        "pretrained_geometry": Geometry.from_preprocessing(
+            own, encoder.grid, encoder.patch_size
+        ).to_dict(),
         "weights": "random (seeded)" if preset.tiny else "hub or --weights",
         "about": preset.about,
     }
