@@ -20,6 +20,7 @@ Head = Literal["fresh", "probe"]  # stitchtrain.fit.HEADS, LR_SCHEDULES, SEG_DEC
 LrSchedule = Literal["constant", "cosine"]
 SegDecoder = Literal["grid", "fixed"]
 Miou = Literal["mmseg", "gt-present"]  # stitchtrain.metrics.MIOU_DEFINITIONS
+ScoreResolution = Literal["original", "input"]  # stitchtrain.segscore.SCORE_RESOLUTIONS
 
 app = typer.Typer(
     help="Train stitch layers between vision foundation models from cached features.",
@@ -142,6 +143,11 @@ def fit(
         "epochs at the first lr).",
     ),
     miou: Miou = typer.Option("mmseg", help="mIoU definition (seg)."),
+    score_resolution: ScoreResolution = typer.Option(
+        "original",
+        help="Seg test mIoU on the original masks (logits upsampled, A.2.5; reads the "
+        "dataset the store came from) or on the stored masks at the model input.",
+    ),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     memory_budget: str | None = typer.Option(
         None, help="Size such as 512MB, 8GB or 2GiB; default: 25% of free RAM."
@@ -194,6 +200,7 @@ def fit(
         warmup_epochs=warmup_epochs,
         seg_decoder=seg_decoder,
         miou=miou,
+        score_resolution=score_resolution,
         device=device,
         memory_budget=memory_budget,
         pooled_only=pooled_only,

@@ -182,7 +182,8 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
     ``encoders`` replaces loading ``config.models`` by name (for models built in Python).
     ``config.crop_pct`` / ``config.resize_mode`` set the geometry of every model loaded by
     name (recorded in each encoder's spec and fingerprint, so each store's geometry is that
-    run's); models passed as ``encoders`` bring their own.
+    run's); models passed as ``encoders`` bring their own. A split with masks defaults to
+    ``resize_mode="squash"`` (the whole image, as segmentation is scored).
     """
     geometry = {
         key: value
@@ -203,6 +204,11 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
     splits = dataset.splits()
     split = config.split or ("train" if "train" in splits else splits[0])
     records = dataset.ordered(split, seed=config.seed)
+    if encoders is None and config.resize_mode is None and dataset.has_masks(split):
+        # segmentation: the model sees, and the test score covers, the whole original image
+        # (A.2.5 upsamples the logits to the original resolution); a centre crop would leave
+        # the long side's borders unseen and unscored
+        geometry["resize_mode"] = "squash"
     device = resolve_device(config.device)
     if encoders is None:
         encoders = [

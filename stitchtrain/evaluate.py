@@ -39,6 +39,7 @@ from stitchtrain.losses import segmentation_logits, segmentation_loss, segmentat
 from stitchtrain.metrics import ConfusionMatrix, token_distance
 from stitchtrain.pairing import find_split_store, source_array
 from stitchtrain.probe import evaluate_probe, fit_linear_decoder, fit_linear_probe
+from stitchtrain.segscore import OriginalMasks
 
 __all__ = [
     "evaluate_run",
@@ -208,14 +209,23 @@ def _head_metric(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
     labels_array = "labels" if task == "cls" else "masks"
     correct, count = 0, 0
     confusion = ConfusionMatrix(recipe.num_classes)
+    original = (
+        OriginalMasks(test_target)
+        if task == "seg" and recipe.config.score_resolution == "original"
+        else None
+    )
     recipe.head.eval()
+    rows, done = np.unique(np.asarray(test_rows)), 0  # the loader yields rows in this order
     for batch, final, pooled in stitched_pass(
         recipe, test_source, test_target, test_rows, [Field("labels", test_target, labels_array)]
     ):
         labels = batch["labels"].long()
+        batch_rows, done = rows[done : done + len(labels)], done + len(labels)
         if task == "cls":
             correct += int((recipe.head(pooled).argmax(-1) == labels).sum())
             count += len(labels)
+        elif original is not None:
+            original.score(confusion, recipe.head(final), batch_rows)
         else:
             pixels = segmentation_logits(recipe.head(final), tuple(labels.shape[-2:]))
             truth = segmentation_targets(labels, recipe.num_classes, recipe.mask_ignore)
@@ -227,6 +237,8 @@ def _head_metric(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
         "test_miou": confusion.miou(definition),
         "miou_definition": definition,
         "test_pixel_accuracy": confusion.pixel_accuracy(),
+        "score_resolution": recipe.config.score_resolution,
+        **({"scored_pixel_fraction": original.scored_fraction} if original else {}),
         "evaluation": "head",
     }
 

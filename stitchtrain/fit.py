@@ -83,6 +83,7 @@ from stitchtrain.losses import (
 )
 from stitchtrain.metrics import MIOU_DEFINITIONS, ConfusionMatrix
 from stitchtrain.pairing import check_pair, source_array
+from stitchtrain.segscore import SCORE_RESOLUTIONS
 from stitchtrain.stitches import Stitch, build_stitch
 
 __all__ = [
@@ -154,6 +155,7 @@ class FitConfig:
     warmup_epochs: int = 0  # cosine only: epochs of linear warm-up
     seg_decoder: str = "grid"  # LFM / FFM seg scoring: "grid" (A.2.2 protocol) or "fixed"
     miou: str = "mmseg"  # mIoU definition (stitchtrain.metrics.MIOU_DEFINITIONS)
+    score_resolution: str = "original"  # seg test score: "original" masks (A.2.5) or "input"
 
     def __post_init__(self) -> None:
         self.lrs = tuple(float(lr) for lr in self.lrs)
@@ -178,6 +180,11 @@ class FitConfig:
                 self.seg_decoder,
             ),
             (self.miou in MIOU_DEFINITIONS, f"--miou in {MIOU_DEFINITIONS}", self.miou),
+            (
+                self.score_resolution in SCORE_RESOLUTIONS,
+                f"--score-resolution in {SCORE_RESOLUTIONS}",
+                self.score_resolution,
+            ),
             (
                 math.isfinite(self.weight_decay) and self.weight_decay >= 0,
                 "--weight-decay >= 0",
@@ -364,6 +371,7 @@ class StitchRecipe:
         }
         if config.task == "seg":
             protocol["miou_definition"] = config.miou
+            protocol["score_resolution"] = config.score_resolution
             if self.stages[-1] != "tlt":
                 protocol["seg_decoder"] = config.seg_decoder
         return protocol

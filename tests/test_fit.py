@@ -262,11 +262,11 @@ def test_target_fingerprint_mismatch_is_refused(stores, tmp_path):
     save_file(state, str(weights))
     with pytest.raises(FeatcacheError) as info:
         StitchRecipe(_config(stores, tmp_path, target_weights=str(weights)))
-    store_fingerprint = FeatureStore.open(stores["clip-tiny", "train", "float16"]).attrs["encoder"][
-        "fingerprint"
-    ]
-    assert store_fingerprint in str(info.value)
-    assert featcache.load_encoder("clip-tiny", weights=weights).fingerprint in str(info.value)
+    recorded = FeatureStore.open(stores["clip-tiny", "train", "float16"]).attrs["encoder"]
+    assert recorded["fingerprint"] in str(info.value)
+    overrides = recorded["spec"]["overrides"]  # the store's geometry (a split with masks)
+    loaded = featcache.load_encoder("clip-tiny", weights=weights, **overrides)
+    assert loaded.fingerprint in str(info.value)
 
 
 def test_changed_config_on_existing_run_dir_is_refused(stores, tmp_path):
