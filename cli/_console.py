@@ -17,6 +17,26 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+def print_version(value: bool) -> None:
+    """``--version``: print the package version and exit (an eager typer option callback)."""
+    if value:
+        from featcache import __version__
+
+        console.print(__version__, highlight=False)
+        raise typer.Exit()
+
+
+def version_option() -> Any:
+    """The ``--version`` option both apps' callbacks take."""
+    return typer.Option(
+        None,
+        "--version",
+        callback=print_version,
+        is_eager=True,
+        help="Print the version and exit.",
+    )
+
+
 def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the library's deliberate errors into a red one-line message and exit status 2."""
 

@@ -56,7 +56,7 @@ def parse_weights(items: list[str]) -> dict[str, str]:
 
 def check_size(text: str | None, option: str = "--memory-budget") -> None:
     """Refuse what ``stitchtrain.loader.parse_size`` cannot read (None: the default)."""
-    from stitchtrain.loader import parse_size
+    from stitchtrain.sizes import parse_size  # torch-free (stitchtrain.loader re-exports it)
 
     if text is None:
         return
@@ -70,7 +70,15 @@ def check_size(text: str | None, option: str = "--memory-budget") -> None:
 
 
 def check_device(text: str) -> None:
-    """auto, cpu, cuda or cuda:N (and CUDA only where there is CUDA)."""
+    """auto, cpu, cuda or cuda:N (and CUDA only where there is CUDA).
+
+    Only cuda / cuda:N import torch (to ask for CUDA); a malformed value is refused without it,
+    in ``resolve_device``'s words."""
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu"):
+        return
+    if not (text == "cuda" or (kind == "cuda" and index.isdigit())):
+        raise FeatcacheError(f"Expected --device auto, cpu, cuda or cuda:N. Got {text!r} instead.")
     from featcache.extract import resolve_device
 
     resolve_device(text)

@@ -25,6 +25,23 @@ experiments_app = typer.Typer(
 )
 
 
+def _point_plan(point, out) -> str:
+    """A sweep point's FitPlan in one cell (``SweepPoint.fit_plan``), or why fit refuses it."""
+    from featcache.errors import FeatcacheError
+
+    try:
+        plan = point.fit_plan(out)
+    except FeatcacheError as error:
+        return f"refused: {' '.join(str(error).split())}"
+    if plan is None:
+        return ""
+    loaders = {loader["mode"] for loader in plan.loaders.values()}
+    return (
+        f"{plan.run_dir}; {'+'.join(plan.stages)}; rows {plan.train_rows}/{plan.val_rows}/"
+        f"{plan.test_rows}; {'/'.join(sorted(loaders))}; max {plan.max_steps} steps"
+    )
+
+
 @experiments_app.command()
 @reports_errors
 def sweep(
@@ -52,11 +69,11 @@ def sweep(
     plan = plan_sweep(loaded, base=config.resolve().parent)
     if dry_run:
         table = Table(title=f"{len(plan.points)} grid points")
-        for column in ("id", "kind", "done"):
+        for column in ("id", "kind", "done", "fit plan"):
             table.add_column(column)
         for point in plan.points:
             done = completed_row(point, out) is not None
-            table.add_row(point.id, point.kind, "yes" if done else "")
+            table.add_row(point.id, point.kind, "yes" if done else "", _point_plan(point, out))
         console.print(table)
         return
 
@@ -220,10 +237,10 @@ def transfer(
 ) -> None:
     """Task-agnostic stitching (paper Table 4): a run's FFM stitch applied to another
     dataset's stores, scored by a linear probe on the stitched pooled outputs."""
-    from stitchtrain.analysis import transfer_run
-
     check_out_dir(out)
     check_device(device)
+    from stitchtrain.analysis import transfer_run  # torch: after the checks
+
     lrs = None if lr is None else parse_lrs(lr)
     metrics = transfer_run(
         run_dir,

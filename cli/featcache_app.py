@@ -9,7 +9,7 @@ from typing import Literal
 import typer
 from rich.table import Table
 
-from cli._console import console, err_console, reports_errors
+from cli._console import console, err_console, reports_errors, version_option
 from cli._parse import at_least, check_out_dir, check_scheduler, parse_ints, parse_weights
 
 # The accepted values, checked by typer at parse time and listed in --help (the library's own
@@ -27,7 +27,7 @@ app = typer.Typer(
 
 
 @app.callback()
-def _main() -> None:
+def _main(version: bool | None = version_option()) -> None:
     """Commands are listed below; each has --help."""
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 import typer
 from rich.table import Table
 
-from cli._console import console, reports_errors
+from cli._console import console, reports_errors, version_option
 from cli._parse import at_least, check_device, check_out_dir, check_size, parse_lrs
 
 # Accepted values (stitchtrain.fit.STITCHES, OBJECTIVES, INITS; tests keep them equal).
@@ -37,7 +37,7 @@ app.registered_commands.extend(experiments_app.registered_commands)  # sweep, re
 
 
 @app.callback()
-def _main() -> None:
+def _main(version: bool | None = version_option()) -> None:
     """Commands are listed below; each has --help."""
 
 
@@ -90,6 +90,25 @@ def _metrics_table(title: str, metrics: dict) -> Table:
         elif isinstance(value, (int, str)):
             table.add_row(key, str(value))
     return table
+
+
+def _print_fit_plan(config, as_json: bool) -> None:
+    """``fit --dry-run``: the plan of ``config`` (stitchtrain.plan), as a table or JSON."""
+    import json
+
+    from stitchtrain.plan import plan_fit
+
+    plan = plan_fit(config)
+    if as_json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return
+    title = f"fit plan: {config.objective} {config.stitch} stitch at {config.position}"
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("plan")
+    for name, value in plan.rows():
+        table.add_row(name, value)
+    console.print(table)
 
 
 @app.command()
@@ -169,16 +188,21 @@ def fit(
     target_weights: str | None = typer.Option(None, help="Target weights (safetensors)."),
     random_init: bool = typer.Option(False, "--random-init", help="Stores of random models."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Check every input, print the plan (stages, rows, loaders, steps, memory), exit.",
+    ),
 ) -> None:
     """Train a stitch layer from two feature stores and evaluate it on the test split."""
     import json
 
-    from stitchtrain.fit import FitConfig
-    from stitchtrain.fit import fit as run_fit
-
     check_out_dir(out)
     check_device(device)
     check_size(memory_budget)
+    from stitchtrain.fit import FitConfig  # torch: after the checks, so bad values exit fast
+    from stitchtrain.fit import fit as run_fit
+
     config = FitConfig(
         source=source,
         target=target,
@@ -212,6 +236,9 @@ def fit(
         allow_incomplete=allow_incomplete,
         allow_geometry_mismatch=allow_geometry_mismatch,
     )
+    if dry_run:
+        _print_fit_plan(config, as_json)
+        return
 
     def progress(row: dict) -> None:
         if not as_json:

@@ -211,9 +211,9 @@ def bench(
     """Naive multi-encoder system vs VST-n: parameters, GFLOPs, latency, peak memory (paper
     Table 5), and the additional-cost table (Table 13) counted from the systems, every system
     read at --readout-layer (default: a tree dir's own, else N)."""
-    from stitchtrain.tree_bench import BenchConfig, run_bench
-
     check_device(device)
+    from stitchtrain.tree_bench import BenchConfig, run_bench  # torch: after the checks
+
     if formula_depth is not None:  # the old name: L of the formula is now the readout layer
         if readout_layer not in (None, formula_depth):
             raise FeatcacheError(

@@ -1,7 +1,15 @@
-"""featcache: run frozen vision foundation models once, cache their token features in Zarr v3."""
+"""featcache: run frozen vision foundation models once, cache their token features in Zarr v3.
 
-from featcache import _compat  # noqa: F401  (must precede any timm / open_clip import)
-from featcache.encoders import PRESETS, Encoder, TokenLayout, load_encoder
+Importing ``featcache`` is cheap: the encoder API (``Encoder``, ``TokenLayout``, ``PRESETS``,
+``load_encoder``, ``Preprocessing``) is imported on first access, so the store and the CLI's
+``--help`` never load torch. Every module that imports torchvision, timm or open_clip imports
+``featcache._compat`` (the torchvision import fix) first itself.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from featcache.errors import (
     BadImageError,
     FeatcacheError,
@@ -9,9 +17,21 @@ from featcache.errors import (
     UnknownModelError,
     WeightsUnavailableError,
 )
-from featcache.preprocess import Preprocessing
+
+if TYPE_CHECKING:
+    from featcache.encoders import PRESETS, Encoder, TokenLayout, load_encoder
+    from featcache.preprocess import Preprocessing
 
 __version__ = "0.1.0"
+
+# Attribute -> the module it is imported from on first access (that module imports torch).
+_LAZY = {
+    "PRESETS": "featcache.encoders",
+    "Encoder": "featcache.encoders",
+    "TokenLayout": "featcache.encoders",
+    "load_encoder": "featcache.encoders",
+    "Preprocessing": "featcache.preprocess",
+}
 
 __all__ = [
     "PRESETS",
@@ -26,3 +46,17 @@ __all__ = [
     "BadImageError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'featcache' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

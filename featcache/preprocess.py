@@ -36,10 +36,12 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode  # noqa: E402
-from torchvision.transforms import functional as TF  # noqa: E402
 
-from featcache import _compat  # noqa: F401  (torchvision import fix must run first)
+from featcache import _compat  # noqa: F401  (torchvision import fix: must run before torchvision)
+
+# isort: split
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 __all__ = ["Preprocessing", "Geometry", "token_offset", "REFERENCE_SIZES", "GEOMETRY_KEYS"]
 

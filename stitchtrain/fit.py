@@ -92,6 +92,7 @@ __all__ = [
     "NonFiniteLossError",
     "fit",
     "load_run_encoder",
+    "check_run_dir",
     "OBJECTIVES",
     "HEADS",
     "LR_SCHEDULES",
@@ -195,6 +196,14 @@ class FitConfig:
         for ok, expected, got in checks:
             if not ok:
                 raise FeatcacheError(f"Expected {expected}. Got {got!r} instead.")
+        if self.memory_budget is not None:
+            try:
+                parse_size(self.memory_budget)
+            except ValueError:
+                raise FeatcacheError(
+                    "Expected --memory-budget as a size such as 512MB, 8GB, 2GiB or a number of "
+                    f"bytes. Got {self.memory_budget!r} instead."
+                ) from None
         if self.init == "lstsq" and self.stitch != "linear":
             raise FeatcacheError(f"--init lstsq fits a linear stitch. Got --stitch {self.stitch}.")
         if self.head == "probe" and "tlt" not in self.objective.split("+"):
@@ -860,6 +869,13 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _write_or_check_config(out: Path, config: FitConfig) -> None:
     path = out / "config.json"
+    if not _check_config(out, config):
+        path.write_text(json.dumps(json.loads(json.dumps(asdict(config))), indent=2))
+
+
+def _check_config(out: Path, config: FitConfig) -> bool:
+    """Whether ``out`` has a config.json (refused when it is another config's)."""
+    path = out / "config.json"
     current = json.loads(json.dumps(asdict(config)))
     if path.exists():
         # a field added since the run dir was made (allow_incomplete) counts as its default
@@ -872,8 +888,8 @@ def _write_or_check_config(out: Path, config: FitConfig) -> None:
                 f"Run dir {out} was started with a different config ({', '.join(changed)} "
                 "differ). Use another --out, or the original options to resume."
             )
-        return
-    path.write_text(json.dumps(current, indent=2))
+        return True
+    return False
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
@@ -935,4 +951,21 @@ def fit(config: FitConfig, progress=None, log=None) -> dict[str, Any]:
     finished = _finished_metrics(Path(config.out), config)
     if finished is not None:
         return finished
+    check_run_dir(Path(config.out), config)  # before opening a store or loading an encoder
     return StitchRecipe(config).run(progress, log)
+
+
+def check_run_dir(out: Path, config: FitConfig) -> str:
+    """The state of run dir ``out`` for ``config``, writing nothing: "fresh" (no config.json
+    yet), "resumable" (a checkpoint to continue from), "started" (config.json, no checkpoint:
+    it starts over) or "finished" (metrics.json). A run dir of another config is refused."""
+    if out.exists() and not out.is_dir():
+        raise FeatcacheError(
+            f"Expected --out to be a directory (or a new path). Got the file {out} instead."
+        )
+    if not (out / "config.json").is_file():
+        return "fresh"
+    _check_config(out, config)
+    if (out / "metrics.json").is_file():
+        return "finished"
+    return "resumable" if (out / CHECKPOINT).is_file() else "started"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import queue
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ import torch
 
 from featcache.store import FeatureStore
 from stitchtrain.integrity import UnreadableShardError, require_finite
+from stitchtrain.sizes import parse_size  # re-exported: torch-free home of the size parser
 
 __all__ = ["Field", "FeatureLoader", "LoaderStats", "parse_size", "split_rows", "valid_rows"]
 
@@ -318,22 +318,6 @@ def _default_budget(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(budget, free // 2)
     return int(budget)
-
-
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgtp])(i?))?b?\s*", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """ "512MB", "1.5G", "800k" (powers of 1000), "2GiB" (powers of 1024), "4096" -> bytes."""
-    match = _SIZE.fullmatch(str(text))
-    if not match:
-        raise ValueError(
-            f"Expected a size such as 512MB, 2GiB, 1.5G, 800k or a number of bytes. "
-            f"Got {text!r} instead."
-        )
-    number, prefix, binary = match.groups()
-    power = "kmgtp".index(prefix.lower()) + 1 if prefix else 0
-    return round(float(number) * (1024 if binary else 1000) ** power)
 
 
 def valid_rows(*stores: FeatureStore) -> np.ndarray:

@@ -134,6 +134,20 @@ class SweepPoint:
     def run_dir(self, out: str | Path) -> Path:
         return Path(out) / "runs" / self.id
 
+    def fit_config(self, out: str | Path) -> FitConfig | None:
+        """The FitConfig ``run_point`` fits (None for a probe point)."""
+        if self.kind == "probe":
+            return None
+        return FitConfig(**self.config, out=str(self.run_dir(out)))
+
+    def fit_plan(self, out: str | Path):
+        """The ``stitchtrain.plan.FitPlan`` of this point's fit, after every check fit makes
+        before training (its errors raised); None for a probe point. Writes nothing."""
+        from stitchtrain.plan import plan_fit
+
+        config = self.fit_config(out)
+        return None if config is None else plan_fit(config)
+
 
 @dataclass
 class SweepPlan:
@@ -429,7 +443,7 @@ def run_point(point: SweepPoint, out: str) -> dict[str, Any]:
             kwargs = dict(point.config)
             metrics = probe_store(kwargs.pop("store_url"), run_dir, **kwargs)
         else:
-            metrics = fit(FitConfig(**point.config, out=str(run_dir)))
+            metrics = fit(point.fit_config(out))
     except Exception as err:  # a failed point is recorded and the sweep goes on
         message = f"{type(err).__name__}: {err}"
         if not isinstance(err, FeatcacheError):

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import featcache  # noqa: E402,F401  (applies the torchvision import fix before timm loads)
+import featcache._compat  # noqa: E402,F401  (the torchvision import fix, before timm loads)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
