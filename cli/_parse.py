@@ -73,12 +73,12 @@ def check_device(text: str) -> None:
     """auto, cpu, cuda or cuda:N (and CUDA only where there is CUDA).
 
     Only cuda / cuda:N import torch (to ask for CUDA); a malformed value is refused without it,
-    in ``resolve_device``'s words."""
-    kind, _, index = text.partition(":")
+    by ``featcache.devices.check_device_name``."""
+    from featcache.devices import check_device_name
+
+    check_device_name(text)
     if text in ("auto", "cpu"):
         return
-    if not (text == "cuda" or (kind == "cuda" and index.isdigit())):
-        raise FeatcacheError(f"Expected --device auto, cpu, cuda or cuda:N. Got {text!r} instead.")
     from featcache.extract import resolve_device
 
     resolve_device(text)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from featcache.data import Dataset, MaskLabelError, MaskLabels, Record, load_dataset
+from featcache.devices import check_device_name
 from featcache.encoders import Encoder, load_encoder
 from featcache.errors import BadImageError, FeatcacheError
 from featcache.images import decode_image, decode_mask
@@ -128,11 +129,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def resolve_device(device: str) -> torch.device:
     """ "auto" (CUDA when present), "cpu", "cuda" or "cuda:N" -> a torch device."""
+    check_device_name(device)
     kind, _, index = device.partition(":")
-    if device not in ("auto", "cpu", "cuda") and not (kind == "cuda" and index.isdigit()):
-        raise FeatcacheError(
-            f"Expected --device auto, cpu, cuda or cuda:N. Got {device!r} instead."
-        )
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda" and not torch.cuda.is_available():

@@ -96,10 +96,11 @@ def evaluation_split(recipe) -> EvaluationSplit:
 
 @torch.no_grad()
 def stitched_pass(recipe, source: FeatureStore, target: FeatureStore, rows, extra: list[Field]):
-    """Yield (batch, stitched final, stitched pooled) over ``rows`` in order."""
+    """Yield (batch, stitched final, stitched pooled) over ``rows`` in order; ``batch["rows"]``
+    holds each batch's store rows."""
     config = recipe.config
     fields = [Field("source", source, source_array(config.stitch, config.position)), *extra]
-    loader = recipe._loader(fields, rows, 128, shuffle=False)
+    loader = recipe._loader(fields, rows, 128, shuffle=False, return_rows=True)
     recipe.stitch.eval()
     for batch in loader.epoch(0):
         with recipe.autocast:
@@ -137,11 +138,7 @@ def fit_stitched_probe(recipe):
         val_x,
         val_y,
         num_classes=recipe.num_classes,
-        lrs=config.lrs,
-        epochs=config.epochs,
-        patience=config.patience,
-        seed=config.seed,
-        weight_decay=config.weight_decay,
+        **config.grid_protocol(),
     )
 
 
@@ -173,12 +170,8 @@ def _seg_decoder_miou(recipe, test_source, test_target, test_rows) -> dict[str, 
             val_y,
             make_head=recipe._new_head,
             num_classes=recipe.num_classes,
-            lrs=config.lrs,
-            epochs=config.epochs,
-            patience=config.patience,
-            seed=config.seed,
-            weight_decay=config.weight_decay,
             miou=config.miou,
+            **config.grid_protocol(),
             ignore_value=recipe.mask_ignore,
         )
         head, decoder_lr = decoder.head, decoder.lr
@@ -215,17 +208,15 @@ def _head_metric(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
         else None
     )
     recipe.head.eval()
-    rows, done = np.unique(np.asarray(test_rows)), 0  # the loader yields rows in this order
     for batch, final, pooled in stitched_pass(
         recipe, test_source, test_target, test_rows, [Field("labels", test_target, labels_array)]
     ):
         labels = batch["labels"].long()
-        batch_rows, done = rows[done : done + len(labels)], done + len(labels)
         if task == "cls":
             correct += int((recipe.head(pooled).argmax(-1) == labels).sum())
             count += len(labels)
         elif original is not None:
-            original.score(confusion, recipe.head(final), batch_rows)
+            original.score(confusion, recipe.head(final), batch["rows"].cpu().numpy())
         else:
             pixels = segmentation_logits(recipe.head(final), tuple(labels.shape[-2:]))
             truth = segmentation_targets(labels, recipe.num_classes, recipe.mask_ignore)

@@ -222,6 +222,17 @@ class FitConfig:
                 f"--warmup-epochs {self.warmup_epochs} with --epochs {self.epochs}."
             )
 
+    def grid_protocol(self) -> dict[str, Any]:
+        """The A.2.2 protocol settings every head fitted for the run uses (probes, decoders,
+        ``--head probe``): keyword arguments of ``probe.fit_linear_probe`` / ``_decoder``."""
+        return dict(
+            lrs=self.lrs,
+            epochs=self.epochs,
+            patience=self.patience,
+            seed=self.seed,
+            weight_decay=self.weight_decay,
+        )
+
     def stage_batch_size(self, stage: str) -> int:
         return self.batch_size or (256 if stage == "lfm" else 128)
 
@@ -363,6 +374,7 @@ class StitchRecipe:
         self.history: list[dict[str, Any]] = []
         self.stage_results: dict[str, Any] = {}
         self._loaders: dict[tuple[str, str], FeatureLoader] = {}
+        self._probe_cache: dict[str, Any] | None = None  # the --head probe fit, made once
 
     def protocol(self) -> dict[str, Any]:
         """The run's choices among those the paper leaves open (README), for metrics.json."""
@@ -422,7 +434,7 @@ class StitchRecipe:
         ``probe.fit_linear_decoder`` on final tokens for seg), the run's lr grid, epochs,
         patience, seed and weight decay. Fitted under a forked RNG: the training's random
         stream is the one ``--head fresh`` sees. {"state", "lr", "val_metric", "epochs"}."""
-        if getattr(self, "_probe_cache", None) is not None:
+        if self._probe_cache is not None:
             return self._probe_cache
         from stitchtrain.integrity import require_finite
         from stitchtrain.probe import fit_linear_decoder, fit_linear_probe
@@ -437,13 +449,7 @@ class StitchRecipe:
                 torch.from_numpy(values).to(self.device),
                 torch.from_numpy(target.read(labels, rows)).long().to(self.device),
             )
-        protocol = dict(
-            lrs=config.lrs,
-            epochs=config.epochs,
-            patience=config.patience,
-            seed=config.seed,
-            weight_decay=config.weight_decay,
-        )
+        protocol = config.grid_protocol()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             if config.task == "cls":
