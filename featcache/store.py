@@ -796,13 +796,8 @@ class FeatureStore:
             for shard, marker in sorted(markers.items()):
                 record = marker["objects"][name]
                 size = sizes.get(f"{self._path}/{record['key']}")
-                if size is None:
-                    faults.append(f"shard {shard}: {name} object {record['key']} is missing")
-                elif size != record["nbytes"]:
-                    faults.append(
-                        f"shard {shard}: {name} object {record['key']} holds {size} bytes, its "
-                        f"marker says {record['nbytes']} (truncated or replaced)"
-                    )
+                fault = _size_fault(shard, name, record, size)
+                faults += [fault] if fault else []
         return faults
 
     def verify(self, expected_fingerprint: str | None = None) -> list[str]:
@@ -835,13 +830,10 @@ class FeatureStore:
                 try:
                     data = self._fs.cat_file(f"{self._path}/{key}")
                 except FileNotFoundError:
-                    shard_faults.append(f"shard {shard}: {name} object {key} is missing")
-                    continue
-                if len(data) != record["nbytes"]:
-                    shard_faults.append(
-                        f"shard {shard}: {name} object {key} holds {len(data)} bytes, its "
-                        f"marker says {record['nbytes']} (truncated or replaced)"
-                    )
+                    data = None
+                fault = _size_fault(shard, name, record, None if data is None else len(data))
+                if fault:
+                    shard_faults.append(fault)
                 elif self._digest_or_none(name, data) != record["digest"]:
                     shard_faults.append(
                         f"shard {shard}: {name} object {key} differs from its marker's digest "
@@ -883,6 +875,18 @@ class FeatureStore:
                     f"({int(bad.sum())} rows)"
                 )
         return faults
+
+
+def _size_fault(shard: int, name: str, record: dict, size: int | None) -> str | None:
+    """The fault of an object of ``size`` bytes (None: absent) against its marker ``record``."""
+    if size is None:
+        return f"shard {shard}: {name} object {record['key']} is missing"
+    if size != record["nbytes"]:
+        return (
+            f"shard {shard}: {name} object {record['key']} holds {size} bytes, its marker says "
+            f"{record['nbytes']} (truncated or replaced)"
+        )
+    return None
 
 
 def _metadata_dirs(path: str, arrays: list[str]) -> set[str]:
