@@ -4,13 +4,20 @@ Each command runs in a fresh interpreter, as the console scripts run it (``from
 cli.featcache_app import main; main()``, argv set), side by side in one run:
 
   typer + rich          ``python -c "import typer, rich"``: the floor any typer + rich CLI pays
+  typer + rich + dask.utils   what importing dask.utils (sizes: parse_bytes, format_bytes) adds
   featcache --help      the top-level help
   stitchtrain --help    the top-level help (with the tree and experiments sub-apps)
   featcache --version   the version option
+  featcache models      the preset table (architectures stated by the presets: no torch)
+  stitchtrain positions dinov2-l siglip2-l   the same for a pair
   featcache ls EMPTY    a store command on an empty folder
   featcache extract --dtype int8 ...   a parse error (a bad option value)
+  stitchtrain fit --memory-budget lots ...   a parse error read by dask.utils.parse_bytes
 
-Wall time is the whole subprocess: interpreter start, imports, the command, exit. Each command
+Wall time is the whole subprocess: interpreter start, imports, the command, exit, as an
+installed CLI starts from its second run on: Python's bytecode cache is on for every module
+(in a temporary ``PYTHONPYCACHEPREFIX``, so nothing is written into the checkout, and whatever
+``PYTHONDONTWRITEBYTECODE`` says) and warmed by one untimed run of each command. Each command
 is repeated ``--repeats`` times, alternating; each keeps its fastest repeat (other processes only
 add time), and ratio = fastest command ÷ fastest ``typer + rich``. Before timing, each command
 is run once more to report whether torch ended up in ``sys.modules``.
@@ -22,12 +29,14 @@ is run once more to report whether torch ended up in ``sys.modules``.
 
     .venv/bin/python benchmarks/cli_startup.py                 # ~30 s on 2 cores
     .venv/bin/python benchmarks/cli_startup.py --repeats 5 --json
+    .venv/bin/python benchmarks/cli_startup.py --goal-only --repeats 20
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,17 +66,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--baseline", default=None, help="another checkout to time the same commands from"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--goal-only",
+        action="store_true",
+        help="time only typer + rich and the two --help (more repeats fit in a quiet moment)",
+    )
     return parser.parse_args(argv)
 
 
-def commands(empty: str) -> dict[str, tuple[str, list[str]] | None]:
-    """name -> (cli module, argv) of each timed command; None: the typer + rich floor."""
+def commands(empty: str) -> dict[str, tuple[str, list[str]] | str | None]:
+    """name -> (cli module, argv) of each timed command; a string: Python code to time; None:
+    the typer + rich floor."""
+    fit = ["stitchtrain", "fit", "--source", "a", "--target", "b", "--position", "2"]
     return {
         FLOOR: None,
+        "typer + rich + dask.utils": "import typer, rich, dask.utils",
         "featcache --help": ("featcache_app", ["featcache", "--help"]),
         "stitchtrain --help": ("stitchtrain_app", ["stitchtrain", "--help"]),
         "featcache --version": ("featcache_app", ["featcache", "--version"]),
+        "featcache models": ("featcache_app", ["featcache", "models"]),
+        "stitchtrain positions dinov2-l siglip2-l": (
+            "stitchtrain_app",
+            ["stitchtrain", "positions", "dinov2-l", "siglip2-l"],
+        ),
         "featcache ls EMPTY": ("featcache_app", ["featcache", "ls", empty]),
+        "stitchtrain fit --memory-budget lots": (
+            "stitchtrain_app",
+            [*fit, "--out", empty, "--memory-budget", "lots"],
+        ),
         "featcache extract --dtype int8": (
             "featcache_app",
             [
@@ -86,17 +112,22 @@ def commands(empty: str) -> dict[str, tuple[str, list[str]] | None]:
     }
 
 
-def code_of(command: tuple[str, list[str]] | None, report: bool = False) -> str:
+def code_of(command: tuple[str, list[str]] | str | None, report: bool = False) -> str:
     if command is None:
         return "import typer, rich"
+    if isinstance(command, str):
+        return command
     module, argv = command
     return _APP.format(report=_REPORT if report else "", module=module, argv=argv)
 
 
-def run_once(code: str, checkout: Path) -> tuple[float, subprocess.CompletedProcess]:
+def run_once(code: str, checkout: Path, pycache: str) -> tuple[float, subprocess.CompletedProcess]:
     env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")])
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")]),
+        PYTHONPYCACHEPREFIX=pycache,
     )
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=checkout, env=env, capture_output=True, text=True
@@ -104,10 +135,12 @@ def run_once(code: str, checkout: Path) -> tuple[float, subprocess.CompletedProc
     return time.perf_counter() - started, done
 
 
-def imports_torch(command: tuple[str, list[str]] | None, checkout: Path) -> bool | None:
-    if command is None:
+def imports_torch(
+    command: tuple[str, list[str]] | str | None, checkout: Path, pycache: str
+) -> bool | None:
+    if command is None or isinstance(command, str):
         return None
-    _, done = run_once(code_of(command, report=True), checkout)
+    _, done = run_once(code_of(command, report=True), checkout, pycache)
     lines = [line for line in done.stderr.splitlines() if line.startswith("TORCH=")]
     if not lines:
         raise RuntimeError(f"{command}: no report; stderr={done.stderr!r}")
@@ -120,13 +153,19 @@ def measure(args: argparse.Namespace) -> dict:
     if args.baseline:
         checkouts["baseline"] = Path(args.baseline).resolve()
     named = commands(empty)
+    if args.goal_only:
+        named = {name: named[name] for name in (FLOOR, *GOALS)}
     runs = [(side, name) for side in checkouts for name in named]
-    torch_loaded = {run: imports_torch(named[run[1]], checkouts[run[0]]) for run in runs}
+    pycache = tempfile.mkdtemp(prefix="featcache-bench-pycache-")
+    torch_loaded = {run: imports_torch(named[run[1]], checkouts[run[0]], pycache) for run in runs}
+    for side, name in runs:  # warm-up: every module's bytecode cached
+        run_once(code_of(named[name]), checkouts[side], pycache)
     times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
     for _ in range(args.repeats):
         for side, name in runs:
-            seconds, _ = run_once(code_of(named[name]), checkouts[side])
+            seconds, _ = run_once(code_of(named[name]), checkouts[side], pycache)
             times[(side, name)].append(seconds)
+    shutil.rmtree(pycache)
     os.rmdir(empty)
     floor = min(min(times[(side, FLOOR)]) for side in checkouts)  # one floor for both sides
     rows = [

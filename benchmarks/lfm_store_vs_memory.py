@@ -55,6 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from _synthetic import synthetic_dataset, synthetic_encoder  # noqa: E402
+
 from featcache.store import FeatureStore, StoreSpec  # noqa: E402
 from stitchtrain.fit import FitConfig, StitchRecipe  # noqa: E402
 from stitchtrain.loader import FeatureLoader, parse_size  # noqa: E402
@@ -94,26 +96,8 @@ def sync(device: torch.device) -> None:
 
 # -- synthetic stores ----------------------------------------------------------------------------
 def _spec(args: argparse.Namespace, name: str, width: int) -> StoreSpec:
-    encoder = {
-        "name": name,
-        "family": "synthetic",
-        "spec": {"library": "none", "model": name, "overrides": {}},
-        "depth": args.position + 1,
-        "width": width,
-        "layout": {"prefix": ["cls"], "grid": [args.grid, args.grid]},
-        "image_size": [14 * args.grid, 14 * args.grid],
-        "pooling": "token",
-        "pooled_width": width,
-        "fingerprint": name,
-    }
-    dataset = {
-        "source": "synthetic",
-        "split": "train",
-        "manifest_hash": "synthetic",
-        "classes": [],
-        "order_seed": 0,
-        "num_images": args.images,
-    }
+    encoder = synthetic_encoder(name, depth=args.position + 1, width=width, grid=args.grid)
+    dataset = synthetic_dataset(args.images)
     return StoreSpec(
         encoder=encoder,
         dataset=dataset,

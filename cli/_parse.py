@@ -55,8 +55,9 @@ def parse_weights(items: list[str]) -> dict[str, str]:
 
 
 def check_size(text: str | None, option: str = "--memory-budget") -> None:
-    """Refuse what ``stitchtrain.loader.parse_size`` cannot read (None: the default)."""
-    from stitchtrain.sizes import parse_size  # torch-free (stitchtrain.loader re-exports it)
+    """Refuse what ``stitchtrain.sizes.parse_size`` (``dask.utils.parse_bytes``) cannot read
+    (None: the default). Imports dask, never torch, and only when a size is given."""
+    from stitchtrain.sizes import parse_size
 
     if text is None:
         return
@@ -113,10 +114,12 @@ def check_out_dir(path: object, option: str = "--out") -> None:
 
 def at_least(minimum: int):
     """A typer callback refusing integers below ``minimum``, naming the value given (typer's
-    own ``min=`` names only the bound)."""
+    own ``min=`` names only the bound). ``check`` takes ``value`` (int or None) unannotated:
+    typer reads every callback's type hints to build each command, and a callback without
+    them costs it nothing at start-up."""
     import typer
 
-    def check(value: int | None) -> int | None:
+    def check(value):
         if value is not None and value < minimum:
             raise typer.BadParameter(f"Expected an integer >= {minimum}. Got {value} instead.")
         return value

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 import typer
-from rich.table import Table
 
-from cli._console import console, reports_errors
+from cli._console import console, err_console, reports_errors
 from cli._parse import at_least, check_device, check_out_dir, check_scheduler, parse_lrs
 
 CkaTokens = Literal["mean", "cls", "flatten"]  # stitchtrain.cka.TOKEN_MODES
@@ -42,6 +41,20 @@ def _point_plan(point, out) -> str:
     )
 
 
+def _point_json(point, out) -> dict:
+    """``sweep --dry-run --json``: a point with its FitPlan (``plan``, the object ``fit
+    --dry-run --json`` prints; null for a probe point) or why fit refuses it (``refused``)."""
+    from featcache.errors import FeatcacheError
+    from stitchtrain.sweep import completed_row
+
+    entry = {"id": point.id, "kind": point.kind, "done": completed_row(point, out) is not None}
+    try:
+        plan = point.fit_plan(out)
+    except FeatcacheError as error:
+        return {**entry, "plan": None, "refused": " ".join(str(error).split())}
+    return {**entry, "plan": None if plan is None else plan.to_dict(), "refused": None}
+
+
 @experiments_app.command()
 @reports_errors
 def sweep(
@@ -56,9 +69,15 @@ def sweep(
         "--allow-geometry-mismatch",
         help="Pair stores whose tokens see other pixels ([fit] allow_geometry_mismatch = true).",
     ),
+    as_json: bool = typer.Option(
+        False, "--json", help="With --dry-run: the points and their fit plans as JSON."
+    ),
 ) -> None:
     """Run a grid of stitch runs plus baselines (linear probes, self-stitches); re-running
     skips finished points."""
+    from rich.table import Table
+
+    from cli._progress import FitProgress, progress_display
     from stitchtrain.sweep import completed_row, load_sweep_config, plan_sweep, run_sweep
 
     check_scheduler(scheduler, sequential=True)
@@ -67,6 +86,9 @@ def sweep(
     if allow_geometry_mismatch:
         loaded["fit"] = {**(loaded.get("fit") or {}), "allow_geometry_mismatch": True}
     plan = plan_sweep(loaded, base=config.resolve().parent)
+    if dry_run and as_json:
+        print(json.dumps([_point_json(point, out) for point in plan.points], indent=2))
+        return
     if dry_run:
         table = Table(title=f"{len(plan.points)} grid points")
         for column in ("id", "kind", "done", "fit plan"):
@@ -77,17 +99,33 @@ def sweep(
         console.print(table)
         return
 
-    def progress(row: dict, done: int, total: int) -> None:
-        if row.get("skipped"):
-            state = "[dim]done before[/]"
-        elif row["status"] == "ok":
-            state = f"[green]ok[/] metric {row['metric']:.4f} ({row['seconds']:.1f}s)"
-        else:
-            state = f"[red]failed[/]: {str(row['error']).splitlines()[0]}"
-        console.print(f"[{done}/{total}] {row['id']}: {state}", highlight=False)
+    # points -> (in sequence) each point's fit: stages -> learning rates -> epochs
+    with progress_display(console) as display:
+        points = display.task("sweep point", len(plan.points), unit="point", echo=True)
+        running: dict = {}  # the point in progress: its task and its fit's progress
 
-    frame = run_sweep(plan, out, scheduler=None if scheduler == "sequential" else scheduler,
-                      progress=progress)  # fmt: skip
+        def started(point):
+            running["task"] = display.task(point.id, None, parent=points)
+            if point.kind != "probe":
+                running["fit"] = FitProgress(display, parent=running["task"])
+            return running.get("fit")
+
+        def progress(row: dict, done: int, total: int) -> None:
+            if "fit" in running:
+                running.pop("fit").close()
+            if "task" in running:
+                running.pop("task").finish("")  # the point's line says how it went
+            if row.get("skipped"):
+                state = "done before"
+            elif row["status"] == "ok":
+                state = f"ok, metric {row['metric']:.4f} ({row['seconds']:.1f} s)"
+            else:
+                state = f"failed: {str(row['error']).splitlines()[0]}"
+            points.update(completed=done - 1)
+            points.advance(note=f"{row['id']}: {state}", resumed=bool(row.get("skipped")))
+
+        frame = run_sweep(plan, out, scheduler=None if scheduler == "sequential" else scheduler,
+                          progress=progress, started=started)  # fmt: skip
     counts = frame.status.value_counts().to_dict()
     console.print(
         f"{len(frame)} points: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed; "
@@ -113,17 +151,32 @@ def report(
     title: str = typer.Option("Model stitching report", help="Page title."),
 ) -> None:
     """Plots and tables of the paper's Figures 2-5 and Tables 1-4, 12 from sweep results."""
+    from cli._progress import progress_display
     from stitchtrain.report import build_report
 
     check_out_dir(out)
-    index = build_report(
-        dirs,
-        out,
-        cka=cka,
-        predictions=predictions,
-        cka_max_images=cka_max_images,
-        title=title,
-    )
+    with progress_display(console) as display:
+        report_steps: dict = {"task": None, "step": ""}  # the task; the step in progress
+
+        def progress(step: str, done: int, total: int) -> None:
+            task = report_steps["task"] or display.task("report step", total, unit="step")
+            report_steps["task"] = task
+            if done > task.completed:  # the previous step finished
+                task.advance(done - task.completed, note=f"{report_steps['step']} done")
+            task.update(note="" if step == "done" else f"{step} ...")
+            report_steps["step"] = step
+
+        index = build_report(
+            dirs,
+            out,
+            cka=cka,
+            predictions=predictions,
+            cka_max_images=cka_max_images,
+            title=title,
+            progress=progress,
+        )
+        if report_steps["task"] is not None:
+            report_steps["task"].finish()
     console.print(f"report: {index} ({len(list(out.glob('*.png')))} plots)", highlight=False)
 
 
@@ -150,21 +203,38 @@ def cka(
     """Linear CKA between layers of two stores (out of core), as a heatmap."""
     from dataclasses import asdict
 
+    from rich.table import Table
+
+    from cli._progress import progress_display
     from stitchtrain.cka import cka_stores, parse_layers
 
     layers_a, layers_b = parse_layers(layers), parse_layers(layers_b)
     check_out_dir(out)
-    result = cka_stores(
-        store_a,
-        store_b,
-        layers_a,
-        layers_b,
-        tokens=tokens,
-        minibatch=minibatch,
-        max_images=max_images,
-        allow_geometry_mismatch=allow_geometry_mismatch,
-    )
-    paths = result.save(out)
+    with progress_display(err_console if as_json else console) as display:
+        task = None  # the dask tasks that read and reduce the layers, k of N
+
+        def progress(step: str, done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = display.task(step, total, unit="task", plain_every=2.0)
+            task.update(total=total)
+            task.advance(done - task.completed)
+
+        result = cka_stores(
+            store_a,
+            store_b,
+            layers_a,
+            layers_b,
+            tokens=tokens,
+            minibatch=minibatch,
+            max_images=max_images,
+            allow_geometry_mismatch=allow_geometry_mismatch,
+            progress=progress,
+        )
+        if task is not None:
+            task.finish()
+        with display.spinner(f"writing {out / 'cka.png'}, cka.json, cka.csv"):
+            paths = result.save(out)
     if as_json:
         print(json.dumps(asdict(result), indent=2))
         return
@@ -191,6 +261,8 @@ def predictions(
 ) -> None:
     """Preserve / rescue / interference counts of a stitched run against its two self-stitch
     runs (paper Table 12); saves predictions.npy in each run dir."""
+    from rich.table import Table
+
     from stitchtrain.analysis import prediction_analysis
 
     result = prediction_analysis(

@@ -4,25 +4,39 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import typer
-from rich.table import Table
 
-from cli._console import console, err_console, reports_errors, version_option
+if TYPE_CHECKING:
+    from rich.table import Table
+
+from cli._console import (
+    RICH_MARKUP_MODE,
+    console,
+    err_console,
+    escape,
+    reports_errors,
+    version_option,
+)
 from cli._parse import at_least, check_out_dir, check_scheduler, parse_ints, parse_weights
+from stitchtrain.sizes import format_size
 
 # The accepted values, checked by typer at parse time and listed in --help (the library's own
 # tuples: featcache.store.TOKEN_MODES and DTYPES; tests/test_redteam_cli.py keeps them equal).
 Tokens = Literal["all", "prefix", "pooled"]
 Dtype = Literal["float16", "bfloat16", "float32"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # "auto" + featcache.encoders.base.PRECISIONS
 OnBadImage = Literal["fail", "skip"]
 ResizeMode = Literal["shortest", "squash"]  # featcache.preprocess resize modes
+Crop = Literal["box", "whole", "banner"]  # featcache.data.DataOptions.crop
+Level = Literal["variant", "family", "manufacturer"]  # featcache.aircraft.AIRCRAFT_LEVELS
+ShortClasses = Literal["error", "drop"]
 
 app = typer.Typer(
     help="Run frozen vision foundation models once and cache their token features.",
     no_args_is_help=True,
-    add_completion=False,
+    rich_markup_mode=RICH_MARKUP_MODE,
 )
 
 
@@ -38,7 +52,9 @@ def _prefix_text(prefix: tuple[str, ...]) -> str:
 
 
 def models_table() -> Table:
-    from featcache.encoders import PRESETS, describe_preset
+    from rich.table import Table
+
+    from featcache.encoders import PRESETS, preset_summary  # torch-free
 
     table = Table(title="featcache encoder presets")
     for column in (
@@ -54,7 +70,7 @@ def models_table() -> Table:
     ):
         table.add_column(column, justify="right" if column in ("depth", "width") else "left")
     for name in PRESETS:
-        info = describe_preset(name)
+        info = preset_summary(name)
         table.add_row(
             name,
             info["model"],
@@ -76,68 +92,124 @@ def models() -> None:
     console.print(models_table())
 
 
-def _human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if count < 1024 or unit == "TB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    return f"{count:.1f} TB"
+def _data_options_params():
+    """The dataset options shared by ``extract`` and ``dataset describe`` (DataOptions)."""
+    return {
+        "crop": typer.Option(
+            None,
+            help="fMoW-RGB / FGVC-Aircraft: crop to the annotated box or keep the whole "
+            "image; Aircraft: banner = all but its 20 px copyright banner (default: fMoW box, "
+            "Aircraft whole).",
+        ),
+        "select": typer.Option(
+            None,
+            help="iNaturalist 2021: keep categories by taxonomy, FIELD=V1,V2 (e.g. "
+            "family=Sphingidae,Pieridae,Pyralidae).",
+        ),
+        "level": typer.Option(None, help="FGVC-Aircraft class level (default: variant)."),
+        "image_root": typer.Option(
+            None, help="LLaVA-style JSON: folder its image paths are relative to (default: its)."
+        ),
+        "image_column": typer.Option(
+            None, help="Hugging Face parquet: image column (default: the Image feature)."
+        ),
+        "label_column": typer.Option(
+            None, help="Hugging Face parquet: label column (default: the ClassLabel feature)."
+        ),
+        "per_class": typer.Option(
+            None,
+            help="Class-balanced subset: N per class in every split, or SPLIT=N,SPLIT=N "
+            "drawn disjointly from --subset-from (e.g. train=230,test=26).",
+        ),
+        "subset_from": typer.Option(
+            None,
+            help="Splits the SPLIT=N subsets are drawn from, comma-separated (default: train).",
+        ),
+        "subset_seed": typer.Option(0, help="Seed of the class-balanced draw."),
+        "short_classes": typer.Option(
+            "error", help="A class too small for --per-class: error, or drop it."
+        ),
+    }
 
 
-def _extract_with_progress(
-    config, out_console, *, transient: bool = False, scheduler: str | None = None
-) -> dict:
-    """Plan, print the planned stores, run with a progress bar (images/s, MB/s, ETA)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+_DATA = _data_options_params()
 
-    from featcache.extract import images_in_shards, plan_extraction, run_extraction
 
-    plan = plan_extraction(config)
+def _data_options(params: dict):
+    """The ``_DATA`` options among a command's parameters (its ``locals()``) ->
+    ``featcache.data.DataOptions`` (bad values: one-line errors)."""
+    from featcache.data import DataOptions
+    from featcache.inat import parse_select
+
+    values = {name: params[name] for name in _DATA}
+    select = values.pop("select")
+    return DataOptions(select=None if select is None else parse_select(select), **values)
+
+
+def _images_to_do(plan) -> int:
+    """Images of this ``--shard I/N`` process's shards that a planned store still lacks (a
+    shard counts until every store has its completion marker; 0: nothing to do)."""
+    import math
+
+    from featcache.store import FeatureStore, StoreError
+
+    config = plan.config
+    marked = []
+    for url in plan.urls:
+        try:
+            store = FeatureStore.open(url, storage_options=config.storage_options)
+            marked.append(store.marked_shards())
+        except StoreError:  # not created yet
+            marked.append(set())
+    index, count = config.shard
+    size, total = config.shard_size, len(plan.records)
+    shards = range(index, math.ceil(total / size), count)
+    return sum(min(size, total - s * size) for s in shards if any(s not in m for m in marked))
+
+
+def _extract_with_progress(config, display, *, parent=None, scheduler: str | None = None) -> dict:
+    """Plan (a spinner while the models load), print the planned stores, extract the missing
+    shards with a progress task (images k of N, img/s, MB/s, ETA) on ``display``
+    (``cli._progress``); stores already complete say so and write nothing."""
+    from rich.table import Table
+
+    from featcache.extract import plan_extraction, run_extraction
+
+    with display.spinner(f"loading {', '.join(config.models)}", parent=parent):
+        plan = plan_extraction(config)
     table = Table(title=f"planned stores ({plan.split}: {len(plan.records)} images)")
     for column in ("encoder", "layers", "store", "estimated size"):
         table.add_column(column)
     for encoder, spec, url in zip(plan.encoders, plan.specs, plan.urls, strict=True):
         layers = ",".join(map(str, spec.layers))
-        size = _human_bytes(plan.estimated_bytes(spec))
+        size = format_size(plan.estimated_bytes(spec))
         table.add_row(encoder.name, layers, url, size)
-    out_console.print(table)
-    total = images_in_shards(plan, config.shard_size, config.shard[1], config.shard[0])
-    started = time.perf_counter()
-    written = {"bytes": 0}
-    with Progress(
-        TextColumn("[bold]extract"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=out_console,
-        transient=transient,
-    ) as bar:
-        task = bar.add_task("extract", total=total, rate="")
+    display.log(table)
+    todo = _images_to_do(plan)
+    if todo == 0:  # the run below only reopens the stores (and checks --scheduler)
+        display.log(f"extract {plan.split}: complete, nothing to do ({len(plan.urls)} stores)")
+    task = display.task(f"extract {plan.split}", total=todo, parent=parent) if todo else None
+    started, written = time.perf_counter(), {"bytes": 0}
 
-        def advance(images: int, nbytes: int) -> None:
-            written["bytes"] += nbytes
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            done = bar.tasks[0].completed + images
-            rate = f"{done / elapsed:.1f} img/s {written['bytes'] / elapsed / 1e6:.1f} MB/s"
-            bar.update(task, advance=images, rate=rate)
+    def advance(images: int, nbytes: int) -> None:  # called only when shards are written
+        written["bytes"] += nbytes
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        done = task.completed + images
+        rate = f"{done / elapsed:.1f} img/s {written['bytes'] / elapsed / 1e6:.1f} MB/s"
+        task.advance(images, note=rate)
 
+    try:
         if scheduler is None:
             result = run_extraction(plan, progress=advance)
         else:
             from featcache.distributed import connect, extract_on_dask
 
             with connect(scheduler) as client:
-                out_console.print(f"dask scheduler: {client.scheduler.address}")
+                display.log(f"dask scheduler: {client.scheduler.address}")
                 result = extract_on_dask(plan, client, progress=advance)
+    finally:
+        if task is not None:
+            task.finish()
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -146,7 +218,12 @@ def _extract_with_progress(
 @reports_errors
 def extract(
     model: list[str] = typer.Option(..., "--model", help="Encoder (repeat for several)."),
-    data: str = typer.Option(..., help="Image folder (one subfolder per class) or CSV/JSONL."),
+    data: str = typer.Option(
+        ...,
+        help="Image folder (class subfolders; ADE20K, fMoW-RGB, iNat 2021, FGVC-Aircraft "
+        "layouts), CSV/JSONL manifest, LLaVA-style .json, parquet files or folder, or .tar "
+        "shards (brace pattern, glob, s3://).",
+    ),
     out: str = typer.Option(..., help="Root for stores: local path or fsspec URL (s3://...)."),
     layers: str = typer.Option(
         "2,6,10,14,18,22,24", help="Layers to store: comma-separated integers 0..depth, e.g. 2,6."
@@ -161,12 +238,19 @@ def extract(
         "none", help="none, zstd or bitround:K (keep K of 10 float16 mantissa bits, 1 <= K <= 10)."
     ),
     dtype: Dtype = typer.Option("float16", help="Storage dtype (bfloat16 as uint16 bits)."),
+    precision: Precision = typer.Option(
+        "auto",
+        help="Compute precision (autocast): fp32, bf16 or fp16; auto = bf16 on CUDA, fp32 on "
+        "CPU. Recorded in the store and its id; info shows its error against fp32.",
+    ),
     shard: str = typer.Option("0/1", help="I/N: process shards i with i % N == I."),
     shard_size: int = typer.Option(
         256, callback=at_least(1), help="Images per shard (unit of writing/resuming) (>= 1)."
     ),
     on_bad_image: OnBadImage = typer.Option("fail", help="skip: record unreadable images, go on."),
-    num_workers: int = typer.Option(2, callback=at_least(0), help="Decoding threads (>= 0)."),
+    num_workers: int | None = typer.Option(
+        None, callback=at_least(0), help="Decoding threads (>= 0; default: the cores available)."
+    ),
     weights: list[str] = typer.Option([], help="NAME=FILE.safetensors weights for a model."),
     random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights."),
     reduce_zero_label: bool | None = typer.Option(
@@ -186,11 +270,22 @@ def extract(
     scheduler: str | None = typer.Option(
         None, help="Run shards as Dask tasks: local, local:N or tcp://HOST:PORT."
     ),
+    crop: Crop | None = _DATA["crop"],
+    select: str | None = _DATA["select"],
+    level: Level | None = _DATA["level"],
+    per_class: str | None = _DATA["per_class"],
+    subset_from: str | None = _DATA["subset_from"],
+    subset_seed: int = _DATA["subset_seed"],
+    short_classes: ShortClasses = _DATA["short_classes"],
+    image_root: str | None = _DATA["image_root"],
+    image_column: str | None = _DATA["image_column"],
+    label_column: str | None = _DATA["label_column"],
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary at the end."),
 ) -> None:
     """Extract layer token features of one or more encoders into Zarr v3 stores."""
     import json
 
+    from cli._progress import progress_display
     from featcache.extract import ExtractConfig, parse_shard
 
     check_scheduler(scheduler)
@@ -208,15 +303,18 @@ def extract(
         shard=parse_shard(shard),
         on_bad_image=on_bad_image,
         num_workers=num_workers,
+        precision=precision,
         shard_size=shard_size,
         random_init=random_init,
         reduce_zero_label=reduce_zero_label,
         weights=parse_weights(weights),
         crop_pct=crop_pct,
         resize_mode=resize_mode,
+        data_options=_data_options(locals()),
     )
-    out_console = err_console if as_json else console
-    result = _extract_with_progress(config, out_console, transient=as_json, scheduler=scheduler)
+    out_console = err_console if as_json else console  # --json: stdout holds the JSON only
+    with progress_display(out_console) as display:
+        result = _extract_with_progress(config, display, scheduler=scheduler)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -226,13 +324,16 @@ def extract(
             if summary["complete"]
             else (f"{summary['shards_done']}/{summary['num_shards']} shards")
         )
-        console.print(f"[bold]{summary['encoder']}[/]: {summary['url']} ({state})")
+        line = f"[bold]{escape(summary['encoder'])}[/]: {escape(summary['url'])} ({state})"
+        console.print(line, markup=True)
         for item in summary["skipped"]:
             console.print(f"  skipped {item['id']}: {item['reason']}")
 
 
 def stores_table(root: str) -> Table:
     """One row per store under ``root``."""
+    from rich.table import Table
+
     from featcache.store import find_stores
 
     table = Table(title=f"stores under {root}")
@@ -247,7 +348,7 @@ def stores_table(root: str) -> Table:
             s["split"],
             ",".join(map(str, s["layers"])) or "-",
             str(s["images"]),
-            _human_bytes(s["bytes"]),
+            format_size(s["bytes"]),
             "yes" if s["complete"] else f"no ({s['shards_done']}/{s['num_shards']})",
         )
     return table
@@ -272,14 +373,16 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), help="Where the dataset and stores go."),
 ) -> None:
     """Generate the built-in dataset and extract it with two tiny encoders of two families."""
+    from cli._progress import progress_display
     from featcache.demo_data import demo_extract_configs
 
     check_out_dir(out)
     console.print(models_table())
     configs = demo_extract_configs(out)
-    console.print(f"dataset: [bold]{configs[0].data}[/]")
-    for config in configs:
-        _extract_with_progress(config, console)
+    console.print(f"dataset: [bold]{escape(configs[0].data)}[/]", markup=True)
+    with progress_display(console) as display:
+        for config in configs:
+            _extract_with_progress(config, display)
     console.print(stores_table(str(out / "stores")))
 
 
@@ -289,12 +392,23 @@ def info(
     store: str = typer.Argument(..., help="Store path or URL."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Show a store's attributes, arrays and completion."""
+    """Summarise a store: encoder, dataset, split, layers, images, size, completion and
+    geometry (--json: every attribute and array)."""
     import json
+
+    from rich.table import Table
 
     from featcache.store import FeatureStore
 
     opened = FeatureStore.open(store)
+    if not as_json:
+        table = Table(title=f"store {opened.url}", show_header=False)
+        table.add_column("", style="bold")
+        table.add_column("", overflow="fold")
+        for name, value in _info_rows(opened.summary(), opened.attrs):
+            table.add_row(name, value)
+        console.print(table)
+        return
     payload = {
         "summary": opened.summary(),
         "attrs": opened.attrs,
@@ -310,10 +424,60 @@ def info(
                 for n, a in opened.group["layers"].arrays()
             }
         )
-    if as_json:
-        print(json.dumps(payload, indent=2, default=str))
-    else:
-        console.print_json(json.dumps(payload, default=str))
+    print(json.dumps(payload, indent=2, default=str))
+
+
+def _precision_text(summary: dict) -> str:
+    """The compute precision and its measured error against fp32 (``precision_error``)."""
+    precision, error = summary.get("precision", "fp32"), summary.get("precision_error")
+    if precision == "fp32":
+        return "fp32 (error against fp32: 0)"
+    if not error:
+        return f"{precision} autocast (error against fp32 not measured)"
+    scale = error.get("mean_abs_fp32")
+    relative = f", {error['mean_abs'] / scale:.2%} of mean |x|" if scale else ""
+    return (
+        f"{precision} autocast; against fp32 on the first {error['images']} images: max |error| "
+        f"{error['max_abs']:.3g}, mean {error['mean_abs']:.3g}{relative}"
+    )
+
+
+def _info_rows(summary: dict, attrs: dict) -> list[tuple[str, str]]:
+    """``featcache info``'s lines: (name, value) from ``FeatureStore.summary()`` and attrs."""
+    encoder = attrs["encoder"]
+    layout = encoder.get("layout", {})
+    geometry = encoder.get("geometry") or {}
+    arrays = [name for name in ("final", "pooled", "masks") if name in attrs.get("arrays", [])]
+    layers = ",".join(map(str, summary["layers"])) or "none"
+    done = f"{summary['shards_done']}/{summary['num_shards']} shards"
+    rows = [
+        ("encoder", f"{summary['encoder']} (fingerprint {summary['fingerprint']})"),
+        (
+            "architecture",
+            f"depth {encoder['depth']}, width {encoder['width']}, prefix "
+            f"{_prefix_text(tuple(layout.get('prefix', ())))}",
+        ),
+        ("dataset", str(summary["dataset"])),
+        ("split", str(summary["split"])),
+        ("layers", f"{layers} (tokens {summary['tokens']}; also {', '.join(arrays) or '-'})"),
+        ("images", f"{summary['images']} ({len(summary['skipped'])} skipped)"),
+        ("dtype", f"{summary['dtype']}, compression {attrs.get('compression', '-')}"),
+        ("precision", _precision_text(summary)),
+        ("size", format_size(summary["bytes"])),
+        ("complete", f"yes ({done})" if summary["complete"] else f"no ({done})"),
+    ]
+    if geometry:
+        size = "x".join(map(str, geometry["image_size"]))
+        grid = "x".join(map(str, geometry["grid"]))
+        patch = "x".join(map(str, geometry["patch_size"]))
+        rows.append(
+            (
+                "geometry",
+                f"{size} input, resize {geometry['resize_mode']}, crop {geometry['crop_pct']}, "
+                f"grid {grid} of {patch} px patches",
+            )
+        )
+    return rows
 
 
 @app.command()
@@ -337,9 +501,9 @@ def verify(
         print(json.dumps({"store": store, "ok": not faults, "faults": faults}))
     else:
         for fault in faults:
-            err_console.print(f"[red]fault:[/] {fault}", highlight=False)
+            err_console.print(f"[red]fault:[/] {escape(fault)}", markup=True, highlight=False)
         if not faults:
-            console.print(f"[green]ok[/] {store}")
+            console.print(f"[green]ok[/] {escape(store)}", markup=True)
     if faults:
         raise typer.Exit(code=1)
 
@@ -354,6 +518,118 @@ def rm(store: str = typer.Argument(..., help="Store path or URL to delete.")) ->
 
     remove_store(store)
     console.print(f"removed {store}")
+
+
+@app.command()
+@reports_errors
+def show(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    layer: list[str] = typer.Option(
+        [], help="Stored layer number or 'final' (repeat; default: up to 4 stored layers)."
+    ),
+    images: int = typer.Option(8, callback=at_least(1), help="Show the first N valid rows."),
+    rows: str | None = typer.Option(None, help="Comma-separated store rows instead of --images."),
+    scale: Literal["percentile", "minmax"] = typer.Option(
+        "percentile", help="Components to [0, 1]: 1st-99th percentile or min-max."
+    ),
+    out: Path = typer.Option(Path("maps.png"), help="Image file to write (.png, .pdf, ...)."),
+) -> None:
+    """PCA-to-RGB maps of stored patch tokens: per image row, the image as the model saw it,
+    then each layer's map (3 components fitted per layer over the shown images)."""
+    from featcache.show import check_image_path, show_store
+
+    check_image_path(out)
+    layers = [part for value in layer for part in value.split(",") if part.strip()]
+    figure = show_store(
+        store,
+        layers=layers or None,
+        images=images,
+        rows=parse_ints(rows, "--rows", example="0,5,9") if rows is not None else None,
+        scale=scale,
+    )
+    console.print(f"wrote {figure.save(out)}: {figure.summary()}", highlight=False, markup=False)
+    for row, note in zip(figure.rows.tolist(), figure.notes, strict=True):
+        if note:
+            console.print(f"  row {row}: image not shown ({note})", highlight=False, markup=False)
+
+
+dataset_app = typer.Typer(help="Inspect datasets before extracting them.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+
+@dataset_app.command()
+@reports_errors
+def describe(
+    data: str = typer.Argument(..., help="What --data of extract takes."),
+    crop: Crop | None = _DATA["crop"],
+    select: str | None = _DATA["select"],
+    level: Level | None = _DATA["level"],
+    per_class: str | None = _DATA["per_class"],
+    subset_from: str | None = _DATA["subset_from"],
+    subset_seed: int = _DATA["subset_seed"],
+    short_classes: ShortClasses = _DATA["short_classes"],
+    image_root: str | None = _DATA["image_root"],
+    image_column: str | None = _DATA["image_column"],
+    label_column: str | None = _DATA["label_column"],
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Classes, images per split and per class, and what a --per-class subset would hold,
+    without extracting."""
+    import dataclasses
+    import json
+
+    from rich.table import Table
+
+    from featcache.data import load_dataset
+    from featcache.subsets import describe as describe_dataset
+
+    options = _data_options(locals())
+    dataset = load_dataset(data, options=dataclasses.replace(options, per_class=None))
+    summary = describe_dataset(dataset, options)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(
+        f"[bold]{escape(summary['source'])}[/] ({summary['format']}): "
+        f"{len(summary['classes'])} classes {escape(summary['selection'] or '')}",
+        markup=True,
+        highlight=False,
+    )
+    table = Table(title="splits")
+    for column in ("split", "images", "classes present", "min / max per class"):
+        table.add_column(column)
+    for split, info in summary["splits"].items():
+        counts = list(info["per_class"].values()) or [0]
+        present = sum(c > 0 for c in counts)
+        table.add_row(split, str(info["images"]), str(present), f"{min(counts)} / {max(counts)}")
+    console.print(table)
+    shown = 40
+    classes = Table(title=f"images per class (first {shown})" if len(summary["classes"]) > shown
+                    else "images per class")  # fmt: skip
+    classes.add_column("class")
+    for split in summary["splits"]:
+        classes.add_column(split, justify="right")
+    for name in summary["classes"][:shown]:
+        counts = (str(i["per_class"][name]) for i in summary["splits"].values())
+        classes.add_row(escape(name), *counts)  # class names print as written
+    console.print(classes)
+    if "subset" in summary:
+        subset = summary["subset"]
+        holds = Table(title=f"--per-class {per_class} (seed {subset['seed']})")
+        for column in ("split", "from", "per class", "images", "classes"):
+            holds.add_column(column)
+        for split, count in subset["per_class"].items():
+            held = subset["holds"][split]
+            holds.add_row(split, ",".join(subset["from"][split]), str(count),
+                          str(held["images"]), str(held["classes"]))  # fmt: skip
+        console.print(holds)
+        for name, need in subset["short_classes"].items():
+            fate = "dropped" if short_classes == "drop" else "an error: --short-classes drop"
+            console.print(
+                f"  short: {name!r} has {need['have']} of {need['need']} ({fate})",
+                highlight=False,
+                markup=False,
+            )
 
 
 def main() -> None:

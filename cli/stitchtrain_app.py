@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import typer
-from rich.table import Table
 
-from cli._console import console, reports_errors, version_option
+if TYPE_CHECKING:
+    from rich.table import Table
+
+from cli._console import RICH_MARKUP_MODE, console, err_console, reports_errors, version_option
 from cli._parse import at_least, check_device, check_out_dir, check_size, parse_lrs
 
 # Accepted values (stitchtrain.fit.STITCHES, OBJECTIVES, INITS; tests keep them equal).
@@ -25,7 +27,7 @@ ScoreResolution = Literal["original", "input"]  # stitchtrain.segscore.SCORE_RES
 app = typer.Typer(
     help="Train stitch layers between vision foundation models from cached features.",
     no_args_is_help=True,
-    add_completion=False,
+    rich_markup_mode=RICH_MARKUP_MODE,
 )
 
 
@@ -50,13 +52,19 @@ def positions(
     """Show where SOURCE can be stitched into TARGET and what the stitch must map.
 
     Position n runs source blocks 1..n, the stitch, then target blocks n+1..N, so n ranges
-    over 1..min(N_source, N_target - 1) (n = N_target would leave no target block to run).
+    over 1..min(N_source, N_target - 1) (n = N_target would leave no target block to run),
+    for every objective and stitch kind (stitchtrain.positions; fit and sweep refuse others).
     """
-    from featcache.encoders import PRESETS, describe_preset, load_encoder
+    from rich.table import Table
+
+    from featcache.encoders import PRESETS, preset_summary
+    from stitchtrain.positions import describe_range, valid_positions
 
     def facts(name: str) -> dict:
         if name in PRESETS:
-            return describe_preset(name)
+            return preset_summary(name)  # torch-free
+        from featcache.encoders import load_encoder  # torch: only for names that are no preset
+
         encoder = load_encoder(name, random_init=True, device="meta")
         return {
             "depth": encoder.depth,
@@ -73,14 +81,16 @@ def positions(
     for key in ("depth", "width", "prefix", "grid"):
         table.add_row(key, str(src[key]), str(tgt[key]))
     console.print(table)
-    last = min(src["depth"], tgt["depth"] - 1)
-    console.print(f"stitch positions: 1..{last}")
+    positions = describe_range(valid_positions(src["depth"], tgt["depth"]))
+    console.print(f"stitch positions: {positions}")
     console.print(f"stitch maps D={src['width']} -> D={tgt['width']} per token")
     if tuple(src["grid"]) != tuple(tgt["grid"]):
         console.print(f"patch grid resampled {src['grid']} -> {tgt['grid']} (bilinear)")
 
 
 def _metrics_table(title: str, metrics: dict) -> Table:
+    from rich.table import Table
+
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -95,6 +105,8 @@ def _metrics_table(title: str, metrics: dict) -> Table:
 def _print_fit_plan(config, as_json: bool) -> None:
     """``fit --dry-run``: the plan of ``config`` (stitchtrain.plan), as a table or JSON."""
     import json
+
+    from rich.table import Table
 
     from stitchtrain.plan import plan_fit
 
@@ -126,7 +138,11 @@ def fit(
     objective: Objective = typer.Option("ffm+tlt", help="Training stages, in order."),
     task: Task = typer.Option("cls", help="Classification or segmentation."),
     lr: str = typer.Option(
-        "1e-3,5e-3,1e-2", help="Learning-rate grid (positive numbers), chosen on validation."
+        "1e-3,5e-3,1e-2",
+        "--lr",
+        "--lrs",
+        help="Learning-rate grid (positive numbers), chosen on validation. Sweep config [fit] "
+        "key: lrs or lr (the other options --x-y are keys x_y there).",
     ),
     epochs: int = typer.Option(
         100, callback=at_least(1), help="Maximum epochs per stage and learning rate (>= 1)."
@@ -197,6 +213,8 @@ def fit(
     """Train a stitch layer from two feature stores and evaluate it on the test split."""
     import json
 
+    from cli._progress import FitProgress, progress_display
+
     check_out_dir(out)
     check_device(device)
     check_size(memory_budget)
@@ -240,23 +258,21 @@ def fit(
         _print_fit_plan(config, as_json)
         return
 
-    def progress(row: dict) -> None:
-        if not as_json:
-            metric = "" if row["val_metric"] is None else f" val metric {row['val_metric']:.4f}"
-            console.print(
-                f"{row['stage']} lr {row['lr']:g} epoch {row['epoch']}: "
-                f"train {row['train_loss']:.4g} val {row['val_loss']:.4g}{metric} "
-                f"({row['seconds']:.2f}s, data wait "
-                f"{row['data_wait_s']:.2f}s, {row['data_gb_per_s']:.2f} GB/s)",
-                highlight=False,
-            )
-
-    metrics = run_fit(config, progress)
+    # stages -> learning rates -> epochs; with --json on stderr, so stdout holds the JSON only
+    with (
+        progress_display(err_console if as_json else console) as display,
+        FitProgress(display) as progress,
+    ):
+        metrics = run_fit(config, progress)
     if as_json:
         print(json.dumps(metrics, indent=2))
-    else:
-        console.print(_metrics_table(f"{objective} {stitch} stitch at {position}", metrics))
-        console.print(f"run dir: {out}")
+        return
+    table = _metrics_table(f"{objective} {stitch} stitch at {position}", metrics)
+    for stage, result in (metrics.get("stages") or {}).items():
+        grid = ", ".join(f"{row['lr']:g}" for row in result.get("grid", []))
+        table.add_row(f"{stage} chosen lr", f"{result['lr']:g} of {grid}")
+    console.print(table)
+    console.print(f"run dir: {out}")
 
 
 @app.command()
@@ -265,7 +281,9 @@ def probe(
     store: str = typer.Option(..., help="Store (train split) whose pooled features to probe."),
     out: str = typer.Option(..., help="Run dir for the probe."),
     test_store: str | None = typer.Option(None, help="Test split store (default: found)."),
-    lr: str = typer.Option("1e-3,5e-3,1e-2", help="Learning-rate grid (positive numbers)."),
+    lr: str = typer.Option(
+        "1e-3,5e-3,1e-2", "--lr", "--lrs", help="Learning-rate grid (positive numbers)."
+    ),
     epochs: int = typer.Option(100, callback=at_least(1), help="Maximum epochs (>= 1)."),
     patience: int = typer.Option(5, callback=at_least(1), help="Early-stopping patience (>= 1)."),
     seed: int = typer.Option(0, help="Seed."),
@@ -319,13 +337,23 @@ def demo(
     ),
 ) -> None:
     """The whole pipeline on the built-in dataset, ending in a table like the paper's Table 1."""
+    from rich.table import Table
+
+    from cli._progress import progress_display
     from featcache.encoders import PRESETS  # noqa: F401  (fail early on a broken install)
     from stitchtrain.demo import DEMO_MODELS, DEMO_POSITIONS, run_demo
 
     check_out_dir(out)
-    result = run_demo(out, epochs=epochs, log=lambda line: console.print(line, highlight=False))
+    with progress_display(console) as display:
+        steps = _DemoSteps(display)
+        result = run_demo(
+            out, epochs=epochs, log=steps.done, on_step=steps.start, extract=steps.extract
+        )
     short = {"dinov2-tiny": "D", "siglip2-tiny": "S"}
-    table = Table(title="Test accuracy (toy scale; D = dinov2-tiny, S = siglip2-tiny)")
+    table = Table(
+        title=f"Test accuracy on {result.test_images} test images (toy scale)",
+        caption="D = dinov2-tiny, S = siglip2-tiny",
+    )
     table.add_column("stitch")
     table.add_column("objective")
     for position in DEMO_POSITIONS:
@@ -341,11 +369,84 @@ def demo(
     console.print(f"runs under {out / 'runs'}; stores under {out / 'stores'}")
 
 
+class _DemoSteps:
+    """The demo's progress (``stitchtrain.demo.run_demo``'s callbacks): one task over all its
+    steps, each step's result echoed as it ends; under it the step in progress: an
+    extraction's spinner and bar, a probe's spinner, a fit's stages, learning rates, epochs."""
+
+    def __init__(self, display) -> None:
+        self.display = display
+        self.steps = None  # made at the first step, when the number of steps is known
+        self.close_current = None
+
+    def start(self, kind: str, name: str, index: int, total: int):
+        if self.steps is None:
+            self.steps = self.display.task("demo step", total, completed=index, echo=True)
+        if kind == "fit":
+            from cli._progress import FitProgress
+
+            fit_progress = FitProgress(self.display, parent=self.steps)
+            self.close_current = fit_progress.close
+            return fit_progress
+        if kind == "probe":
+            spinner = self.display.task(name, None, parent=self.steps)
+            self.close_current = lambda: spinner.finish("")  # done() says how it went
+        return None
+
+    def extract(self, config) -> list[str]:
+        from cli.featcache_app import _extract_with_progress
+
+        result = _extract_with_progress(config, self.display, parent=self.steps)
+        return [store["url"] for store in result["stores"]]
+
+    def done(self, line: str) -> None:
+        if self.close_current is not None:
+            self.close_current()
+            self.close_current = None
+        self.steps.advance(note=line)
+
+
 def _group(stitched: dict) -> dict:
     groups: dict = {}
     for source, target, objective, _position in stitched:
         groups.setdefault((source, target, objective), True)
     return groups
+
+
+@app.command()
+@reports_errors
+def show(
+    run_dir: str = typer.Argument(..., help="A finished fit run dir."),
+    images: int = typer.Option(8, callback=at_least(1), help="Show the first N valid rows."),
+    rows: str | None = typer.Option(None, help="Comma-separated store rows instead of --images."),
+    scale: Literal["percentile", "minmax"] = typer.Option(
+        "percentile", help="Components to [0, 1]: 1st-99th percentile or min-max."
+    ),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    out: Path = typer.Option(Path("stitch.png"), help="Image file to write (.png, .pdf, ...)."),
+) -> None:
+    """Per test image (train when the run has no test stores): source layer-n tokens, the
+    stitched tokens after the target tail and the target's own final tokens as PCA-to-RGB
+    maps (stitched and target share the target's basis), and the per-patch cosine similarity
+    of stitched vs target final (-1..1). Read from the stores; no image runs an encoder."""
+    from cli._parse import parse_ints
+    from featcache.show import check_image_path
+    from stitchtrain.show import show_run
+
+    check_device(device)
+    check_image_path(out)
+    figure = show_run(
+        run_dir,
+        images=images,
+        rows=parse_ints(rows, "--rows", example="0,5,9") if rows is not None else None,
+        scale=scale,
+        device=device,
+    )
+    line = f"wrote {figure.save(out)}: {figure.summary()}, {figure.extra['split']} split"
+    console.print(line, highlight=False, markup=False)
+    for row, note in zip(figure.rows.tolist(), figure.notes, strict=True):
+        if note:
+            console.print(f"  row {row}: image not shown ({note})", highlight=False, markup=False)
 
 
 def main() -> None:

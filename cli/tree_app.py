@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import typer
-from rich.table import Table
 
-from cli._console import console, reports_errors
+if TYPE_CHECKING:
+    from rich.table import Table
+
+from cli._console import console, err_console, reports_errors
 from cli._parse import at_least, check_device, check_out_dir, parse_ints, parse_weights
 from featcache.errors import FeatcacheError
 
@@ -74,15 +76,33 @@ def build(
     stitched model of its run dir, and the trunk's output equals the trunk's own forward (cut at
     --readout-layer, recorded in tree.json, when given).
     """
+    from rich.table import Table
+
     from featcache.extract import resolve_device
-    from stitchtrain.tree import VFMStitchTree, check_readout_layer, load_trunk
+    from stitchtrain.tree import (
+        VFMStitchTree,
+        check_readout_layer,
+        check_tree_dir,
+        load_trunk,
+        resolve_runs,
+    )
 
     check_out_dir(out)
     if readout_layer is not None:  # before any run dir or encoder is read
         check_readout_layer(readout_layer, position, what="--readout-layer")
+    check_tree_dir(out, overwrite=overwrite)
     runs = [_parse_branch(item) for item in branch]
     named_weights = parse_weights(weights)
+    for name, path in named_weights.items():
+        if "://" not in path and not Path(path).is_file():
+            raise FeatcacheError(f"No weights file {path} (--weights {name}=FILE).")
     target_device = resolve_device(device)
+    # every run dir, store, geometry and stitch file before the first encoder loads
+    resolved = resolve_runs(position, runs, allow_geometry_mismatch=allow_geometry_mismatch)
+    if readout_layer is not None:
+        depths = [r.source.attrs["encoder"]["depth"] for r in resolved]
+        depths += [r.target.attrs["encoder"]["depth"] for r in resolved]
+        check_readout_layer(readout_layer, position, min(depths), what="--readout-layer")
     trunk_encoder = load_trunk(
         trunk,
         runs,
@@ -135,12 +155,14 @@ def build(
 
 
 def _systems_table(result: dict) -> Table:
+    from rich.table import Table
+
     table = Table(title=f"Table 5 (ours): {result['device_name']}, {result['precision']}")
     table.add_column("method")
     table.add_column("Param (M)", justify="right")
     table.add_column("GFLOPs", justify="right")
     for batch in result["batch_sizes"]:
-        table.add_column(f"Lat. (ms) B={batch}", justify="right")
+        table.add_column(f"Lat. (ms) B={batch}, median (IQR)", justify="right")
     for batch in result["batch_sizes"]:
         table.add_column(f"Mem (MB) B={batch}", justify="right")
     for system in result["systems"]:
@@ -149,13 +171,20 @@ def _systems_table(result: dict) -> Table:
             system["system"],
             f"{system['params_m']:.1f}",
             f"{system['gflops']:.2f}",
-            *[f"{by_batch[str(b)]['latency_ms']:.2f}" for b in result["batch_sizes"]],
+            *[_latency_cell(by_batch[str(b)]) for b in result["batch_sizes"]],
             *[f"{by_batch[str(b)]['memory_mb']:.0f}" for b in result["batch_sizes"]],
         )
     return table
 
 
+def _latency_cell(measured: dict) -> str:
+    """ "12.34 (0.56)": median latency and its interquartile range, ms (tree_bench._latency)."""
+    return f"{measured['latency_ms']:.2f} ({measured['latency_iqr_ms']:.2f})"
+
+
 def _cost_table(result: dict) -> Table:
+    from rich.table import Table
+
     rows = result["cost"]
     layer = result["readout_layer"]
     read = f"layer L = {layer}" if layer is not None else "each encoder's depth N"
@@ -191,7 +220,10 @@ def bench(
         3, callback=at_least(0), help="Untimed forwards before timing (>= 0)."
     ),
     repeats: int = typer.Option(
-        10, callback=at_least(1), help="Timed forwards; the median is reported (>= 1)."
+        10,
+        callback=at_least(1),
+        help="About this many timed forwards (forwards under 50 ms: this many x 50 ms of them), "
+        "by torch.utils.benchmark.Timer; the median and interquartile range are reported (>= 1).",
     ),
     precision: Precision = typer.Option("fp32", help="bf16: bf16 weights; amp-bf16: autocast."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
@@ -211,6 +243,8 @@ def bench(
     """Naive multi-encoder system vs VST-n: parameters, GFLOPs, latency, peak memory (paper
     Table 5), and the additional-cost table (Table 13) counted from the systems, every system
     read at --readout-layer (default: a tree dir's own, else N)."""
+    from cli._progress import progress_display
+
     check_device(device)
     from stitchtrain.tree_bench import BenchConfig, run_bench  # torch: after the checks
 
@@ -236,11 +270,28 @@ def bench(
         readout_layer=readout_layer,
     )
 
-    def log(line: str) -> None:
-        if not as_json:
-            console.print(line, highlight=False)
+    # a spinner while the encoders load, then (system, batch size) measurements k of N
+    with progress_display(err_console if as_json else console) as display:
+        loading = display.task("loading encoders, building the systems", None)
+        bench: dict = {}  # the measurements' task, and the last measured line for its note
 
-    result = run_bench(config, log)
+        def log(line: str) -> None:
+            if "task" in bench:
+                bench["line"] = line
+            else:
+                display.log(line)
+
+        def progress(step: str, done: int, total: int) -> None:
+            if "task" not in bench:
+                loading.finish()
+                bench["task"] = display.task("tree bench", total, unit="measurement")
+            if done > bench["task"].completed:
+                bench["task"].advance(done - bench["task"].completed, note=bench.pop("line", step))
+
+        with loading:
+            result = run_bench(config, log, progress)
+        if "task" in bench:
+            bench["task"].finish()
     if as_json:
         print(json.dumps(result, indent=2))
         return

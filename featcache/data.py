@@ -36,6 +36,16 @@ tests/test_ade20k.py):
     never a new class.
     ``mask_labels`` enters ``manifest_hash`` of splits with masks (hashes of splits without
     masks are those of the original formula).
+  - fMoW-RGB, iNaturalist 2021 and FGVC-Aircraft folders are detected before ADE20K and
+    class folders and read by featcache/fmow.py, inat.py and aircraft.py (their rules are in
+    those modules); ``DataOptions`` carries their options (crop, select, level) and the
+    class-balanced subset (featcache/subsets.py) that ``load_dataset`` applies last. An option
+    that does not apply to the layout read is a ``ManifestError``.
+  - Corpus formats, each with its rules in its module: webdataset ``.tar`` shards (a path,
+    brace pattern or glob, local or fsspec URL: featcache/wds.py), Hugging Face parquet (a
+    ``.parquet`` file or glob, or a folder holding parquet files: featcache/hf_parquet.py) and
+    a LLaVA-style ``.json`` list of image paths (featcache/llava.py). Their records read the
+    image's bytes through ``Record.member``.
 Every record's ``id`` is its normalised path relative to the data root, with ``/`` separators,
 so ``manifest_hash`` does not change when the dataset folder moves.
 """
@@ -50,9 +60,8 @@ import os
 import posixpath
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import PureWindowsPath
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -63,8 +72,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MASK_IGNORE",
     "SPLIT_NAMES",
+    "DataOptions",
     "Dataset",
     "ManifestError",
+    "Member",
     "MaskLabelError",
     "MaskLabels",
     "Record",
@@ -75,12 +86,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 SPLIT_NAMES = frozenset({"train", "val", "valid", "validation", "test"})
 
 _INTEGER = re.compile(r"[+-]?\d+")
+_DRIVE = re.compile(r"[A-Za-z]:")  # a Windows drive (UNC paths start with a separator)
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _ACCEPTED_LABELS = "labels that are all integers >= 0 (class indices) or all class names"
 _MAX_CLASSES = 100_000
 MASK_IGNORE = -1  # an ignored mask pixel: stitchtrain.losses.IGNORE_INDEX and the store's fill
 _MASK_LIMIT = int(np.iinfo(np.int16).max) + 1  # stores keep masks as int16
 
+ACCEPTED_DATA = (
+    "a directory of class folders (or a dataset layout), a .csv or .jsonl manifest, a "
+    "LLaVA-style .json, parquet files or webdataset .tar shards"
+)
 _Resolve = Callable[[str, str, str], str]  # (path, expected, got) -> resolved path; see _resolver
 
 
@@ -190,15 +206,40 @@ class MaskLabels:
         return cls(**{name: data[name] for name in names if name in data})
 
 
-@dataclass(frozen=True)
+class Member(Protocol):
+    """Where an image's encoded bytes are when it is not a file of its own (a tar member, a
+    parquet cell): ``read()`` returns them or raises ``BadImageError`` naming why not."""
+
+    def read(self) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)  # slots: a million records in half the memory
 class Record:
-    """One image: ``id`` is its path relative to the data root (posix), ``path`` is absolute."""
+    """One image: ``id`` is its path relative to the data root (posix), ``path`` is absolute.
+
+    ``box`` (left, top, right, bottom in pixels, PIL's crop convention, clipped to the image)
+    crops the decoded image, as fMoW's object boxes do; ``member`` reads the image's bytes when
+    they sit inside a container (``path`` then names the container). ``decode()`` is the one
+    way extraction reads an image.
+    """
 
     id: str
     path: str
     label: int
     split: str
     mask: str | None
+    box: tuple[int, int, int, int] | None = None
+    member: Member | None = None
+
+    def decode(self, decoder: Callable[..., Any] | None = None) -> Any:
+        """The upright RGB ``PIL.Image``, cropped to ``box``; ``BadImageError`` when it cannot
+        be read or the box misses the image. ``decoder(path or bytes, name=id)`` decodes
+        (default ``featcache.images.decode_image``; extraction passes its own reference)."""
+        from featcache.images import crop_box, decode_image
+
+        source = self.path if self.member is None else self.member.read()
+        image = (decoder or decode_image)(source, name=self.id)
+        return image if self.box is None else crop_box(image, self.box, name=self.id)
 
 
 @dataclass(frozen=True)
@@ -211,6 +252,10 @@ class Dataset:
     classes: tuple[str, ...]
     records: tuple[Record, ...]
     mask_labels: MaskLabels = MaskLabels()
+    # what the reader and subset options chose that the rows do not show (fMoW's crop, a
+    # class-balanced subset's sizes and seed); JSON-ready, part of manifest_hash when non-empty
+    selection: dict[str, Any] = field(default_factory=dict)
+    format: str = "folder"  # the layout read: folder, ade20k, manifest, fmow, inat2021, ...
 
     def splits(self) -> list[str]:
         """The split names present, sorted."""
@@ -232,15 +277,20 @@ class Dataset:
         return [records[i] for i in np.random.default_rng(seed).permutation(len(records))]
 
     def manifest_hash(self, name: str) -> str:
-        """32 hex chars of sha256 over classes, (id, label, mask id) rows and, for a split with
-        masks, ``mask_labels``; path-independent."""
+        """32 hex chars of sha256 over classes, (id, label, mask id[, box]) rows, for a split
+        with masks ``mask_labels``, and ``selection`` when non-empty; path-independent (the
+        box enters a row only when it has one, the rest only when present, so hashes of
+        datasets without them are those of the original formula)."""
         rows = [
             [r.id, r.label, None if r.mask is None else _relative_id(self.root, r.mask)]
+            + ([] if r.box is None else [list(r.box)])
             for r in self.split(name)
         ]
         content: dict[str, Any] = {"classes": list(self.classes), "records": rows}
         if self.has_masks(name):
             content["mask_labels"] = self.mask_labels.to_dict()
+        if self.selection:
+            content["selection"] = self.selection
         text = json.dumps(content, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
@@ -249,19 +299,138 @@ class Dataset:
         return all(record.mask is not None for record in self.split(name))
 
 
-def load_dataset(path: str | os.PathLike, reduce_zero_label: bool | None = None) -> Dataset:
-    """Read a class-folder tree, the ADE20K layout, a ``.csv`` or a ``.jsonl`` manifest (rules
-    in the module doc). ``reduce_zero_label`` None takes the layout's default (ADE20K: on;
-    others: off); True / False sets ``Dataset.mask_labels.reduce_zero_label``."""
+@dataclass(frozen=True)
+class DataOptions:
+    """How to read a dataset beyond its path: the options of ``featcache extract`` and
+    ``featcache dataset describe`` (each named by its CLI flag in errors). A reader refuses an
+    option that does not apply to its layout (``check``); None means the layout's default.
+
+    Attributes:
+        crop: fMoW-RGB and FGVC-Aircraft: "box" (crop to the annotated box) or "whole";
+            Aircraft also "banner" (all but its 20-pixel copyright banner). Default: fMoW box
+            (the usual fMoW practice), Aircraft whole.
+        select: iNaturalist 2021: (taxonomy field, values): keep the categories whose field
+            is one of the values, e.g. ("family", ("Nymphalidae", "Pieridae")).
+        level: FGVC-Aircraft: the class level, "variant" (default), "family" or
+            "manufacturer".
+        image_root: LLaVA-style JSON: the folder its ``image`` paths are relative to (default:
+            the JSON's folder).
+        image_column, label_column: Hugging Face parquet: the columns holding the image
+            ({bytes, path}) and the label (default: from the dataset's features metadata).
+        per_class, subset_from, subset_seed, short_classes: a class-balanced subset
+            (``featcache.subsets``): "N" or "SPLIT=N,SPLIT=N", drawn from the splits named by
+            subset_from (default "train"), seeded; "error" or "drop" for classes too small.
+    """
+
+    crop: str | None = None
+    select: tuple[str, tuple[str, ...]] | None = None
+    level: str | None = None
+    image_root: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    per_class: str | None = None
+    subset_from: str | None = None
+    subset_seed: int = 0
+    short_classes: str = "error"
+
+    def __post_init__(self) -> None:
+        for name, accepted in (
+            ("crop", ("box", "whole", "banner")),
+            ("level", ("variant", "family", "manufacturer")),
+            ("short_classes", ("error", "drop")),
+        ):
+            value = getattr(self, name)
+            if value is not None and value not in accepted:
+                flag = "--" + name.replace("_", "-")
+                raise ManifestError(
+                    f"Expected {flag} {' or '.join(accepted)}. Got {value!r} instead."
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options that differ from the defaults, JSON-ready (a store's ``dataset.options``:
+        what reopening its dataset needs, ``reopen_dataset``); {} for the defaults."""
+        defaults = DataOptions()
+        chosen = {k: v for k, v in vars(self).items() if v != getattr(defaults, k)}
+        if "select" in chosen:
+            chosen["select"] = [chosen["select"][0], list(chosen["select"][1])]
+        return chosen
+
+    @classmethod
+    def from_dict(cls, recorded: dict[str, Any]) -> DataOptions:
+        """Inverse of ``to_dict``."""
+        recorded = dict(recorded)
+        if recorded.get("select") is not None:
+            field_name, values = recorded["select"]
+            recorded["select"] = (field_name, tuple(values))
+        return cls(**recorded)
+
+    def check(self, layout: str, allowed: tuple[str, ...], source: str) -> None:
+        """Refuse reader options outside ``allowed`` for this ``layout``."""
+        for name, (flag, layouts) in _READER_OPTIONS.items():
+            if getattr(self, name) is not None and name not in allowed:
+                raise ManifestError(
+                    f"Expected {flag} only with data it applies to ({layouts}). "
+                    f"Got {flag} with {source}, read as {layout}, instead."
+                )
+
+
+# DataOptions field -> (CLI flag, the layouts it applies to)
+_READER_OPTIONS = {
+    "crop": ("--crop", "fMoW-RGB, FGVC-Aircraft"),
+    "select": ("--select", "iNaturalist 2021"),
+    "level": ("--level", "FGVC-Aircraft"),
+    "image_root": ("--image-root", "LLaVA-style JSON"),
+    "image_column": ("--image-column", "Hugging Face parquet"),
+    "label_column": ("--label-column", "Hugging Face parquet"),
+}
+
+
+def load_dataset(
+    path: str | os.PathLike,
+    reduce_zero_label: bool | None = None,
+    options: DataOptions | None = None,
+) -> Dataset:
+    """Read a class-folder tree, the ADE20K, fMoW-RGB, iNaturalist 2021 or FGVC-Aircraft
+    layout, a ``.csv`` or ``.jsonl`` manifest, a LLaVA-style ``.json``, Hugging Face parquet or
+    webdataset tar shards (rules in the module doc and the layout's module), then take the
+    class-balanced subset ``options`` asks for. ``reduce_zero_label``
+    None takes the layout's default (ADE20K: on; others: off); True / False sets
+    ``Dataset.mask_labels.reduce_zero_label``."""
+    from featcache.subsets import class_balanced
+
+    options = options or DataOptions()
+    dataset = _load_layout(os.fspath(path), reduce_zero_label, options)
+    return class_balanced(dataset, options) if options.per_class is not None else dataset
+
+
+def reopen_dataset(recorded: dict[str, Any]) -> Dataset:
+    """The dataset a store was extracted from, read as it was: ``recorded`` is the store's
+    ``dataset`` attribute (its ``source``, ``mask_labels.reduce_zero_label`` and the reader and
+    subset ``options``). Callers compare ``manifest_hash`` to know the rows are the same."""
+    reduce = (recorded.get("mask_labels") or {}).get("reduce_zero_label")
+    options = DataOptions.from_dict(recorded.get("options") or {})
+    return load_dataset(recorded["source"], reduce_zero_label=reduce, options=options)
+
+
+def _load_layout(path: str, reduce_zero_label: bool | None, options: DataOptions) -> Dataset:
+    from featcache import hf_parquet, llava, wds
+
     if reduce_zero_label is not None and not isinstance(reduce_zero_label, bool):
         raise ManifestError(
             f"Expected reduce_zero_label True, False or None. Got {reduce_zero_label!r} instead."
         )
-    source = os.path.abspath(os.fspath(path))
+    if wds.detect(path):
+        return wds.load(path, options)
+    if hf_parquet.detect(path):
+        return hf_parquet.load(path, options)
+    source = os.path.abspath(path)
     if os.path.isdir(source):
-        return _load_folder(source, reduce_zero_label)
+        return _load_folder(source, reduce_zero_label, options)
+    if source.lower().endswith(".json"):
+        return llava.load(source, options)
+    options.check("a manifest", (), source)
     suffix = os.path.splitext(source)[1].lower()
-    accepted = "a directory of class folders, a .csv or a .jsonl manifest"
+    accepted = ACCEPTED_DATA
     if suffix not in (".csv", ".jsonl"):
         raise ManifestError(f"Expected {accepted} as --data. Got {source} instead.")
     if not os.path.isfile(source):
@@ -326,10 +495,17 @@ def _images_under(root: str, folder: str, resolve: _Resolve) -> list[str]:
     return found
 
 
-def _load_folder(root: str, reduce_zero_label: bool | None) -> Dataset:
+def _load_folder(root: str, reduce_zero_label: bool | None, options: DataOptions) -> Dataset:
+    from featcache import aircraft, fmow, inat
+
     top = _visible_dirs(root)
+    for layout in (fmow, inat, aircraft):
+        if layout.detect(root, top):
+            return layout.load(root, options)
     if _is_ade20k(root, top):
+        options.check("the ADE20K layout", (), root)
         return _load_ade20k(root, True if reduce_zero_label is None else reduce_zero_label)
+    options.check("a class-folder tree", (), root)
     if top and all(name in SPLIT_NAMES for name in top):
         layout = {split: (f"{split}/", _visible_dirs(os.path.join(root, split))) for split in top}
     else:
@@ -411,7 +587,8 @@ def _load_ade20k(root: str, reduce_zero_label: bool) -> Dataset:
         )
     classes = ADE20K_CLASSES if reduce_zero_label else (ADE20K_OTHER, *ADE20K_CLASSES)
     mask_labels = MaskLabels(reduce_zero_label, ADE20K_IGNORE_VALUE, len(classes))
-    return Dataset(root, root, classes, tuple(sorted(records, key=lambda r: r.id)), mask_labels)
+    records = tuple(sorted(records, key=lambda r: r.id))
+    return Dataset(root, root, classes, records, mask_labels, format="ade20k")
 
 
 def _read_csv(file: str) -> list[tuple[int, dict[str, Any]]]:
@@ -461,7 +638,7 @@ def _relative_path(value: Any, column: str, where: str, root: str, resolve: _Res
     posix = posixpath.normpath(text.replace("\\", "/")) if text else ""
     if not text:
         got = "an empty value"
-    elif posix.startswith("/") or PureWindowsPath(text).drive:
+    elif posix.startswith("/") or _DRIVE.match(text):
         got = f"the absolute path {text!r}"
     elif posix in (".", "..") or posix.startswith("../"):
         got = f"{text!r}, which is {'the root itself' if posix == '.' else 'outside it'},"
@@ -511,7 +688,8 @@ def _labels(entries: list[tuple[str, Any]]) -> tuple[list[int], tuple[str, ...]]
         return labels, tuple(str(i) for i in range(max(labels) + 1))
     names = [value.strip() for _, value in entries]
     classes = tuple(sorted(set(names)))
-    return [classes.index(name) for name in names], classes
+    index = {name: label for label, name in enumerate(classes)}
+    return [index[name] for name in names], classes
 
 
 def _check_class_count(entries: list[tuple[str, Any]], labels: list[int]) -> None:
@@ -537,7 +715,7 @@ def _load_rows(
         raise ManifestError(f"Expected at least one data row in {source}. Got none instead.")
     seen: dict[str, int] = {}
     resolve = _resolver(root)
-    parsed = []  # (where, id, split, mask id or None, label value)
+    parsed = []  # (line, id, split, mask id or None, label value); no strings per row kept
     for line, row in rows:
         where = f"line {line} of {source}"
         rid = _relative_path(row.get("path"), "path", where, root, resolve)
@@ -550,9 +728,10 @@ def _load_rows(
         mask = row.get("mask")
         mask = None if mask in (None, "") else _relative_path(mask, "mask", where, root, resolve)
         split = "train" if row.get("split") is None else str(row["split"]).strip() or "train"
-        parsed.append((where, rid, split, mask, row.get("label")))
+        parsed.append((line, rid, split, mask, row.get("label")))
+    del seen
     if any("label" in row for _, row in rows):
-        labels, classes = _labels([(p[0], p[4]) for p in parsed])
+        labels, classes = _labels([(f"line {p[0]} of {source}", p[4]) for p in parsed])
     else:
         labels, classes = [-1] * len(parsed), ()
     for split in sorted({p[2] for p in parsed}):
@@ -560,11 +739,13 @@ def _load_rows(
         masked = {p[3] is not None: p[0] for p in reversed(parsed) if p[2] == split}
         if len(masked) == 2:
             raise ManifestError(
-                f"Expected a mask on every row of split {split!r} or on none ({masked[True]} has "
-                f"one). Got no mask on {masked[False]} instead."
+                f"Expected a mask on every row of split {split!r} or on none (line "
+                f"{masked[True]} of {source} has one). Got no mask on line {masked[False]} of "
+                f"{source} instead."
             )
     records = [
         Record(rid, _absolute(root, rid), label, split, mask and _absolute(root, mask))
         for (_, rid, split, mask, _), label in zip(parsed, labels, strict=True)
     ]
-    return Dataset(source, root, classes, tuple(sorted(records, key=lambda r: r.id)), mask_labels)
+    records = tuple(sorted(records, key=lambda r: r.id))
+    return Dataset(source, root, classes, records, mask_labels, format="manifest")

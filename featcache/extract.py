@@ -4,8 +4,15 @@ A run plans one store per encoder for the chosen split, then processes every sha
 no completion marker (``--shard I/N`` takes shards i with i % N == I). For each shard:
 
   decode images once (thread pool, overlapped with compute)  ->  per encoder: preprocess,
-  ``Encoder.run_layers`` (blocks run once, layers taken on the way), float32 -> store dtype
+  ``Encoder.run_layers`` under ``--precision`` autocast (blocks run once, layers taken on the
+  way), cast to the store dtype on the device, copied to host rows (``_HostCopies``)
   ->  write the shard's rows of every array  ->  write the shard's marker (last)
+
+On CUDA the batch inputs go up from pinned memory, and each batch's outputs come down on a
+side stream into one of two pinned staging slots while the next batch computes; the float16
+range check stays on the device with one sync per shard. On CPU the same code is plain copies.
+A store records its precision, and once per store the max / mean absolute difference of its
+first batch against an fp32 forward (``precision_error``).
 
 The writes of one shard run on a writer thread while the next shard (or encoder) computes;
 the next write starts only once the previous one, marker included, has finished, and a failed
@@ -23,18 +30,26 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from featcache.data import Dataset, MaskLabelError, MaskLabels, Record, load_dataset
+from featcache.data import (
+    DataOptions,
+    Dataset,
+    MaskLabelError,
+    MaskLabels,
+    Record,
+    load_dataset,
+)
 from featcache.devices import check_device_name
 from featcache.encoders import Encoder, load_encoder
+from featcache.encoders.base import PRECISIONS
 from featcache.errors import BadImageError, FeatcacheError
 from featcache.images import decode_image, decode_mask
-from featcache.store import FeatureStore, StoreError, StoreSpec
+from featcache.store import FeatureStore, StoreError, StoreSpec, inner_chunk_images
 
 __all__ = ["ExtractConfig", "ExtractPlan", "plan_extraction", "run_extraction", "parse_shard"]
 
@@ -55,16 +70,18 @@ class ExtractConfig:
     dtype: str = "float16"
     shard: tuple[int, int] = (0, 1)
     on_bad_image: str = "fail"
-    num_workers: int = 2
+    num_workers: int | None = None  # decoding threads; None: the cores this process may use
     shard_size: int = 256
     seed: int = 0
     weights: dict[str, str] = field(default_factory=dict)
     random_init: bool = False
     reduce_zero_label: bool | None = None  # None: the dataset layout's default (ADE20K: on)
+    data_options: DataOptions | None = None  # reader options and class-balanced subset
     storage_options: dict[str, Any] | None = None
     # geometry for every model of the run (None: the model's default; presets share one)
     crop_pct: float | None = None
     resize_mode: str | None = None
+    precision: str = "auto"  # fp32 | bf16 | fp16 autocast; auto: bf16 on CUDA, fp32 on CPU
 
     def __post_init__(self) -> None:
         import os
@@ -102,6 +119,14 @@ class ExtractConfig:
             )
         if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
             raise FeatcacheError(f"Expected 0 < --crop-pct <= 1. Got {self.crop_pct} instead.")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise FeatcacheError(
+                f"Expected --precision auto, fp32, bf16 or fp16. Got {self.precision!r} instead."
+            )
+        if self.num_workers is None:
+            self.num_workers = len(os.sched_getaffinity(0))
+        if self.num_workers < 0:
+            raise FeatcacheError(f"Expected --num-workers >= 0. Got {self.num_workers} instead.")
         if self.resize_mode not in (None, "shortest", "squash"):
             raise FeatcacheError(
                 f"Expected --resize-mode shortest or squash. Got {self.resize_mode!r} instead."
@@ -143,6 +168,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """ "auto" -> "bf16" on CUDA (several times the fp32 speed), "fp32" elsewhere; else as given."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 @dataclass
 class ExtractPlan:
     """The stores one run writes and the records, in store row order, that fill them."""
@@ -156,10 +188,24 @@ class ExtractPlan:
     urls: list[str]
 
     def estimated_bytes(self, spec: StoreSpec) -> int:
-        """Uncompressed bytes of the feature arrays of one store."""
+        """Bytes one store will hold uncompressed: every array it writes.
+
+        Image-chunked arrays (layers, final, pooled: 4 bytes a value for float32, else 2;
+        masks: int16, H x W) write whole inner chunks of ``inner_chunk_images`` rows, so each
+        shard's rows round up to that; ``ids`` (``id_width`` bytes), ``labels`` (int64) and
+        ``valid`` (bool) write one whole chunk of ``shard_size`` rows per shard. With
+        compression "none" a written store comes within 5% of it (chunk checksums, shard
+        indexes, metadata and markers add; zstd-compressed ids take less)."""
         bytes_per_value = 4 if spec.dtype == "float32" else 2
         values = sum(math.prod(shape) for shape in spec.feature_row_shapes().values())
-        return values * bytes_per_value * spec.num_images
+        chunked = values * bytes_per_value
+        if spec.mask_shape is not None:
+            chunked += 2 * math.prod(spec.mask_shape)
+        n, size = spec.num_images, spec.shard_size
+        inner = inner_chunk_images(size)
+        chunked_rows = sum(-(-min(size, n - start) // inner) * inner for start in range(0, n, size))
+        shard_rows = -(-n // size) * size
+        return chunked * chunked_rows + (spec.id_width + 8 + 1) * shard_rows
 
 
 def _store_url(root: str, split: str, encoder: Encoder, spec: StoreSpec) -> str:
@@ -198,7 +244,7 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
             f"Expected one --model when --out names a store ({config.out}). "
             f"Got {len(encoders or config.models)}; give a root directory instead."
         )
-    dataset = load_dataset(config.data, reduce_zero_label=config.reduce_zero_label)
+    dataset = load_dataset(config.data, config.reduce_zero_label, config.data_options)
     splits = dataset.splits()
     split = config.split or ("train" if "train" in splits else splits[0])
     records = dataset.ordered(split, seed=config.seed)
@@ -244,6 +290,7 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
                 "mask_labels": dataset.mask_labels.to_dict(),
                 "order_seed": config.seed,
                 "num_images": len(records),
+                **_data_options(config),
             },
             layers=tuple(sorted(set(config.layers))),
             tokens=config.tokens,
@@ -252,6 +299,7 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
             shard_size=config.shard_size,
             mask_shape=tuple(encoder.image_size) if dataset.has_masks(split) else None,
             id_width=id_width,
+            precision=resolve_precision(config.precision, encoder.device),
         )
         specs.append(spec)
         urls.append(_store_url(config.out, split, encoder, spec))
@@ -276,7 +324,7 @@ def _prepare(record: Record, encoders: list[Encoder], labels: MaskLabels | None 
     ignore value -> -1); values outside the declared classes make the image unreadable.
     """
     try:
-        image = decode_image(record.path, name=record.id)
+        image = record.decode(decode_image)  # the file or a container's member; its box
     except BadImageError as err:
         return _Item(record, None, None, err.reason)
     try:
@@ -304,46 +352,153 @@ def _prefetched(pool: ThreadPoolExecutor, items: list, fn: Callable, depth: int)
         yield result
 
 
+_STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# store dtype -> (host row dtype, fill): bfloat16 rows are its bits, NaN = 0x7FC0 (torch's)
+_HOST_ROWS = {"float16": (np.float16, np.nan), "bfloat16": (np.uint16, 0x7FC0),
+              "float32": (np.float32, np.nan)}  # fmt: skip
+
+
+def _host_array(value: torch.Tensor) -> np.ndarray:
+    """A CPU tensor in a storage dtype as numpy (bfloat16: its bits, uint16), no copy."""
+    if value.dtype == torch.bfloat16:
+        return value.view(torch.int16).numpy().view(np.uint16)
+    return value.numpy()
+
+
+class _HostCopies:
+    """Device batches, already in the storage dtype, -> rows of a shard's host arrays.
+
+    CUDA: batch k's outputs are copied (``non_blocking``) on a side stream, after the compute
+    stream's work for batch k, into pinned staging slot k % 2; a slot's rows are filled in the
+    host arrays when the slot is needed again (batch k + 2) or at ``finish``. So batch k's copy
+    overlaps batch k + 1's compute and the main thread waits only for a copy two batches old.
+    One instance serves every shard of one encoder (the slots are allocated once, sized by the
+    first batch: ``(batch, *row shape)`` per array). CPU: a plain copy into the rows.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.slots: list[dict[str, torch.Tensor]] = [{}, {}]
+        self.pending: list[tuple | None] = [None, None]
+        self.count = 0
+
+    def put(self, values: dict[str, torch.Tensor], arrays: dict[str, np.ndarray], rows) -> None:
+        """Copy ``values[name]`` (B, ...) into ``arrays[name][rows]`` (now, or once copied)."""
+        if not self.cuda:
+            for name, value in values.items():
+                arrays[name][rows] = _host_array(value)
+            return
+        slot = self.count % 2
+        self.count += 1
+        self._drain(slot)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        buffers, staged = self.slots[slot], {}
+        with torch.cuda.stream(self.stream):
+            for name, value in values.items():
+                buffer = buffers.get(name)
+                if (
+                    buffer is None
+                    or len(buffer) < len(value)
+                    or buffer.shape[1:] != value.shape[1:]
+                ):
+                    buffer = buffers[name] = torch.empty(
+                        value.shape, dtype=value.dtype, pin_memory=True
+                    )
+                staged[name] = buffer[: len(value)]
+                staged[name].copy_(value, non_blocking=True)
+                value.record_stream(self.stream)  # not reused by the compute stream before
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.pending[slot] = (done, staged, arrays, rows)
+
+    def _drain(self, slot: int) -> None:
+        if self.pending[slot] is None:
+            return
+        done, staged, arrays, rows = self.pending[slot]
+        self.pending[slot] = None
+        done.synchronize()
+        for name, part in staged.items():
+            arrays[name][rows] = _host_array(part)
+
+    def finish(self) -> None:
+        """Fill the rows of the batches still in flight, oldest first."""
+        for slot in (self.count % 2, (self.count + 1) % 2):
+            self._drain(slot)
+
+
+def _peak(values: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B,) float32: each row's largest magnitude, NaN ignored (inf kept)."""
+    magnitude = values.detach().abs().flatten(1)
+    return torch.where(magnitude.isnan(), 0, magnitude).amax(dim=1).float()
+
+
+def _batch_outputs(
+    encoder: Encoder, spec: StoreSpec, images: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Store array name -> (B, ...) device tensor of one batch, as computed (no cast)."""
+    keep = slice(None) if spec.tokens == "all" else slice(0, len(spec.encoder["layout"]["prefix"]))
+    with torch.inference_mode(), encoder.autocast(spec.precision):
+        taken, final, pooled = encoder.run_layers(images, spec.layers)
+    outputs = {"pooled": pooled}
+    if spec.tokens != "pooled":
+        outputs.update({f"layers/{n}": taken[n][:, keep] for n in spec.layers})
+        outputs["final"] = final[:, keep]
+    return outputs
+
+
+def _device_batch(inputs: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Stack (3, H, W) inputs into (B, 3, H, W) on ``device``; via pinned memory for CUDA."""
+    if device.type != "cuda":
+        return torch.stack(inputs).to(device)
+    pinned = torch.empty((len(inputs), *inputs[0].shape), dtype=inputs[0].dtype, pin_memory=True)
+    return torch.stack(inputs, out=pinned).to(device, non_blocking=True)
+
+
 def _encode_shard(
-    which: int, encoder: Encoder, spec: StoreSpec, items: list[_Item], batch_size: int
+    which: int,
+    encoder: Encoder,
+    spec: StoreSpec,
+    items: list[_Item],
+    batch_size: int,
+    copies: _HostCopies | None = None,
 ) -> dict[str, np.ndarray]:
     """Run encoder number ``which`` over a shard; rows keyed by store array name.
 
-    Rows of unreadable images stay NaN. Batches hold consecutive readable rows of this shard
-    only, so every run (fresh, resumed, another ``--shard`` split) forms the same batches.
-    Feature rows are float16 for float16 stores (numpy's float32 -> float16 cast, the very cast
-    ``FeatureStore.encode_features`` applies, done per batch: half the memory of a float32
-    shard and no second pass), float32 otherwise.
+    Rows of unreadable images stay fill (NaN; bfloat16 stores: its NaN bits 0x7FC0). Batches
+    hold consecutive readable rows of this shard only, so every run (fresh, resumed, another
+    ``--shard`` split) forms the same batches. Each batch runs under ``spec.precision``
+    autocast and is cast on the device to the storage dtype (float16, float32, or bfloat16
+    whose bits arrive as uint16): the bytes the store keeps, half of float32's, cross to the
+    host once, through ``copies``. For float16 stores each row's peak magnitude before the
+    cast is kept on the device and read once per shard (``_check_float16_range``).
     """
     rows = len(items)
-    row_dtype = np.float16 if spec.dtype == "float16" else np.float32
+    storage = _STORAGE_DTYPES[spec.dtype]
+    host_dtype, fill = _HOST_ROWS[spec.dtype]
     arrays = {
-        name: np.full((rows, *shape), np.nan, row_dtype)
+        name: np.full((rows, *shape), fill, host_dtype)
         for name, shape in spec.feature_row_shapes().items()
     }
-    # per row, the largest finite-or-inf magnitude (NaN ignored) of the float32 output
-    peaks = {name: np.zeros(rows, np.float32) for name in arrays} if row_dtype is np.float16 else {}
-    keep = slice(None) if spec.tokens == "all" else slice(0, len(spec.encoder["layout"]["prefix"]))
     readable = [i for i, item in enumerate(items) if item.error is None]
-    device = next(encoder.module.parameters()).device
+    device = encoder.device
+    copies = copies or _HostCopies(device)
+    batch_peaks = []  # per batch: (arrays, B) on the device
     for start in range(0, len(readable), batch_size):
         batch_rows = readable[start : start + batch_size]
-        images = torch.stack([items[i].inputs[which] for i in batch_rows])  # (B, 3, H, W)
-        with torch.inference_mode():
-            taken, final, pooled = encoder.run_layers(images.to(device), spec.layers)
-            outputs = {"pooled": pooled}
-            if spec.tokens != "pooled":
-                outputs.update({f"layers/{n}": taken[n][:, keep] for n in spec.layers})
-                outputs["final"] = final[:, keep]
-            for name, values in outputs.items():
-                values = values.float()
-                if peaks:
-                    magnitude = values.abs().flatten(1)
-                    magnitude = torch.where(magnitude.isnan(), 0.0, magnitude)
-                    peaks[name][batch_rows] = magnitude.amax(dim=1).cpu().numpy()
-                with np.errstate(over="ignore"):  # over 65504: refused below, by peaks
-                    arrays[name][batch_rows] = values.cpu().numpy()
-    _check_float16_range(peaks, spec, items)
+        images = _device_batch([items[i].inputs[which] for i in batch_rows], device)
+        outputs = _batch_outputs(encoder, spec, images)
+        if spec.dtype == "float16":
+            batch_peaks.append(torch.stack([_peak(values) for values in outputs.values()]))
+        copies.put({k: v.to(storage) for k, v in outputs.items()}, arrays, batch_rows)
+    copies.finish()
+    if batch_peaks:
+        found = torch.cat(batch_peaks, dim=1).cpu().numpy()  # the one sync of the shard
+        peaks = {name: np.zeros(rows, np.float32) for name in arrays}
+        for name, row_peaks in zip(arrays, found, strict=True):
+            peaks[name][readable] = row_peaks
+        _check_float16_range(peaks, spec, items)
     if spec.mask_shape is not None:
         masks = np.full((rows, *spec.mask_shape), -1, np.int16)
         for i in readable:
@@ -362,11 +517,43 @@ def _check_float16_range(peaks: dict[str, np.ndarray], spec: StoreSpec, items) -
     for name, row_peaks in peaks.items():
         if len(row_peaks) and row_peaks.max() > limit:
             row = int(row_peaks.argmax())
+            compute = " or --precision bf16" if spec.precision == "fp16" else ""
             raise FeatcacheError(
                 f"{name} of {spec.encoder['name']} reaches {row_peaks[row]:.4g} on image "
                 f"{items[row].record.id}, over float16's max 65504. Re-run with --dtype "
-                "bfloat16 (stored as uint16 bits, same range as float32) or float32."
+                f"bfloat16 (stored as uint16 bits, same range as float32) or float32{compute}."
             )
+
+
+def _precision_error(
+    encoder: Encoder, spec: StoreSpec, items: list[_Item], which: int, batch_size: int
+) -> dict[str, Any]:
+    """How far ``spec.precision`` lands from fp32 on the store's first batch (``items``: its
+    first rows). Per stored array and over all: max and mean |x_precision - x_fp32| (before
+    the storage cast), and mean |x_fp32| for scale. fp32 itself: zeros, nothing run."""
+    rows = [i for i, item in enumerate(items) if item.error is None][:batch_size]
+    error: dict[str, Any] = {"against": "fp32", "images": len(rows), "arrays": {}}
+    if spec.precision == "fp32" or not rows:
+        return {**error, "max_abs": 0.0, "mean_abs": 0.0, "mean_abs_fp32": None}
+    images = _device_batch([items[i].inputs[which] for i in rows], encoder.device)
+    reference = _batch_outputs(encoder, replace(spec, precision="fp32"), images)
+    chosen = _batch_outputs(encoder, spec, images)
+    total = values = scale = 0.0
+    largest = 0.0
+    for name, exact in reference.items():
+        difference = (chosen[name].float() - exact.float()).abs()
+        largest_here = float(difference.max())
+        error["arrays"][name] = {"max_abs": largest_here, "mean_abs": float(difference.mean())}
+        largest = max(largest, largest_here)
+        total += float(difference.sum())
+        scale += float(exact.float().abs().sum())
+        values += difference.numel()
+    return {
+        **error,
+        "max_abs": largest,
+        "mean_abs": total / values,
+        "mean_abs_fp32": scale / values,
+    }
 
 
 ProgressFn = Callable[[int, int], None]
@@ -435,6 +622,27 @@ class _ShardWriter:
         self.on_done(written)
 
 
+def _record_precision_errors(
+    plan: ExtractPlan, stores: list[FeatureStore], pool: ThreadPoolExecutor
+) -> None:
+    """Measure ``precision_error`` for each store that lacks it, on the store's first batch
+    (rows 0.. of shard 0, whichever shards this run does), and add it to the store's attrs.
+    Racing processes measure the same batch and write the same values."""
+    missing = [which for which, store in enumerate(stores) if "precision_error" not in store.attrs]
+    if not missing:
+        return
+    first = plan.records[: min(plan.config.batch_size, plan.specs[0].shard_size)]
+    needs_images = any(plan.specs[which].precision != "fp32" for which in missing)
+    labels = plan.dataset.mask_labels
+    items = list(
+        pool.map(lambda r: _prepare(r, plan.encoders, labels), first if needs_images else [])
+    )
+    for which in missing:
+        encoder, spec = plan.encoders[which], plan.specs[which]
+        error = _precision_error(encoder, spec, items, which, plan.config.batch_size)
+        stores[which].update_attrs({"precision_error": error})
+
+
 def run_extraction(
     plan: ExtractPlan, *, progress: ProgressFn | None = None, shards: list[int] | None = None
 ) -> dict[str, Any]:
@@ -459,6 +667,7 @@ def run_extraction(
     todo = [shard for shard in mine if any(shard not in done for done in marked)]
     for store in stores:
         store.remove_stale_partials(todo)
+    copies = [_HostCopies(encoder.device) for encoder in plan.encoders]
     timings = {"wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "write_busy_s": 0.0}
 
     def read_shard(shard: int) -> list[_Item]:
@@ -473,10 +682,11 @@ def run_extraction(
     # writer thread writes the previous shard meanwhile (zarr's encoding and file writes mostly
     # release the GIL). Leaving the block, normally or by an error, waits for a started write.
     with (
-        ThreadPoolExecutor(max_workers=max(1, config.num_workers)) as pool,
+        ThreadPoolExecutor(max_workers=max(1, config.num_workers or 0)) as pool,
         ThreadPoolExecutor(max_workers=1) as reader,
         ThreadPoolExecutor(max_workers=1) as writer_thread,
     ):
+        _record_precision_errors(plan, stores, pool)
         writer = _ShardWriter(writer_thread, timings)
         shards_ahead = _prefetched(reader, todo, read_shard, depth=1)
         for shard in todo:
@@ -502,7 +712,10 @@ def run_extraction(
             for which in needed:
                 encoder, spec, store = plan.encoders[which], plan.specs[which], stores[which]
                 started = time.perf_counter()
-                arrays = {**_encode_shard(which, encoder, spec, items, config.batch_size), **common}
+                arrays = _encode_shard(
+                    which, encoder, spec, items, config.batch_size, copies[which]
+                )
+                arrays.update(common)
                 timings["compute_s"] += time.perf_counter() - started
                 info = {"rows": list(store.shard_rows(shard)), "skipped": skipped}
                 writer.submit(store, shard, arrays, info, written)
@@ -514,8 +727,9 @@ def run_extraction(
     }
 
 
-def images_in_shards(plan: ExtractPlan, shard_size: int, count: int, index: int) -> int:
-    """Images the shards of this ``--shard I/N`` process hold (for the progress total)."""
-    total = len(plan.records)
-    shards = math.ceil(total / shard_size)
-    return sum(min(shard_size, total - s * shard_size) for s in range(shards) if s % count == index)
+def _data_options(config: ExtractConfig) -> dict:
+    """``{"options": ...}``: the reader and subset options a store's ``dataset`` attribute
+    records, so ``featcache.data.reopen_dataset`` reads the dataset as extraction did; {} for
+    the defaults (stores made without options keep their attributes)."""
+    options = config.data_options.to_dict() if config.data_options is not None else {}
+    return {"options": options} if options else {}

@@ -7,7 +7,8 @@ Rules (each tested):
     ``ImageFolder`` loaders do, so pixels match what the pretrained models were fed.
   - 16- and 32-bit integer images ("I;16", "I") are scaled to 8 bits by their type's range
     (value * 255 / 65535), not clipped at 255; float images ("F") are taken as [0, 1].
-Anything PIL cannot open or fully decode becomes a ``BadImageError`` naming the file and reason.
+Anything PIL cannot open or fully decode becomes a ``BadImageError`` naming the file and reason,
+as does a crop box (``crop_box``) that holds no pixel of its image.
 ``upright_rgb`` is the same conversion for an image already open (``Encoder.preprocess`` uses it).
 """
 
@@ -21,7 +22,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from featcache.errors import BadImageError
 
-__all__ = ["decode_image", "decode_mask", "to_rgb", "upright_rgb"]
+__all__ = ["crop_box", "decode_image", "decode_mask", "to_rgb", "upright_rgb"]
 
 
 def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
@@ -80,6 +81,19 @@ def decode_mask(source: str | os.PathLike | bytes, *, name: str | None = None) -
     conversion, no EXIF rotation: label maps are stored in pixel order). Same refusals as
     ``decode_image``, the decompression-bomb limit included."""
     return _decoded(source, name)
+
+
+def crop_box(image: Image.Image, box: tuple[int, int, int, int], *, name: str) -> Image.Image:
+    """``image`` cropped to ``box`` = (left, top, right, bottom) pixels (PIL's convention:
+    right and bottom exclusive), clipped to the image; a box with no pixel inside the image is
+    a ``BadImageError`` naming ``name``."""
+    left, top = max(0, box[0]), max(0, box[1])
+    right, bottom = min(image.width, box[2]), min(image.height, box[3])
+    if right <= left or bottom <= top:
+        raise BadImageError(
+            name, f"crop box {list(box)} holds no pixel of the {image.width}x{image.height} image"
+        )
+    return image.crop((left, top, right, bottom))
 
 
 def _decoded(source: str | os.PathLike | bytes, name: str | None) -> Image.Image:

@@ -38,7 +38,7 @@ holds anything else, or a Zarr group without a featcache claim, is never adopted
 Attributes (``featcache``): format, format_version, store_id, encoder (``Encoder.describe()``),
 dataset (source, split, manifest_hash, classes, order_seed, num_images), layers, tokens,
 dtype, logical_dtype, compression, shard_size, num_shards, id_width, codecs, arrays,
-mask_shape, tool_version.
+mask_shape, precision, tool_version; after the first batch is measured, precision_error.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ __all__ = [
 FORMAT_VERSION = 2
 TOKEN_MODES = ("all", "prefix", "pooled")
 DTYPES = ("float16", "bfloat16", "float32")
+PRECISIONS = ("fp32", "bf16", "fp16")  # featcache.encoders.PRECISIONS (zarr-only module here)
 MARKER_ATTR = "featcache_marker"
 _STORE_NAMES = ("zarr.json", "layers", "final", "pooled", "ids", "labels", "valid", "masks")
 
@@ -104,6 +105,8 @@ class StoreSpec:
         shard_size: images per shard (the unit of writing and resuming).
         mask_shape: (H, W) of stored masks, or None when the split has no masks.
         id_width: bytes of the longest UTF-8 id of the split (the ``ids`` row width).
+        precision: what the encoder computed in: "fp32", or "bf16" / "fp16" autocast
+            (``featcache.encoders.PRECISIONS``); it changes the numbers, so it enters the id.
     """
 
     encoder: dict[str, Any]
@@ -115,6 +118,7 @@ class StoreSpec:
     shard_size: int = 256
     mask_shape: tuple[int, int] | None = None
     id_width: int = 64
+    precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -133,6 +137,8 @@ class StoreSpec:
             raise ValueError(f"Expected shard_size >= 1. Got {self.shard_size} instead.")
         if self.id_width < 1:
             raise ValueError(f"Expected id_width >= 1. Got {self.id_width} instead.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"Expected precision in {PRECISIONS}. Got {self.precision!r} instead.")
 
     @property
     def num_images(self) -> int:
@@ -173,6 +179,8 @@ class StoreSpec:
             "shard_size": self.shard_size,
             "format_version": FORMAT_VERSION,
         }
+        if self.precision != "fp32":  # stores made before the option were fp32: same ids
+            identity["precision"] = self.precision
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -402,6 +410,7 @@ class FeatureStore:
             "codecs": ["bytes", *(["zstd"] if spec.compression != "none" else []), "crc32c"],
             "arrays": _array_names(spec),
             "mask_shape": list(spec.mask_shape) if spec.mask_shape else None,
+            "precision": spec.precision,
             "tool_version": _tool_version(),
             **spec.extra,
         }
@@ -451,8 +460,9 @@ class FeatureStore:
             ("compression", spec.compression),
             ("shard_size", spec.shard_size),
             ("logical_dtype", spec.dtype),
+            ("precision", spec.precision),
         ):
-            if self.attrs.get(key) != want:
+            if self.attrs.get(key, "fp32" if key == "precision" else None) != want:
                 differences.append(f"{key} {self.attrs.get(key)} (store) vs {want} (requested)")
         dataset = self.attrs.get("dataset", {})
         if dataset.get("manifest_hash") != spec.dataset["manifest_hash"]:
@@ -571,6 +581,17 @@ class FeatureStore:
     @property
     def is_complete(self) -> bool:
         return not self.missing_shards()
+
+    def update_attrs(self, extra: dict[str, Any]) -> None:
+        """Add measured facts (``precision_error``) to a created store's ``featcache`` attrs;
+        the keys that define the store (everything in its id) are refused."""
+        identity = ("store_id", "encoder", "dataset", "layers", "tokens", "dtype",
+                    "logical_dtype", "compression", "shard_size", "precision")  # fmt: skip
+        fixed = set(extra) & set(identity)
+        if fixed:
+            raise ValueError(f"Expected attrs outside the store's identity. Got {sorted(fixed)}.")
+        self.attrs = {**self.attrs, **extra}
+        self.group.attrs["featcache"] = self.attrs
 
     def write_marker(self, shard: int, info: dict[str, Any]) -> None:
         """Write the shard's marker (a Zarr group), atomically: temp + fsync + rename locally."""
@@ -732,8 +753,8 @@ class FeatureStore:
 
     def encode_features(self, values: np.ndarray, keepbits: int | None = None) -> np.ndarray:
         logical = self.attrs["logical_dtype"]
-        if logical == "bfloat16":
-            return float32_to_bfloat16_bits(values)
+        if logical == "bfloat16":  # uint16 rows are bfloat16 bits already (cast on the device)
+            return values if values.dtype == np.uint16 else float32_to_bfloat16_bits(values)
         if logical == "float32":
             return values.astype(np.float32, copy=False)
         half = values.astype(np.float16, copy=False)
@@ -773,6 +794,8 @@ class FeatureStore:
             "layers": self.layers,
             "tokens": self.attrs["tokens"],
             "dtype": self.attrs["logical_dtype"],
+            "precision": self.attrs.get("precision", "fp32"),
+            "precision_error": self.attrs.get("precision_error"),
             "images": self.num_images,
             "shards_done": len(marked),
             "num_shards": self.num_shards,

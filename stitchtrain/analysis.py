@@ -257,6 +257,20 @@ def _check_same_encoder(original_url: str, store: FeatureStore, role: str) -> bo
     return True
 
 
+def check_transfer_out(out: Path) -> None:
+    """Refuse an output dir that is a file, or a fit run dir (its metrics.json would be
+    replaced by the transfer's)."""
+    if out.exists() and not out.is_dir():
+        raise FeatcacheError(
+            f"Expected --out to be a directory (or a new path). Got the file {out} instead."
+        )
+    if (out / "config.json").is_file():
+        raise FeatcacheError(
+            f"{out} is a stitchtrain run dir (it has config.json): the transfer's metrics.json "
+            "would replace the run's. Use another --out."
+        )
+
+
 def transfer_run(
     run_dir: str | Path,
     source: str,
@@ -277,12 +291,18 @@ def transfer_run(
 
     Writes ``transfer.json`` (what was done) and ``metrics.json`` under ``out``. Probe
     options default to the run's own (learning rates, epochs, patience, seed).
+
+    Every input is checked before the probe's first step: the output dir (``check_transfer_out``),
+    the run (an FFM stitch, a cls task), the stores (found, complete, paired, the run's
+    position, the run's encoders by fingerprint), the test stores (found and complete), that
+    the stitch fits the stores, the memory budget and the device.
     """
-    from stitchtrain.evaluate import feature_distances, probe_accuracy, test_stores
+    from stitchtrain.evaluate import evaluation_split, feature_distances, probe_accuracy
     from stitchtrain.fit import FitConfig, StitchRecipe
     from stitchtrain.sweep import dataset_label
 
     run_dir, out = Path(run_dir), Path(out)
+    check_transfer_out(out)
     original = FitConfig(**_run_config(run_dir))
     stitch_file = run_dir / "stitch-ffm.safetensors"
     if not stitch_file.is_file():
@@ -327,8 +347,8 @@ def transfer_run(
             f"The stitch of {run_dir} does not fit the stores {source} -> {target} (different "
             f"widths or token layouts): {err}"
         ) from err
-    test_source, test_target = test_stores(recipe)
-    test_rows = valid_rows(test_source, test_target)
+    split = evaluation_split(recipe)  # found and complete, before the probe trains
+    test_source, test_target, test_rows = split.source, split.target, split.rows
     metrics = probe_accuracy(recipe, test_source, test_target, test_rows)
     metrics.update(feature_distances(recipe, test_source, test_target, test_rows))
     trained_store = FeatureStore.open(original.target) if all(checked) else None

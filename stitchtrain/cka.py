@@ -22,12 +22,14 @@ rows valid in both stores. The two stores must hold the same images in the same 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import dask
 import dask.array as da
 import numpy as np
+from dask.callbacks import Callback
 
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore, bfloat16_bits_to_float32
@@ -291,6 +293,24 @@ class CKAResult:
         }
 
 
+def _dask_progress(progress: Callable[[str, int, int], None] | None, step: str) -> Callback:
+    """A dask callback (for the local schedulers) calling ``progress(step, tasks done,
+    tasks)`` as each task of the computes inside its block finishes (counted over them all)."""
+    count = {"done": 0, "total": 0}
+
+    def start_state(dsk, state) -> None:
+        count["done"] += len(state["finished"])
+        count["total"] += len(state["finished"])
+        count["total"] += sum(len(state[k]) for k in ("ready", "waiting", "running"))
+        progress(step, count["done"], count["total"])
+
+    def posttask(key, result, dsk, state, worker_id) -> None:
+        count["done"] += 1
+        progress(step, count["done"], count["total"])
+
+    return Callback() if progress is None else Callback(start_state=start_state, posttask=posttask)
+
+
 def _check_same_images(store_a: FeatureStore, store_b: FeatureStore) -> None:
     from stitchtrain.pairing import PairingError, ids_hash
 
@@ -317,11 +337,13 @@ def cka_stores(
     max_images: int | None = None,
     chunk_images: int = 64,
     allow_geometry_mismatch: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> CKAResult:
     """CKA between layers of two paired stores (default: every stored layer of each).
 
     The stores must see the same pixels (``pairing.check_geometry``) unless
-    ``allow_geometry_mismatch``."""
+    ``allow_geometry_mismatch``. ``progress(step, done, total)`` is called as the dask tasks
+    that read and reduce the arrays finish (``step`` names the computation)."""
     from stitchtrain.pairing import check_geometry
 
     a = store_a if isinstance(store_a, FeatureStore) else FeatureStore.open(store_a)
@@ -343,7 +365,9 @@ def cka_stores(
             for n in names
         ]
 
-    values = cka_matrix(features(a, names_a), features(b, names_b), minibatch=minibatch)
+    step = f"CKA {len(names_a)}x{len(names_b)} layers, {len(rows)} images"
+    with _dask_progress(progress, step):
+        values = cka_matrix(features(a, names_a), features(b, names_b), minibatch=minibatch)
     return CKAResult(
         store_a=a.url,
         store_b=b.url,

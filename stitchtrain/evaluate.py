@@ -109,14 +109,16 @@ def stitched_pass(recipe, source: FeatureStore, target: FeatureStore, rows, extr
 
 
 def stitched_outputs_in_memory(
-    recipe, source, target, rows, name: str
+    recipe, source, target, rows, name: str, distances: _Distances | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stitched pooled (cls) or final (seg) outputs with labels/masks, all rows in memory."""
+    """Stitched pooled (cls) or final (seg) outputs with labels/masks, all rows in memory;
+    ``distances`` accumulates the feature distances in the same pass."""
     labels_array = "labels" if recipe.config.task == "cls" else "masks"
+    extra = [Field("labels", target, labels_array), *(distances.fields if distances else [])]
     features, labels = [], []
-    for batch, final, pooled in stitched_pass(
-        recipe, source, target, rows, [Field("labels", target, labels_array)]
-    ):
+    for batch, final, pooled in stitched_pass(recipe, source, target, rows, extra):
+        if distances is not None:
+            distances.update(recipe, batch, final, pooled)
         features.append(pooled if name == "pooled" else final)
         labels.append(batch["labels"].long())
     return torch.cat(features), torch.cat(labels)
@@ -142,16 +144,18 @@ def fit_stitched_probe(recipe):
     )
 
 
-def probe_accuracy(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
+def probe_accuracy(
+    recipe, test_source, test_target, test_rows, distances: _Distances | None = None
+) -> dict[str, Any]:
     probe = fit_stitched_probe(recipe)
     test_x, test_y = stitched_outputs_in_memory(
-        recipe, test_source, test_target, test_rows, "pooled"
+        recipe, test_source, test_target, test_rows, "pooled", distances
     )
     _, test_accuracy = evaluate_probe(probe.head, test_x, test_y)
     return {"test_accuracy": test_accuracy, "evaluation": "linear_probe", "probe_lr": probe.lr}
 
 
-def _seg_decoder_miou(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
+def _seg_decoder_miou(recipe, test_source, test_target, test_rows, distances) -> dict[str, Any]:
     """Fit the linear decoder on frozen stitched final tokens (``seg_decoder``: "grid" or
     "fixed", module docstring), then test mIoU."""
     config = recipe.config
@@ -190,14 +194,16 @@ def _seg_decoder_miou(recipe, test_source, test_target, test_rows) -> dict[str, 
                 optimizer.step()
     recipe.head = head
     return {
-        **_head_metric(recipe, test_source, test_target, test_rows),
+        **_head_metric(recipe, test_source, test_target, test_rows, distances),
         "evaluation": "linear_decoder",
         "decoder_lr": decoder_lr,
     }
 
 
 @torch.no_grad()
-def _head_metric(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
+def _head_metric(
+    recipe, test_source, test_target, test_rows, distances: _Distances | None = None
+) -> dict[str, Any]:
     task = recipe.config.task
     labels_array = "labels" if task == "cls" else "masks"
     correct, count = 0, 0
@@ -208,9 +214,10 @@ def _head_metric(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
         else None
     )
     recipe.head.eval()
-    for batch, final, pooled in stitched_pass(
-        recipe, test_source, test_target, test_rows, [Field("labels", test_target, labels_array)]
-    ):
+    extra = [Field("labels", test_target, labels_array), *(distances.fields if distances else [])]
+    for batch, final, pooled in stitched_pass(recipe, test_source, test_target, test_rows, extra):
+        if distances is not None:
+            distances.update(recipe, batch, final, pooled)
         labels = batch["labels"].long()
         if task == "cls":
             correct += int((recipe.head(pooled).argmax(-1) == labels).sum())
@@ -234,32 +241,50 @@ def _head_metric(recipe, test_source, test_target, test_rows) -> dict[str, Any]:
     }
 
 
+class _Distances:
+    """Running sums of the feature distances (module docstring) over stitched test batches,
+    so the pass that scores the test split also measures them (one forward, not two). The
+    batches must carry ``fields`` (the target's pooled, final and layer-n arrays it has)."""
+
+    def __init__(self, test_target: FeatureStore, position: int) -> None:
+        self.fields = [Field("pooled", test_target, "pooled")]
+        self.has_final = "final" in test_target.group
+        self.has_layer = f"layers/{position}" in test_target.group
+        if self.has_final:
+            self.fields.append(Field("final", test_target, "final"))
+        if self.has_layer:
+            self.fields.append(Field("layer", test_target, f"layers/{position}"))
+        self.sums = {"layer_distance": 0.0, "final_distance": 0.0, "pooled_distance": 0.0}
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, recipe, batch, final: torch.Tensor, pooled: torch.Tensor) -> None:
+        self.count += len(pooled)
+        self.sums["pooled_distance"] += float(token_distance(pooled, batch["pooled"]).sum())
+        if self.has_final:
+            self.sums["final_distance"] += float(token_distance(final, batch["final"]).sum())
+        if self.has_layer:
+            stitched = recipe.stitch(batch["source"]).float()
+            self.sums["layer_distance"] += float(token_distance(stitched, batch["layer"]).sum())
+
+    def result(self) -> dict[str, float]:
+        result = {key: value / max(self.count, 1) for key, value in self.sums.items()}
+        if not self.has_final:
+            result.pop("final_distance")
+        if not self.has_layer:
+            result.pop("layer_distance")
+        return result
+
+
 @torch.no_grad()
 def feature_distances(recipe, test_source, test_target, test_rows) -> dict[str, float]:
-    position = recipe.config.position
-    extra = [Field("pooled", test_target, "pooled")]
-    has_final = "final" in test_target.group
-    has_layer = f"layers/{position}" in test_target.group
-    if has_final:
-        extra.append(Field("final", test_target, "final"))
-    if has_layer:
-        extra.append(Field("layer", test_target, f"layers/{position}"))
-    sums = {"layer_distance": 0.0, "final_distance": 0.0, "pooled_distance": 0.0}
-    count = 0
-    for batch, final, pooled in stitched_pass(recipe, test_source, test_target, test_rows, extra):
-        count += len(pooled)
-        sums["pooled_distance"] += float(token_distance(pooled, batch["pooled"]).sum())
-        if has_final:
-            sums["final_distance"] += float(token_distance(final, batch["final"]).sum())
-        if has_layer:
-            stitched = recipe.stitch(batch["source"]).float()
-            sums["layer_distance"] += float(token_distance(stitched, batch["layer"]).sum())
-    result = {key: value / max(count, 1) for key, value in sums.items()}
-    if not has_final:
-        result.pop("final_distance")
-    if not has_layer:
-        result.pop("layer_distance")
-    return result
+    """The feature distances of the stitched model on ``test_rows`` (module docstring)."""
+    distances = _Distances(test_target, recipe.config.position)
+    for batch, final, pooled in stitched_pass(
+        recipe, test_source, test_target, test_rows, distances.fields
+    ):
+        distances.update(recipe, batch, final, pooled)
+    return distances.result()
 
 
 def load_run(run_dir: str | Path, **overrides):
@@ -297,13 +322,14 @@ def evaluate_run(run_dir: str | Path, recipe=None, split: EvaluationSplit | None
         )
     split = split or evaluation_split(recipe)
     test_source, test_target, test_rows = split.source, split.target, split.rows
+    distances = _Distances(test_target, recipe.config.position)  # in the scoring pass
     if recipe.stages[-1] == "tlt":
-        metrics = _head_metric(recipe, test_source, test_target, test_rows)
+        metrics = _head_metric(recipe, test_source, test_target, test_rows, distances)
     elif recipe.config.task == "cls":
-        metrics = probe_accuracy(recipe, test_source, test_target, test_rows)
+        metrics = probe_accuracy(recipe, test_source, test_target, test_rows, distances)
     else:
-        metrics = _seg_decoder_miou(recipe, test_source, test_target, test_rows)
-    metrics.update(feature_distances(recipe, test_source, test_target, test_rows))
+        metrics = _seg_decoder_miou(recipe, test_source, test_target, test_rows, distances)
+    metrics.update(distances.result())
     metrics["test_images"] = int(len(test_rows))
     metrics["test_source"], metrics["test_target"] = test_source.url, test_target.url
     if split.incomplete:

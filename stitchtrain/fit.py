@@ -721,6 +721,11 @@ class StitchRecipe:
                 self._restore_rng(resume)
             resume = None  # a checkpoint at this lr's boundary: it starts fresh, as above
             loader = self._stage_loader(stage, "train")
+            at = {"stage": stage, "lr": lr, "epochs": config.epochs}  # progress events
+            if progress is not None:
+                grid = {"lr_index": state.lr_index, "lrs": len(config.lrs), "epoch": state.epoch}
+                progress({"event": "lr_start", **at, **grid, "stage_index": stage_index,
+                          "stages": list(self.stages)})  # fmt: skip
             while state.epoch < config.epochs and state.stale < config.patience:
                 row = self._train_epoch(stage, lr, state.epoch, loader, optimizer, state)
                 self.history.append(row)
@@ -738,7 +743,7 @@ class StitchRecipe:
                 state.epoch += 1
                 self._save_checkpoint(stage_index, state, optimizer, current, overall)
                 if progress is not None:
-                    progress(row)
+                    progress({**row, "event": "epoch", "epochs": config.epochs})
             state.finished.append(
                 {
                     "lr": lr,
@@ -747,6 +752,9 @@ class StitchRecipe:
                     "best_epoch": state.best_epoch,
                 }
             )
+            if progress is not None:
+                ran = {"epochs_run": state.epoch, "stopped_early": state.epoch < config.epochs}
+                progress({"event": "lr_done", **at, **state.finished[-1], **ran})
             overall = _better(overall, current, stage)
             current = None
             state = _StageState(lr_index=state.lr_index + 1, finished=state.finished)
@@ -811,7 +819,9 @@ class StitchRecipe:
 
     def run(self, progress=None, log=None) -> dict[str, Any]:
         """Train every stage (resuming from the checkpoint if there is one), evaluate, save;
-        return the metrics (a finished run dir: its metrics.json, at once). ``log`` gets one
+        return the metrics (a finished run dir: its metrics.json, at once). ``progress`` gets
+        event dicts: "lr_start", "epoch" (a history row), "lr_done", "evaluate" (the keys:
+        cli._progress.FitProgress). ``log`` gets one
         line per incomplete store used (``allow_incomplete``); default: warnings of this
         module's logger."""
         from stitchtrain.evaluate import evaluate_run, evaluation_split
@@ -838,6 +848,8 @@ class StitchRecipe:
         final_stage = self.stages[-1]
         save_file(_contiguous(self.stitch.state_dict()), str(self.out / "stitch.safetensors"))
         _write_history(self.out / "history.csv", self.history)
+        if progress is not None:
+            progress({"event": "evaluate"})
         metrics = evaluate_run(self.out, recipe=self, split=split)
         metrics["train_rows"], metrics["val_rows"] = len(self.train_rows), len(self.val_rows)
         if incomplete:

@@ -5,9 +5,20 @@ A :class:`FeatureLoader` picks one of two modes from a memory budget:
 * staged: the selected rows of every field are read once (one contiguous read per shard and
   field, shards in order) into memory: onto the device when it is CUDA, else host RAM (pinned
   when CUDA is available). Each epoch is a seeded permutation sliced into batches there.
-* streamed: a reader thread reads shards (all fields) in a seeded random shard order, up to
-  ``prefetch`` shards ahead; the rows of ``shuffle_window`` shards at a time (plus the previous
-  window's remainder) are shuffled and cut into batches, so only an epoch's last batch is short.
+* streamed: shards are visited in a seeded random order, ``shuffle_window`` shards at a time;
+  a window's rows (plus the previous window's remainder) are shuffled and cut into batches, so
+  only an epoch's last batch is short. A pool of ``read_workers`` threads reads and decodes
+  the next windows (at least ``prefetch`` shards ahead) straight into reused window buffers
+  (pinned when CUDA is available); each batch is then an ``index_select`` of its window, as a
+  staged batch is of the staged arrays.
+
+Reads (``_read_into``: one shard of one field into a tensor) read each needed shard object
+once, sequentially, chunk by chunk, and decode it here rather than through zarr for
+uncompressed local stores (``_read_object``), and cast by torch: a shard read this way, float32
+and checks included, takes about a sixth of the time of zarr's read (one event-loop thread for
+every reader, per-chunk overhead) plus numpy's float16 cast (``benchmarks/streamed_loading.py``,
+"shard" part). Other stores (compressed, remote) are read through zarr, one
+``array[start:stop]`` per shard.
 
 Batches are ``dict[str, torch.Tensor]`` on the loader's device: features float32, (B, T, D)
 for token arrays ("layers/<n>", "final") and (B, D) for "pooled"; integer arrays int64 (labels
@@ -21,24 +32,36 @@ store, the array and the rows, so callers select valid rows (``valid_rows``).
 
 from __future__ import annotations
 
+import contextlib
 import math
-import queue
+import os
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import crc32c
 import numpy as np
 import psutil
 import torch
 
+from featcache.storage import fs_and_path, is_local
 from featcache.store import FeatureStore
 from stitchtrain.integrity import UnreadableShardError, require_finite
 from stitchtrain.sizes import parse_size  # re-exported: torch-free home of the size parser
 
-__all__ = ["Field", "FeatureLoader", "LoaderStats", "parse_size", "split_rows", "valid_rows"]
+__all__ = [
+    "Field",
+    "FeatureLoader",
+    "LoaderStats",
+    "default_read_workers",
+    "parse_size",
+    "split_rows",
+    "valid_rows",
+]
 
-_DONE = object()
+_ABSENT = 2**64 - 1  # a sharding index entry for a chunk that was never written
 
 
 @dataclass(frozen=True)
@@ -55,7 +78,7 @@ class LoaderStats:
     """Counters of a loader, over all its epochs (and staging)."""
 
     bytes_read: int = 0  # stored (uncompressed) bytes read from the stores
-    read_seconds: float = 0.0  # time spent reading and decoding them
+    read_seconds: float = 0.0  # wall time during which at least one read or decode ran
     wait_seconds: float = 0.0  # time the consumer waited for batches
     batches: int = 0
 
@@ -73,9 +96,10 @@ class FeatureLoader:
     """Minibatches of rows from one or more paired stores (same row order), as dicts of tensors.
 
     ``rows`` (1-D ints) are deduplicated and sorted; ``shuffle=False`` yields them in ascending
-    order. Batches are deterministic given (seed, epoch) within a mode. ``memory_budget`` (bytes)
-    decides the mode; None is 25% of available RAM (and at most half the free GPU memory when
-    ``device`` is CUDA). The key "rows" is reserved for ``return_rows``.
+    order. Batches are deterministic given (seed, epoch) within a mode, whatever
+    ``read_workers`` (reader threads; None: ``default_read_workers()``). ``memory_budget``
+    (bytes) decides the mode; None is 25% of available RAM (and at most half the free GPU memory
+    when ``device`` is CUDA). The key "rows" is reserved for ``return_rows``.
     """
 
     def __init__(
@@ -92,8 +116,11 @@ class FeatureLoader:
         shuffle_window: int = 4,
         drop_last: bool = False,
         return_rows: bool = False,
+        read_workers: int | None = None,
     ):
-        for name, value in (("batch_size", batch_size), ("prefetch", prefetch)):
+        read_workers = default_read_workers() if read_workers is None else read_workers
+        checked = (("batch_size", batch_size), ("prefetch", prefetch))
+        for name, value in (*checked, ("read_workers", read_workers)):
             if value < 1:
                 raise ValueError(f"Expected {name} >= 1. Got {value} instead.")
         if shuffle_window < 1:
@@ -104,6 +131,8 @@ class FeatureLoader:
         first = _check_paired([f.store for f in fields])
         self.fields = list(fields)
         self._arrays, self._is_feature, self._shapes, self._dtypes = {}, {}, {}, {}
+        self._paths: dict[str, str | None] = {}  # local store folder when read by _read_object
+        self._key_tails: dict[str, str] = {}  # object key after "<array>/c/<shard>" (no zarr)
         for f in fields:
             names = f.store.feature_arrays()
             names += [n for n in ("labels", "valid", "masks") if n in f.store.group]
@@ -118,6 +147,10 @@ class FeatureLoader:
             self._shapes[f.key] = tuple(array.shape[1:])
             dtype = np.dtype(np.float32 if self._is_feature[f.key] else array.dtype)
             self._dtypes[f.key] = torch.from_numpy(np.empty(0, dtype)).dtype
+            fs, path = fs_and_path(f.store.url, f.store.storage_options)
+            direct = is_local(fs) and f.store.attrs["compression"] == "none" and array.shards
+            self._paths[f.key] = path if direct else None
+            self._key_tails[f.key] = f.store.object_key(f.array, 0)[len(f"{f.array}/c/0") :]
         rows = np.asarray(rows)
         if rows.size and not np.issubdtype(rows.dtype, np.integer):
             raise ValueError(f"Expected integer rows. Got dtype {rows.dtype} instead.")
@@ -131,6 +164,7 @@ class FeatureLoader:
         # a window's first batch needs all of its shards: read at least a window ahead
         self.prefetch, self.shuffle_window = max(prefetch, shuffle_window), shuffle_window
         self.drop_last, self.return_rows = drop_last, return_rows
+        self.read_workers = read_workers
         self.device = torch.device(device)
         # the rows of each shard of the first store, shards ascending: the unit of every read
         starts = np.flatnonzero(np.diff(self.rows // first.shard_size, prepend=-1))
@@ -142,7 +176,10 @@ class FeatureLoader:
         budget = _default_budget(self.device) if memory_budget is None else memory_budget
         self.staged = self.nbytes <= budget
         self.stats = LoaderStats()
+        self._clock = _ReadClock(self.stats)
         self._staged: dict[str, torch.Tensor] | None = None
+        self._windows: list[_Window] = []  # window buffers not in use by an epoch, for reuse
+        self._chunk_buffers = threading.local()  # each reader thread's read buffer
 
     def __len__(self) -> int:
         n = len(self.rows)
@@ -163,7 +200,7 @@ class FeatureLoader:
                 self.stats.batches += 1
                 yield batch
         finally:
-            inner.close()  # stops a streaming reader thread when the consumer breaks off
+            inner.close()  # stops the reader threads when the consumer breaks off
 
     def stage(self) -> None:
         """Read the selected rows into memory now (staged mode; else the first epoch does it)."""
@@ -178,40 +215,133 @@ class FeatureLoader:
             for key, shape in self._shapes.items()
         }
         buffers["rows"] = torch.from_numpy(self.rows).to(target)
-        position = 0
-        for values in self._prefetched(self._shards):  # reads overlap the copies
-            count = len(values["rows"])
-            for key in self._shapes:
-                buffers[key][position : position + count].copy_(torch.from_numpy(values[key]))
-            position += count
+        with self._readers() as readers:
+            reads, position = [], 0
+            for rows in self._shards:
+                span = slice(position, position + len(rows))
+                reads += [
+                    readers.submit(self._read_into, f, rows, buffers[f.key][span])
+                    for f in self.fields
+                ]
+                position += len(rows)
+            for read in reads:  # in read order: the first fault of the serial order raises
+                read.result()
         self._staged = buffers
 
     # -- internals ------------------------------------------------------------------------------
-    def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """One contiguous read per field covering ``rows`` (sorted, within one shard).
+    @contextlib.contextmanager
+    def _readers(self) -> Iterator[ThreadPoolExecutor]:
+        """``read_workers`` reader threads; on exit, queued reads are dropped, running ones
+        finish, and every thread is joined (also when the consumer breaks off)."""
+        pool = ThreadPoolExecutor(self.read_workers, thread_name_prefix="FeatureLoader-reader")
+        try:
+            yield pool
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
-        Raises ``UnreadableShardError`` when an object does not decode (Crc32c mismatch) and
-        ``NonFiniteFeaturesError`` when a feature array holds NaN or inf in one of ``rows``.
+    def _read_into(self, f: Field, rows: np.ndarray, out: torch.Tensor) -> None:
+        """Decode rows ``rows`` (ascending store rows, one shard of the first store) of field
+        ``f`` into ``out`` (len(rows), *shape) of the field's dtype (features float32).
+
+        Raises ``UnreadableShardError`` when an object does not decode (a Crc32c mismatch, a
+        truncated or missing object) and ``NonFiniteFeaturesError`` when a feature array holds
+        NaN or inf in one of ``rows``. Thread-safe: reader threads run it side by side.
         """
-        start, stop = int(rows[0]), int(rows[-1]) + 1
-        local = rows - start
-        begin = time.perf_counter()
-        out = {"rows": rows}
-        for f in self.fields:
-            try:
-                values = self._arrays[f.key][start:stop]
-                self.stats.bytes_read += values.nbytes
-                if self._is_feature[f.key]:
-                    values = f.store.decode_features(values)
-            except Exception as err:  # zarr raises several types for checksum / decode faults
-                shard = start // f.store.shard_size
-                raise UnreadableShardError(f.store, f.array, shard, err) from err
-            values = values[local]  # a fresh, writable array
-            if self._is_feature[f.key]:
-                require_finite(f.store, f.array, values, rows)
-            out[f.key] = values
-        self.stats.read_seconds += time.perf_counter() - begin
-        return out
+        host = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=out.dtype)
+        size = f.store.shard_size  # the field's own shards: paired stores may be cut otherwise
+        shards = rows // size
+        bounds = np.flatnonzero(np.diff(shards, prepend=-1)).tolist() + [len(rows)]
+        with self._clock.reading():
+            for begin, end in zip(bounds[:-1], bounds[1:], strict=False):
+                shard = int(shards[begin])
+                local, part = rows[begin:end] - shard * size, host[begin:end]
+                try:
+                    if self._paths[f.key] is None:
+                        nbytes = self._read_zarr(f, shard, local, part)
+                    else:
+                        nbytes = self._read_object(f, shard, local, part)
+                except Exception as err:  # checksum, size, I/O and zarr's decode faults
+                    raise UnreadableShardError(f.store, f.array, shard, err) from err
+                self._clock.add_bytes(nbytes)
+            # NaN or inf anywhere makes the sum NaN or inf, and summing is far cheaper than
+            # torch.isfinite; a finite overflow to inf only costs the exact check
+            if self._is_feature[f.key] and not math.isfinite(float(host.sum())):
+                require_finite(f.store, f.array, host.numpy(), rows)  # names the rows
+        if host is not out:
+            out.copy_(host)
+
+    def _read_zarr(self, f: Field, shard: int, local: np.ndarray, out: torch.Tensor) -> int:
+        """Rows ``local`` of ``shard`` through zarr: one read of their span (the whole shard
+        when every row is selected, which zarr fetches as one object)."""
+        start = shard * f.store.shard_size
+        values = self._arrays[f.key][start + int(local[0]) : start + int(local[-1]) + 1]
+        _decode_into(out, values, self._is_bfloat16(f), local - local[0])
+        return values.nbytes
+
+    def _read_object(self, f: Field, shard: int, local: np.ndarray, out: torch.Tensor) -> int:
+        """Rows ``local`` (ascending, within the shard) of ``f``'s object for ``shard``, from
+        an uncompressed local store, into ``out``; returns the bytes read.
+
+        The layout is the Zarr v3 sharding codec as ``FeatureStore._write_shard_file`` and
+        zarr write it (``tests/test_store_format.py``): ``chunks`` inner chunks of ``inner``
+        images, each its little-endian bytes followed by their Crc32c, then the index (an
+        (offset, nbytes) uint64 pair per chunk, ``2**64-1`` for an absent chunk) followed by
+        its Crc32c. The index is read first, then each chunk holding a selected row, in
+        offset order, into this thread's buffer: each byte once, sequentially, and only the
+        chunks needed. Every chunk read is checked against its Crc32c, as zarr's decode does;
+        an absent chunk reads as the fill value.
+        """
+        array = self._arrays[f.key]
+        inner, row_shape = array.chunks[0], array.shape[1:]
+        chunks = f.store.shard_size // inner
+        dtype = array.dtype.newbyteorder("<")
+        chunk_bytes = inner * math.prod(row_shape) * dtype.itemsize
+        path = f"{self._paths[f.key]}/{f.array}/c/{shard}{self._key_tails[f.key]}"
+        with open(path, "rb", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            index_bytes = 16 * chunks + 4
+            if size < index_bytes:
+                raise ValueError(f"{size} bytes cannot hold the index of {chunks} chunks")
+            tail = os.pread(handle.fileno(), index_bytes, size - index_bytes)
+            if crc32c.crc32c(tail[:-4]) != int.from_bytes(tail[-4:], "little"):
+                raise ValueError("the shard index fails its Crc32c checksum")
+            index = np.frombuffer(tail[:-4], dtype="<u8").reshape(chunks, 2)
+            buffer = self._chunk_buffer(chunk_bytes + 4)
+            nbytes, chunk_of = index_bytes, local // inner
+            for chunk in np.unique(chunk_of).tolist():
+                rows = local[chunk_of == chunk] - chunk * inner
+                target = out[np.searchsorted(local, chunk * inner) :][: len(rows)]
+                offset, length = (int(v) for v in index[chunk])
+                if offset == _ABSENT:
+                    fill = np.full((len(rows), *row_shape), array.metadata.fill_value, dtype)
+                    _decode_into(target, fill, self._is_bfloat16(f))
+                    continue
+                if length != chunk_bytes + 4 or offset + length > size - index_bytes:
+                    raise ValueError(
+                        f"chunk {chunk} is {length} bytes at offset {offset} of a {size}-byte "
+                        f"object; expected {chunk_bytes + 4} bytes before the index"
+                    )
+                view = memoryview(buffer)[:length]
+                if handle.seek(offset) != offset or handle.readinto(view) != length:
+                    raise ValueError(f"chunk {chunk} is cut short (object truncated)")
+                data, trailer = buffer[:chunk_bytes], buffer[chunk_bytes:length].tobytes()
+                if crc32c.crc32c(data) != int.from_bytes(trailer, "little"):
+                    raise ValueError(f"Stored and computed checksum of chunk {chunk} do not match")
+                values = data.view(dtype).reshape(inner, *row_shape)
+                picked = None if len(rows) == inner else rows
+                _decode_into(target, values, self._is_bfloat16(f), picked)
+                nbytes += length
+        return nbytes
+
+    def _chunk_buffer(self, nbytes: int) -> np.ndarray:
+        """This thread's read buffer, at least ``nbytes`` (kept: no page faults per chunk)."""
+        buffer = getattr(self._chunk_buffers, "buffer", None)
+        if buffer is None or len(buffer) < nbytes:
+            buffer = self._chunk_buffers.buffer = np.empty(nbytes, np.uint8)
+        return buffer
+
+    def _is_bfloat16(self, f: Field) -> bool:
+        return self._is_feature[f.key] and f.store.attrs["logical_dtype"] == "bfloat16"
 
     def _finish(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.return_rows:
@@ -239,63 +369,164 @@ class FeatureLoader:
                 yield self._finish({k: v.index_select(0, index) for k, v in self._staged.items()})
 
     def _streamed_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Windows of ``shuffle_window`` shards in a seeded order, each shuffled with the
+        previous window's remainder and cut into batches (the generator draws the shard order,
+        then one permutation per window, so the batches never depend on read timing).
+
+        Window ``j`` is read into buffer ``j % k`` at rows ``head:``, ``head = batch_size -
+        1``; the remainder of window ``j - 1`` (fewer than ``batch_size`` rows) is copied in
+        just before it, so the pool is the view ``[head - remainder, head + window rows)``.
+        Reads of window ``j + k`` start once window ``j``'s batches are cut; ``k`` buffers
+        keep at least ``prefetch`` shards read ahead.
+        """
         rng = np.random.default_rng([self.seed, epoch])
-        count = len(self._shards)
-        order = rng.permutation(count) if self.shuffle else range(count)
-        size, pool, window = self.batch_size, None, []
-        for done, values in enumerate(self._prefetched([self._shards[i] for i in order]), 1):
-            window.append(values)
-            last = done == count
-            if len(window) < self.shuffle_window and not last:
-                continue
-            parts = ([pool] if pool else []) + window
-            pool = {k: np.concatenate([p[k] for p in parts]) for k in window[0]}
-            window = []
-            n = len(pool["rows"])
-            if self.shuffle:
-                permutation = rng.permutation(n)
-                pool = {k: v[permutation] for k, v in pool.items()}
-            full = n if last else n // size * size
-            for start in range(0, full, size):
-                stop = min(start + size, full)
-                if stop - start < size and self.drop_last:
-                    break
-                yield self._finish({k: torch.from_numpy(v[start:stop]) for k, v in pool.items()})
-            pool = {k: v[full:] for k, v in pool.items()}
-
-    def _prefetched(self, shards: list[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """Read ``shards`` in a background thread, ``prefetch`` ahead; its errors raise here."""
-        ahead: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    ahead.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work() -> None:
-            try:
-                for shard_rows in shards:
-                    if not put(self._read(shard_rows)):
-                        return
-                put(_DONE)
-            except BaseException as err:  # handed to the consumer, raised there
-                put(err)
-
-        reader = threading.Thread(target=work, name="FeatureLoader-reader", daemon=True)
-        reader.start()
+        count, width, size = len(self._shards), self.shuffle_window, self.batch_size
+        order = rng.permutation(count) if self.shuffle else np.arange(count)
+        windows = [[self._shards[i] for i in order[s : s + width]] for s in range(0, count, width)]
+        head = size - 1
+        slots = self._take_windows(min(len(windows), 1 + -(-self.prefetch // width)), head)
+        pending: dict[int, list[Future]] = {}
         try:
-            while (item := ahead.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            with self._readers() as readers:
+
+                def submit(j: int) -> None:
+                    slot, position, reads = slots[j % len(slots)], head, []
+                    slot.wait_copied()
+                    for rows in windows[j]:
+                        span = slice(position, position + len(rows))
+                        slot.tensors["rows"][span] = torch.from_numpy(rows)
+                        reads += [
+                            readers.submit(self._read_into, f, rows, slot.tensors[f.key][span])
+                            for f in self.fields
+                        ]
+                        position += len(rows)
+                    pending[j] = reads
+
+                for j in range(len(slots)):
+                    submit(j)
+                remainder = 0
+                for j, window in enumerate(windows):
+                    for read in pending.pop(j):  # in read order: the first fault raises
+                        read.result()
+                    slot = slots[j % len(slots)]
+                    lo, hi = head - remainder, head + sum(len(rows) for rows in window)
+                    pool = {key: value[lo:hi] for key, value in slot.tensors.items()}
+                    n, last = hi - lo, j == len(windows) - 1
+                    full = n if last else n // size * size
+                    index = torch.from_numpy(rng.permutation(n)) if self.shuffle else None
+                    batches = slot.on_device(pool, index, self.device)
+                    for start in range(0, full, size):
+                        stop = min(start + size, full)
+                        if stop - start < size and self.drop_last:
+                            break
+                        yield self._finish(batches(start, stop))
+                    remainder = n - full
+                    if remainder:  # rows full..n-1 of the shuffled pool open the next pool
+                        following = slots[(j + 1) % len(slots)].tensors
+                        for key, value in pool.items():
+                            rest = value[full:] if index is None else value[index[full:]]
+                            following[key][head - remainder : head] = rest
+                    if j + len(slots) < len(windows):
+                        submit(j + len(slots))
         finally:
-            stop.set()
-            reader.join()
+            self._windows += slots
+
+    def _take_windows(self, count: int, head: int) -> list[_Window]:
+        """``count`` window buffers holding ``head`` + ``shuffle_window`` shards of rows,
+        reused across epochs (pinned memory is slow to allocate)."""
+        capacity = head + self.shuffle_window * max((len(r) for r in self._shards), default=0)
+        kept = [w for w in self._windows if len(w.tensors["rows"]) >= capacity]
+        slots = kept[:count]
+        self._windows = [w for w in self._windows if all(w is not s for s in slots)]
+        pin = torch.cuda.is_available()
+        while len(slots) < count:
+            shapes = {**self._shapes, "rows": ()}
+            dtypes = {**self._dtypes, "rows": torch.int64}
+            tensors = {
+                key: torch.empty((capacity, *shape), dtype=dtypes[key], pin_memory=pin)
+                for key, shape in shapes.items()
+            }
+            slots.append(_Window(tensors))
+        return slots
+
+
+class _Window:
+    """One window buffer: host tensors ``(capacity, *shape)`` per field plus "rows"."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        self._copied: torch.cuda.Event | None = None
+
+    def on_device(self, pool: dict[str, torch.Tensor], index: torch.Tensor | None, device):
+        """A function (start, stop) -> the batch of shuffled pool positions start..stop-1.
+
+        On CUDA the pool goes to the device first (asynchronously, from pinned memory) and
+        batches are gathered there; the buffer is not refilled before that copy is done.
+        """
+        if device.type == "cuda":
+            pool = {k: v.to(device, non_blocking=True) for k, v in pool.items()}
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+            index = None if index is None else index.to(device, non_blocking=True)
+
+        def batch(start: int, stop: int) -> dict[str, torch.Tensor]:
+            if index is None:
+                return {k: v[start:stop].clone() for k, v in pool.items()}
+            return {k: v.index_select(0, index[start:stop]) for k, v in pool.items()}
+
+        return batch
+
+    def wait_copied(self) -> None:
+        """Block until the last copy of this buffer to the device has finished (CUDA)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+
+
+class _ReadClock:
+    """Counts stored bytes read and the wall time during which at least one read runs (so
+    ``LoaderStats.gb_per_s`` stays bytes per second of reading with several reader threads)."""
+
+    def __init__(self, stats: LoaderStats):
+        self.stats, self._lock, self._active, self._since = stats, threading.Lock(), 0, 0.0
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._lock:
+            if self._active == 0:
+                self._since = time.perf_counter()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    self.stats.read_seconds += time.perf_counter() - self._since
+
+    def add_bytes(self, nbytes: int) -> None:
+        with self._lock:
+            self.stats.bytes_read += nbytes
+
+
+def _decode_into(
+    out: torch.Tensor, values: np.ndarray, bfloat16: bool, rows: np.ndarray | None = None
+) -> None:
+    """Stored ``values`` (numpy, storage dtype; only ``rows`` of them when given) into ``out``:
+    bfloat16 bits widened, float16 cast to float32 (torch's cast, far faster than numpy's),
+    integer and bool arrays copied."""
+    source = torch.from_numpy(values)
+    if bfloat16:
+        source = source.view(torch.bfloat16)
+    if rows is not None:
+        source = source.index_select(0, torch.from_numpy(np.asarray(rows, np.int64)))
+    out.copy_(source)
+
+
+def default_read_workers() -> int:
+    """Reader threads of a loader when not given: the cores this process may use, at most 8."""
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return max(1, min(8, len(usable) if usable else os.cpu_count() or 1))
 
 
 def _check_paired(stores) -> FeatureStore:

@@ -27,6 +27,7 @@ import numpy as np
 from featcache.errors import FeatcacheError
 from featcache.preprocess import REFERENCE_SIZES, Geometry, token_offset
 from featcache.store import FeatureStore, find_stores
+from stitchtrain.positions import check_position
 
 __all__ = [
     "PairingError",
@@ -125,7 +126,8 @@ def check_pair(
     pooled_only: bool = False,
     allow_geometry_mismatch: bool = False,
 ) -> None:
-    """Raise ``PairingError`` naming the mismatch or the missing array; return when usable.
+    """Raise ``PairingError`` naming the mismatch or the missing array (``PositionError`` for
+    a position outside ``stitchtrain.positions.valid_positions``); return when usable.
 
     ``allow_geometry_mismatch`` pairs stores whose tokens see different pixels
     (``check_geometry``)."""
@@ -144,12 +146,14 @@ def check_pair(
             "hash differs). Extract both with the same featcache version and order seed."
         )
     check_geometry(source, target, allow_mismatch=allow_geometry_mismatch)
-    last = min(source.attrs["encoder"]["depth"], target.attrs["encoder"]["depth"])
-    if not 1 <= position <= last:
-        raise PairingError(
-            f"Expected a stitch position in 1..{last} for {source.attrs['encoder']['name']} -> "
-            f"{target.attrs['encoder']['name']}. Got {position} instead."
-        )
+    source_encoder, target_encoder = source.attrs["encoder"], target.attrs["encoder"]
+    check_position(
+        position,
+        source_encoder["depth"],
+        target_encoder["depth"],
+        source_encoder["name"],
+        target_encoder["name"],
+    )
     _require(source, source_array(stitch, position), "source", f"a {stitch} stitch at {position}")
     stages = objective.split("+")
     if "lfm" in stages:

@@ -4,6 +4,30 @@
 geometry, position, encoder fingerprints; the test stores found and checked; the run dir's
 state) and builds the loaders training and evaluation would use, which decide staged or
 streamed from the memory budget without reading any data. Nothing is written.
+
+Memory of a training step (``step_memory``, bytes, float32, per stage at its batch size B):
+
+    activations  the autograd graph of the stitch and the frozen target tail, forward to
+                 backward. A timm pre-norm ``Block`` (x + attn(norm1(x)), then
+                 x + mlp(norm2(x))) with frozen weights keeps, per token of width D, for the
+                 input gradient only (no weight gradients in the tail): norm1's input (1),
+                 the fused qkv output that the attention saves (3), the attention output (1),
+                 norm2's input (1) and the GELU's input (4): ``BLOCK_SAVED`` = 10 floats, plus
+                 per-token LayerNorm and attention statistics (2 + 2 + heads, dropped: under
+                 1% at D >= 64). The frozen linears keep nothing: their input gradient needs
+                 only the weight. On top of the saved graph, a block's backward holds its
+                 working set, the 4D hidden and its gradient: ``BLOCK_WORKING`` = 8. So
+                     tail = 4 B T D (BLOCK_SAVED * blocks + BLOCK_WORKING + 3)
+                 with blocks = N - n, T tokens, and 3 for the final norm's input and the FFM
+                 loss's two operands. The stitch adds 4 B (Ts Ds + Ts H) for an MLP (its first
+                 linear's input, the ReLU output that the second linear also reads; H the
+                 hidden width), 4 B Ts Ds for a linear stitch, a source block's 4 B Ts Ds
+                 (BLOCK_SAVED + BLOCK_WORKING) for LoRA. LFM runs no tail: stitch + 2 operands.
+    optimiser    AdamW's exp_avg and exp_avg_sq and the gradient of every trainable parameter:
+                 3 x 4 bytes x trainable parameters (the parameters: ``model_bytes``).
+
+``peak_bytes`` = staged loaders + model parameters + the largest stage's activations and
+optimiser state. Checked against measured peaks in tests/test_fail_fast.py.
 """
 
 from __future__ import annotations
@@ -16,8 +40,12 @@ from typing import Any
 from stitchtrain.fit import FitConfig, StitchRecipe, check_run_dir
 from stitchtrain.loader import FeatureLoader, Field, _default_budget, parse_size
 from stitchtrain.pairing import source_array
+from stitchtrain.sizes import format_size
 
-__all__ = ["FitPlan", "plan_fit"]
+__all__ = ["FitPlan", "plan_fit", "step_memory", "tail_activation_bytes"]
+
+BLOCK_SAVED = 10  # floats per token and channel a frozen timm Block saves for backward
+BLOCK_WORKING = 8  # a block's backward working set on top: the 4D hidden and its gradient
 
 
 @dataclass
@@ -41,6 +69,11 @@ class FitPlan:
     staged_bytes: int = 0  # held in memory by the staged loaders together
     model_bytes: int = 0  # stitch, head and the frozen encoders' parameters
     steps_per_epoch: dict[str, int] = field(default_factory=dict)
+    # per stage at its batch size (module docstring): the step's autograd graph and working
+    # set, and AdamW's state plus gradients of the trainable parameters
+    activation_bytes: dict[str, int] = field(default_factory=dict)
+    optimiser_bytes: dict[str, int] = field(default_factory=dict)
+    peak_bytes: int = 0  # staged + model + the largest stage's activations and optimiser
     # at most (early stopping may end sooner): epochs x steps per epoch x lrs, over the stages;
     # 0 for a finished run dir (fit returns its metrics at once)
     max_steps: int = 0
@@ -59,31 +92,33 @@ class FitPlan:
             ("epochs / patience", f"{self.epochs} / {self.patience}"),
             ("batch size", ", ".join(f"{s} {b}" for s, b in self.batch_size.items())),
             ("rows train / val / test", f"{self.train_rows} / {self.val_rows} / {self.test_rows}"),
-            ("memory budget", _size(self.memory_budget)),
+            ("memory budget", format_size(self.memory_budget)),
         ]
         for name, loader in self.loaders.items():
             lines.append(
                 (
                     f"loader {name}",
-                    f"{loader['mode']}, {loader['rows']} rows, {_size(loader['bytes'])}",
+                    f"{loader['mode']}, {loader['rows']} rows, {format_size(loader['bytes'])}",
                 )
             )
         lines += [
-            ("staged memory", _size(self.staged_bytes)),
-            ("model parameters", _size(self.model_bytes)),
+            ("staged memory", format_size(self.staged_bytes)),
+            ("model parameters", format_size(self.model_bytes)),
+            (
+                "step activations",
+                ", ".join(f"{s} {format_size(n)}" for s, n in self.activation_bytes.items()),
+            ),
+            (
+                "optimiser state",
+                ", ".join(f"{s} {format_size(n)}" for s, n in self.optimiser_bytes.items()),
+            ),
+            ("estimated peak memory", format_size(self.peak_bytes)),
             ("steps per epoch", ", ".join(f"{s} {n}" for s, n in self.steps_per_epoch.items())),
             ("max optimiser steps", str(self.max_steps)),
         ]
         if self.incomplete_stores:
             lines.append(("incomplete stores", ", ".join(self.incomplete_stores)))
         return lines
-
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
 
 
 def _loader_entry(loader: FeatureLoader) -> dict[str, Any]:
@@ -101,6 +136,44 @@ def _parameter_bytes(*modules) -> int:
         if module is not None
         for p in module.parameters()
     )
+
+
+def tail_activation_bytes(batch: int, tokens: int, width: int, blocks: int) -> int:
+    """Float32 bytes a forward + backward of ``blocks`` frozen timm ViT blocks holds at its
+    peak: 4 B T D (BLOCK_SAVED * blocks + BLOCK_WORKING) (module docstring)."""
+    if blocks <= 0:
+        return 0
+    return 4 * batch * tokens * width * (BLOCK_SAVED * blocks + BLOCK_WORKING)
+
+
+def _tokens(encoder: dict) -> int:
+    layout = encoder["layout"]
+    return len(layout["prefix"]) + math.prod(layout["grid"])
+
+
+def step_memory(recipe: StitchRecipe, stage: str) -> tuple[int, int]:
+    """(activation bytes, optimiser bytes) of one training step of ``stage`` (module
+    docstring), from the stores' encoder records and the recipe's stitch and head."""
+    config = recipe.config
+    batch = config.stage_batch_size(stage)
+    source, target = recipe.source.attrs["encoder"], recipe.target.attrs["encoder"]
+    ts, ds = _tokens(source), source["width"]
+    tt, dt = _tokens(target), target["width"]
+    if config.stitch == "mlp":
+        hidden = config.mlp_hidden or dt
+        stitch = 4 * batch * ts * (ds + hidden)
+    elif config.stitch == "lora":
+        stitch = 4 * batch * ts * ds * (BLOCK_SAVED + BLOCK_WORKING)
+    else:
+        stitch = 4 * batch * ts * ds
+    if stage == "lfm":
+        activations = stitch + 4 * batch * tt * dt * 2
+    else:
+        blocks = target["depth"] - config.position
+        activations = stitch + tail_activation_bytes(batch, tt, dt, blocks)
+        activations += 4 * batch * tt * dt * 3  # final norm input, the loss's two operands
+    trainable = sum(p.numel() for p in recipe._trainable(stage))
+    return int(activations), 3 * 4 * trainable
 
 
 def plan_fit(config: FitConfig) -> FitPlan:
@@ -135,6 +208,9 @@ def plan_fit(config: FitConfig) -> FitPlan:
     )
     encoders = [getattr(e, "module", None) for e in (recipe.target_encoder, recipe.source_encoder)]
     max_steps = sum(config.epochs * n * len(config.lrs) for n in steps.values())
+    memory = {stage: step_memory(recipe, stage) for stage in recipe.stages}
+    staged_bytes = sum(e["bytes"] for e in entries.values() if e["mode"] == "staged")
+    model_bytes = _parameter_bytes(recipe.stitch, recipe.head, *encoders)
     return FitPlan(
         out=str(config.out),
         run_dir=state,
@@ -149,9 +225,12 @@ def plan_fit(config: FitConfig) -> FitPlan:
         test_rows=len(split.rows),
         memory_budget=int(budget),
         loaders=entries,
-        staged_bytes=sum(e["bytes"] for e in entries.values() if e["mode"] == "staged"),
-        model_bytes=_parameter_bytes(recipe.stitch, recipe.head, *encoders),
+        staged_bytes=staged_bytes,
+        model_bytes=model_bytes,
         steps_per_epoch=steps,
+        activation_bytes={stage: m[0] for stage, m in memory.items()},
+        optimiser_bytes={stage: m[1] for stage, m in memory.items()},
+        peak_bytes=staged_bytes + model_bytes + max(sum(m) for m in memory.values()),
         max_steps=0 if state == "finished" else max_steps,
         incomplete_stores=sorted({**recipe.incomplete, **split.incomplete}),
     )

@@ -2,8 +2,9 @@
 
 Reads one or more sweep output dirs (``results.parquet``; transfer outputs found below them
 are read too) and writes PNG plots, ``report.md`` (Markdown tables, image links) and
-``index.html`` (the same, rendered) under the report dir. Per dataset D (file names start
-with ``D_``), per direction s->t and per pair {a, b}:
+``index.html`` (the same, rendered from templates/report.html.j2) under the report dir. Per
+dataset D (file names start with ``D_``), per direction s->t (its own runs only) and per
+pair {a, b}:
 
   distance_<s>_to_<t>.png     layer (circles) and final (squares) feature distance against
                               stitch position, LFM vs FFM                      (Figure 2)
@@ -14,32 +15,38 @@ with ``D_``), per direction s->t and per pair {a, b}:
                               stitched metric: similarity does not predict stitchability
   cka_heatmap_<a>_<b>.png     CKA between every pair of swept positions
 
+Every PNG has its data beside it, same name with .csv: the x and y arrays handed to
+matplotlib (columns panel, series, x, y; one row per plotted point; the heatmap: layer_a,
+layer_b, cka), written by the same call that plots them (``_draw``).
+
 Tables in the layout of the paper's Tables 1 (TLT by initialisation), 2 (self-stitch vs
 stitched across datasets), 3 (stitch families), 4 (task-specific vs task-agnostic FFM, when
-transfer outputs exist), 6 (LFM vs FFM under linear probing) and 12 (prediction analysis).
-Numbers are percentages of the test metric (accuracy, or mIoU for segmentation), averaged over
-seeds (``mean ± std`` when there are several). The "main" objective (Figure 5, Tables 2, 3,
-12) is ffm+tlt when swept, else the last swept objective; the main stitch family is mlp when
-swept, else the first.
+transfer outputs exist), 6 (LFM vs FFM under linear probing) and 12 (prediction analysis), and
+Figure 2's distances. Numbers are percentages of the test metric (accuracy, or mIoU for
+segmentation), averaged over seeds (``mean ± std`` when there are several). The "main"
+objective (Figure 5, Tables 2, 3, 12) is ffm+tlt when swept, else the last swept objective; the
+main stitch family is mlp when swept, else the first.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from markupsafe import Markup, escape
 
 from featcache.errors import FeatcacheError
 from stitchtrain.sweep import read_results
 
-__all__ = ["Table", "build_report", "load_results", "OBJECTIVE_LABELS"]
+__all__ = ["Table", "build_report", "load_results", "OBJECTIVE_LABELS", "ProgressFn"]
 
 OBJECTIVE_LABELS = {
     "lfm": "LFM",
@@ -74,26 +81,35 @@ class Table:
         return "\n".join(lines)
 
     def html(self) -> str:
-        head = "".join(f"<th>{_cell(c)}</th>" for c in self.header)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>" for row in self.rows
-        )
-        note = f"<p class='note'>{html.escape(self.note)}</p>" if self.note else ""
-        return (
-            f"<p class='caption'>{html.escape(self.title)}</p>"
-            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
-        )
+        """The table as the report page shows it (templates/table.html.j2)."""
+        return str(_templates().get_template("table.html.j2").module.table(self))
 
 
-def _cell(value) -> str:
+def _cell(value) -> Markup:
     """Escaped HTML of a cell; Markdown **bold** becomes <b>."""
-    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(str(value)))
+    return Markup(re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", str(escape(str(value)))))
+
+
+@cache
+def _templates():
+    """The jinja2 environment of the report's templates (package data: stitchtrain/templates)."""
+    import jinja2
+
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("stitchtrain", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters["cell"] = _cell
+    return environment
 
 
 @dataclass
 class _Section:
     title: str
-    blocks: list[tuple[str, Any]] = field(default_factory=list)  # ("image"|"table"|"text", x)
+    blocks: list[tuple[str, Any]] = field(default_factory=list)  # ("figure"|"table"|"text", x)
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -149,29 +165,81 @@ def _arrow(source: str, target: str) -> str:
 
 
 # -- plots ----------------------------------------------------------------------------------------
-def _figure(width: float = 5.2, height: float = 3.6):
+# A figure is built as a list of _Series, the x and y arrays exactly as matplotlib gets them;
+# _draw writes those arrays to <stem>.csv beside the PNG and then plots them. No figure is
+# drawn any other way, so a figure's CSV is its data.
+@dataclass
+class _Series:
+    """One line (or scatter) on the axes named ``panel``; ``label`` is its legend entry."""
+
+    panel: str
+    label: str
+    x: list[float]
+    y: list[float]
+    style: dict[str, Any] = field(default_factory=dict)
+    scatter: bool = False
+
+
+def _figure(width: float = 5.2, height: float = 4.0, panels: int = 1):
+    """A constrained-layout figure and its axes (a list when ``panels`` > 1)."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=110)
-    return figure, figure.subplots()
+    figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    return figure, figure.subplots(1, panels)
+
+
+def _draw(series: list[_Series], panels: dict[str, Any], path: Path) -> None:
+    """Write ``series`` to ``path`` with suffix .csv (columns panel, series, x, y; one row per
+    plotted point), then plot each on ``panels[series.panel]``."""
+    rows = [(s.panel, s.label, x, y) for s in series for x, y in zip(s.x, s.y, strict=True)]
+    data = pd.DataFrame(rows, columns=["panel", "series", "x", "y"])
+    data.to_csv(path.with_suffix(".csv"), index=False)
+    for s in series:
+        axes = panels[s.panel]
+        if s.scatter:
+            axes.scatter(s.x, s.y, label=s.label, **s.style)
+        else:
+            axes.plot(s.x, s.y, label=s.label, **s.style)
+
+
+def _legend_below(figure, *axes, per_row: int = 4) -> None:
+    """One legend for all ``axes``, below them (outside the plotting area: it hides no data),
+    in rows of at most ``per_row`` entries, filled evenly."""
+    handles, labels = [], []
+    for each in axes:
+        more = each.get_legend_handles_labels()
+        handles += more[0]
+        labels += more[1]
+    if handles:
+        rows = math.ceil(len(handles) / per_row)
+        figure.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncol=math.ceil(len(handles) / rows),
+            fontsize=8,
+        )
 
 
 def _save(figure, path: Path) -> Path:
-    figure.tight_layout()
     figure.savefig(path)
     return path
 
 
-def _position_axis(axes, frame_or_positions) -> None:
+def _position_axis(axes, positions: list[int]) -> None:
     """Integer stitch positions on the x axis."""
-    positions = (
-        frame_or_positions
-        if isinstance(frame_or_positions, list)
-        else _positions(frame_or_positions)
-    )
     if positions:
         axes.set_xticks(positions)
     axes.set_xlabel("stitch position")
+
+
+def _padded(values: list[float], *, pad: float, low: float, high: float) -> tuple[float, float]:
+    """Axis limits around ``values``: ``pad`` or 15% of their span beyond each end, whichever
+    is larger, never beyond (``low``, ``high``) - which lie outside the values' possible range,
+    so no marker is ever cut at an edge."""
+    smallest, largest = min(values), max(values)
+    margin = max(pad, 0.15 * (largest - smallest))
+    return max(smallest - margin, low), min(largest + margin, high)
 
 
 def _curve(frame: pd.DataFrame, column: str) -> tuple[list[int], list[float]]:
@@ -180,122 +248,154 @@ def _curve(frame: pd.DataFrame, column: str) -> tuple[list[int], list[float]]:
     return [int(p) for p in grouped.index], [float(v) for v in grouped.to_numpy()]
 
 
-def _plot_distances(stitched: pd.DataFrame, source, target, stitch, path: Path) -> Path | None:
-    """Figure 2: layer (o) and final (s) feature distance against position, LFM vs FFM."""
-    figure, axes = _figure()
-    drawn = False
-    for index, objective in enumerate(o for o in ("lfm", "ffm") if o in set(stitched.objective)):
-        runs = _select(stitched, objective=objective, stitch=stitch)
-        colour = _COLOURS[index]
+def _distance_series(stitched: pd.DataFrame, source, target, stitch) -> list[_Series]:
+    """Figure 2 of one direction: layer (o) and final (s) distance per position, LFM and FFM."""
+    series = []
+    runs = _select(stitched, source=source, target=target, stitch=stitch)
+    for index, objective in enumerate(o for o in ("lfm", "ffm") if o in set(runs.objective)):
         for column, marker, kind in (
             ("layer_distance", "o", "layer"),
             ("final_distance", "s", "final"),
         ):
-            positions, values = _curve(runs, column)
+            positions, values = _curve(_select(runs, objective=objective), column)
             if positions:
                 label = f"{OBJECTIVE_LABELS[objective]} {kind}"
-                axes.plot(positions, values, marker=marker, color=colour, label=label)
-                drawn = True
-    if not drawn:
+                style = {"marker": marker, "color": _COLOURS[index]}
+                series.append(_Series("main", label, positions, values, style))
+    return series
+
+
+def _plot_distances(stitched: pd.DataFrame, source, target, stitch, path: Path) -> Path | None:
+    """Figure 2: layer (o) and final (s) feature distance against position, LFM vs FFM."""
+    series = _distance_series(stitched, source, target, stitch)
+    if not series:
         return None
-    _position_axis(axes, _select(stitched, stitch=stitch))
+    figure, axes = _figure()
+    _draw(series, {"main": axes}, path)
+    _position_axis(axes, _positions(_select(stitched, source=source, target=target)))
     axes.set_ylabel("feature distance (RMS per token)")
     axes.set_title(f"Feature distance, {_arrow(source, target)} ({stitch})")
-    axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
+    _legend_below(figure, axes)
     return _save(figure, path)
 
 
 def _plot_accuracy(stitched, probes, source, target, stitch, metric_name, path) -> Path:
-    """Figures 3 and 4: metric against position per objective; linear probes as lines."""
-    figure, axes = _figure()
-    runs = _select(stitched, stitch=stitch)
+    """Figures 3 and 4: metric (%) against position per objective, one direction; each
+    encoder's linear probe as a horizontal line over the same positions."""
+    runs = _select(stitched, source=source, target=target, stitch=stitch)
+    positions = _positions(runs)
+    series = []
     for index, objective in enumerate(sorted(set(runs.objective), key=_objective_order)):
-        positions, values = _curve(_select(runs, objective=objective), "metric")
-        if positions:
-            axes.plot(
-                positions,
-                [v * 100 for v in values],
-                marker="o",
-                color=_COLOURS[index % len(_COLOURS)],
-                label=OBJECTIVE_LABELS.get(objective, objective),
-            )
+        xs, values = _curve(_select(runs, objective=objective), "metric")
+        if xs:
+            style = {"marker": "o", "color": _COLOURS[index % len(_COLOURS)]}
+            label = OBJECTIVE_LABELS.get(objective, objective)
+            series.append(_Series("main", label, xs, [v * 100 for v in values], style))
     for index, encoder in enumerate(dict.fromkeys((source, target))):
         accuracy = _mean(_select(probes, source=encoder), "metric")
-        if not math.isnan(accuracy):
-            style = ("--", ":")[index]
-            axes.axhline(accuracy * 100, color="grey", linestyle=style, label=f"{encoder} probe")
-    _position_axis(axes, runs)
+        if not math.isnan(accuracy) and positions:
+            style = {"color": "grey", "linestyle": ("--", ":")[index]}
+            y = [accuracy * 100] * len(positions)
+            series.append(_Series("main", f"{encoder} probe", positions, y, style))
+    figure, axes = _figure()
+    _draw(series, {"main": axes}, path)
+    _position_axis(axes, positions)
     axes.set_ylabel(f"test {metric_name} (%)")
     axes.set_title(f"{_arrow(source, target)} ({stitch})")
-    axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
+    _legend_below(figure, axes)
     return _save(figure, path)
 
 
 def _plot_self_stitch(stitched, selfs, a, b, objective, stitch, metric_name, path) -> Path:
     """Figure 5: both directions (solid) against both self-stitches (dashed)."""
-    figure, axes = _figure()
     curves = [
         (_select(stitched, source=a, target=b), _arrow(a, b), "-", "o", _COLOURS[0]),
         (_select(stitched, source=b, target=a), _arrow(b, a), "-", "o", _COLOURS[1]),
         (_select(selfs, source=a), _arrow(a, a), "--", "s", _COLOURS[2]),
         (_select(selfs, source=b), _arrow(b, b), "--", "s", _COLOURS[4]),
     ]
-    shown: list[int] = []
-    for runs, label, style, marker, colour in curves:
-        runs = _select(runs, objective=objective, stitch=stitch)
-        positions, values = _curve(runs, "metric")
-        shown += positions
+    series = []
+    for runs, label, linestyle, marker, colour in curves:
+        positions, values = _curve(_select(runs, objective=objective, stitch=stitch), "metric")
         if positions:
-            axes.plot(
-                positions,
-                [v * 100 for v in values],
-                linestyle=style,
-                marker=marker,
-                color=colour,
-                label=label,
-            )
-    _position_axis(axes, sorted(set(shown)))
+            style = {"linestyle": linestyle, "marker": marker, "color": colour}
+            series.append(_Series("main", label, positions, [v * 100 for v in values], style))
+    figure, axes = _figure()
+    _draw(series, {"main": axes}, path)
+    _position_axis(axes, sorted({x for s in series for x in s.x}))
     axes.set_ylabel(f"test {metric_name} (%)")
     axes.set_title(f"Stitched vs self-stitch ({OBJECTIVE_LABELS.get(objective, objective)})")
-    axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
+    _legend_below(figure, axes)
     return _save(figure, path)
 
 
 def _plot_cka(positions, cka_values, accuracies: dict[str, list[float]], metric_name, path):
-    """CKA at each position next to the stitched metric, and one against the other."""
-    from matplotlib.figure import Figure
+    """The CKA figure (``_cka_figure``) as a PNG, its data beside it."""
+    return _save(_cka_figure(positions, cka_values, accuracies, metric_name, path), path)
 
-    figure = Figure(figsize=(9.0, 3.6), dpi=110)
-    left, right = figure.subplots(1, 2)
+
+def _cka_figure(positions, cka_values, accuracies: dict[str, list[float]], metric_name, path):
+    """Left: linear CKA per position (left axis) and each direction's stitched metric (%,
+    right axis); right: the metric against CKA, one point per position (labelled). Both
+    metric axes share one range padded around the data; one legend below both panels.
+    ``accuracies``: direction -> metric (fraction) at each of ``positions``. Writes the data
+    to ``path`` with suffix .csv; returns the figure."""
     from matplotlib.ticker import MaxNLocator
 
-    left.plot(positions, cka_values, "k-o", label="linear CKA")
+    figure, (left, right) = _figure(9.0, 4.2, panels=2)
+    figure.get_layout_engine().set(wspace=0.08)  # room between the twin axis and the right panel
+    twin = left.twinx()
+    cka_style = {"color": "k", "marker": "o"}
+    series = [_Series("left", "linear CKA", list(positions), list(cka_values), cka_style)]
+    for index, (arrow, values) in enumerate(accuracies.items()):
+        colour = _COLOURS[index % len(_COLOURS)]
+        percent = [v * 100 for v in values]
+        line = {"color": colour, "linestyle": "--", "marker": "s"}
+        series.append(_Series("twin", f"{arrow} {metric_name}", list(positions), percent, line))
+        dots = {"color": colour, "marker": "D"}
+        series.append(_Series("right", f"{arrow} vs CKA", list(cka_values), percent, dots, True))
+    _draw(series, {"left": left, "twin": twin, "right": right}, path)
+    percents = [y for s in series if s.panel != "left" for y in s.y]
+    limits = _padded(percents, pad=5.0, low=-5.0, high=105.0)
     _position_axis(left, list(positions))
     left.set_ylabel("CKA")
     left.set_ylim(0, 1.05)
-    twin = left.twinx()
-    for index, (label, values) in enumerate(accuracies.items()):
-        colour = _COLOURS[index % len(_COLOURS)]
-        twin.plot(positions, [v * 100 for v in values], "--s", color=colour, label=label)
-        right.scatter(cka_values, [v * 100 for v in values], color=colour, label=label)
+    twin.set_ylim(*limits)
     twin.set_ylabel(f"stitched {metric_name} (%)")
-    handles = left.get_legend_handles_labels()
-    more = twin.get_legend_handles_labels()
-    left.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7)
     left.set_title("CKA and stitched metric per position")
+    right.set_ylim(*limits)
+    right.set_xlim(*_padded(list(cka_values), pad=0.03, low=-0.03, high=1.03))
     right.xaxis.set_major_locator(MaxNLocator(4))
     right.set_xlabel("CKA at the stitch position")
     right.set_ylabel(f"stitched {metric_name} (%)")
     right.set_title("similarity vs stitchability")
     right.grid(alpha=0.3)
-    for position, x, ys in zip(positions, cka_values, zip(*accuracies.values(), strict=True),
-                               strict=True):  # fmt: skip
-        right.annotate(str(position), (x, ys[0] * 100), fontsize=7, xytext=(3, 3),
-                       textcoords="offset points")  # fmt: skip
-    return _save(figure, path)
+    for s in series:
+        if s.panel == "right":
+            for position, x, y in zip(positions, s.x, s.y, strict=True):
+                right.annotate(
+                    str(position), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+    _legend_below(figure, left, twin, right, per_row=5)
+    return figure
+
+
+def _plot_cka_heatmap(result, path: Path) -> Path:
+    """``stitchtrain.cka.plot_cka``'s heatmap of ``result.values``, with those values written
+    to ``path`` with suffix .csv (layer_a, layer_b, cka; the layout of ``CKAResult.save``)."""
+    from stitchtrain.cka import plot_cka
+
+    rows = [
+        (layer_a, layer_b, result.values[i][j])
+        for i, layer_a in enumerate(result.layers_a)
+        for j, layer_b in enumerate(result.layers_b)
+    ]
+    data = pd.DataFrame(rows, columns=["layer_a", "layer_b", "cka"])
+    data.to_csv(path.with_suffix(".csv"), index=False)
+    return plot_cka(result, path)
 
 
 # -- tables ---------------------------------------------------------------------------------------
@@ -367,6 +467,33 @@ def _table6(stitched, probes, directions, stitch, dataset) -> Table | None:
     return Table(
         f"Table 6 layout ({dataset}): layer vs final feature matching, linear-probe evaluation",
         ["model / stitch position", *map(str, positions)],
+        rows,
+    )
+
+
+def _distance_table(stitched, directions, stitch, dataset) -> Table | None:
+    """Figure 2's numbers: mean layer and final feature distance per direction and position."""
+    present = [o for o in ("lfm", "ffm") if o in set(stitched.objective)]
+    if not present:
+        return None
+    positions = _positions(_select(stitched, stitch=stitch))
+    rows = []
+    for source, target in directions:
+        for objective in present:
+            runs = _select(
+                stitched, source=source, target=target, objective=objective, stitch=stitch
+            )
+            for column, kind in (("layer_distance", "layer"), ("final_distance", "final")):
+                means = [_mean(_select(runs, position=p), column) for p in positions]
+                rows.append(
+                    [
+                        f"{_arrow(source, target)} {OBJECTIVE_LABELS[objective]} {kind}",
+                        *["–" if math.isnan(m) else f"{m:.3f}" for m in means],
+                    ]
+                )
+    return Table(
+        f"Figure 2 data ({dataset}): feature distance (RMS per token), layer and final",
+        ["direction / stitch position", *map(str, positions)],
         rows,
     )
 
@@ -501,9 +628,9 @@ def _pairs(directions) -> list[tuple[str, str]]:
     return pairs
 
 
-def _cka_section(stitched, pair, objective, stitch, metric_name, out, prefix, max_images):
+def _cka_blocks(stitched, pair, objective, stitch, metric_name, out, prefix, max_images):
     """CKA of the pair's train stores at each swept position, against the stitched metric."""
-    from stitchtrain.cka import cka_stores, plot_cka
+    from stitchtrain.cka import cka_stores
 
     a, b = pair
     runs = _select(stitched, objective=objective, stitch=stitch)
@@ -529,12 +656,11 @@ def _cka_section(stitched, pair, objective, stitch, metric_name, out, prefix, ma
         if all(p in curve for p in positions):
             accuracies[_arrow(source, target)] = [curve[p] for p in positions]
     blocks: list[tuple[str, Any]] = []
-    heatmap = plot_cka(result, out / f"{prefix}cka_heatmap_{_safe(a)}_{_safe(b)}.png")
     if accuracies:
         path = out / f"{prefix}cka_{_safe(a)}_{_safe(b)}.png"
-        _plot_cka(positions, diagonal, accuracies, metric_name, path)
-        blocks.append(("image", path))
-    blocks.append(("image", heatmap))
+        blocks.append(_figure_block(_plot_cka(positions, diagonal, accuracies, metric_name, path)))
+    heatmap = out / f"{prefix}cka_heatmap_{_safe(a)}_{_safe(b)}.png"
+    blocks.append(_figure_block(_plot_cka_heatmap(result, heatmap)))
     rows = [
         [str(p), f"{c:.3f}", *[f"{v[i] * 100:.1f}" for v in accuracies.values()]]
         for i, (p, c) in enumerate(zip(positions, diagonal, strict=True))
@@ -590,128 +716,171 @@ def _prediction_blocks(stitched, selfs, directions, objective, stitch, dataset):
     return blocks
 
 
-def _dataset_sections(frame, dataset, out, *, cka, predictions, max_images) -> list[_Section]:
-    ok = frame[(frame.dataset == dataset) & (frame.status == "ok")]
-    probes = ok[ok.kind == "probe"]
-    stitched = ok[ok.kind == "stitch"]
-    selfs = ok[ok.kind == "self_stitch"]
-    task = ok.task.iloc[0] if len(ok) else "cls"
-    metric_name = "mIoU" if task == "seg" else "accuracy"
-    both = pd.concat([stitched, selfs])
-    objective, stitch = _main_objective(both), _main_stitch(both)
-    directions = _directions(stitched)
-    prefix = f"{_safe(dataset)}_"
-    figures = _Section(f"{dataset}: figures")
-    tables = _Section(f"{dataset}: tables")
-    for source, target in directions:
-        name = f"{_safe(source)}_to_{_safe(target)}.png"
-        path = _plot_distances(stitched, source, target, stitch, out / f"{prefix}distance_{name}")
-        if path is not None:
-            figures.blocks.append(("image", path))
-        figures.blocks.append(
-            (
-                "image",
-                _plot_accuracy(
-                    stitched,
-                    probes,
-                    source,
-                    target,
-                    stitch,
-                    metric_name,
-                    out / f"{prefix}accuracy_{name}",
-                ),
-            )
+@dataclass
+class _DatasetRuns:
+    """The finished runs of one dataset, split by kind, and what the report derives from them."""
+
+    dataset: str
+    probes: pd.DataFrame
+    stitched: pd.DataFrame
+    selfs: pd.DataFrame
+    task: str
+    objective: str | None  # the main objective (module docstring)
+    stitch: str | None  # the main stitch family
+    directions: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, dataset: str) -> _DatasetRuns:
+        ok = frame[(frame.dataset == dataset) & (frame.status == "ok")]
+        stitched, selfs = ok[ok.kind == "stitch"], ok[ok.kind == "self_stitch"]
+        both = pd.concat([stitched, selfs])
+        return cls(
+            dataset,
+            ok[ok.kind == "probe"],
+            stitched,
+            selfs,
+            ok.task.iloc[0] if len(ok) else "cls",
+            _main_objective(both),
+            _main_stitch(both),
+            _directions(stitched),
         )
-    for a, b in _pairs(directions):
-        if not selfs.empty and objective is not None:
-            path = out / f"{prefix}self_stitch_{_safe(a)}_{_safe(b)}.png"
-            _plot_self_stitch(stitched, selfs, a, b, objective, stitch, metric_name, path)
-            figures.blocks.append(("image", path))
+
+    @property
+    def metric_name(self) -> str:
+        return "mIoU" if self.task == "seg" else "accuracy"
+
+    @property
+    def prefix(self) -> str:
+        return f"{_safe(self.dataset)}_"
+
+
+def _figure_block(png: Path) -> tuple[str, dict[str, str]]:
+    """A page block showing ``png`` and linking the data it plots (same stem, .csv)."""
+    return ("figure", {"png": png.name, "csv": png.with_suffix(".csv").name})
+
+
+def _figures_section(runs: _DatasetRuns, out: Path) -> _Section:
+    """Figures 2-5: per direction distance and accuracy, per pair stitched vs self-stitch."""
+    section = _Section(f"{runs.dataset}: figures")
+    stitched, stitch = runs.stitched, runs.stitch
+    for source, target in runs.directions:
+        name = f"{_safe(source)}_to_{_safe(target)}.png"
+        path = out / f"{runs.prefix}distance_{name}"
+        if _plot_distances(stitched, source, target, stitch, path) is not None:
+            section.blocks.append(_figure_block(path))
+        path = out / f"{runs.prefix}accuracy_{name}"
+        _plot_accuracy(stitched, runs.probes, source, target, stitch, runs.metric_name, path)
+        section.blocks.append(_figure_block(path))
+    if not runs.selfs.empty and runs.objective is not None:
+        for a, b in _pairs(runs.directions):
+            path = out / f"{runs.prefix}self_stitch_{_safe(a)}_{_safe(b)}.png"
+            _plot_self_stitch(
+                stitched, runs.selfs, a, b, runs.objective, stitch, runs.metric_name, path
+            )
+            section.blocks.append(_figure_block(path))
+    return section
+
+
+def _tables_section(runs: _DatasetRuns) -> _Section:
+    """Tables 1, 6, 3 and Figure 2's distances of one dataset."""
+    section = _Section(f"{runs.dataset}: tables")
+    stitched, directions, dataset = runs.stitched, runs.directions, runs.dataset
     for table in (
-        _table1(stitched, directions, stitch, dataset),
-        _table6(stitched, probes, directions, stitch, dataset),
-        _table3(stitched, directions, objective, dataset) if objective else None,
+        _table1(stitched, directions, runs.stitch, dataset),
+        _table6(stitched, runs.probes, directions, runs.stitch, dataset),
+        _table3(stitched, directions, runs.objective, dataset) if runs.objective else None,
+        _distance_table(stitched, directions, runs.stitch, dataset),
     ):
         if table is not None:
-            tables.blocks.append(("table", table))
-    sections = [figures, tables]
-    if cka and directions:
-        similarity = _Section(f"{dataset}: representational similarity vs stitchability")
-        for pair in _pairs(directions):
-            try:
-                similarity.blocks += _cka_section(
-                    stitched, pair, objective, stitch, metric_name, out, prefix, max_images
-                )
-            except FeatcacheError as err:  # stores moved or lacking a layer: say so, go on
-                similarity.blocks.append(("text", f"CKA of {_arrow(*pair)} skipped: {err}"))
-        sections.append(similarity)
-    if predictions and task == "cls" and not selfs.empty:
-        analysis = _Section(f"{dataset}: prediction analysis (paper Table 12)")
-        analysis.blocks.append(
-            (
-                "text",
-                "Columns 1-2 preserve, 3 rescue, 4-6 interference; R/W: right or wrong on a "
-                "test image; images where all three agree on correctness are left out.",
-            )
-        )
+            section.blocks.append(("table", table))
+    return section
+
+
+def _cka_section(runs: _DatasetRuns, out: Path, max_images: int | None) -> _Section | None:
+    if not runs.directions:
+        return None
+    section = _Section(f"{runs.dataset}: representational similarity vs stitchability")
+    for pair in _pairs(runs.directions):
         try:
-            analysis.blocks += _prediction_blocks(
-                stitched, selfs, directions, objective, stitch, dataset
+            section.blocks += _cka_blocks(
+                runs.stitched,
+                pair,
+                runs.objective,
+                runs.stitch,
+                runs.metric_name,
+                out,
+                runs.prefix,
+                max_images,
             )
-        except FeatcacheError as err:
-            analysis.blocks.append(("text", f"Prediction analysis skipped: {err}"))
-        if len(analysis.blocks) > 1:
-            sections.append(analysis)
-    return sections
+        except FeatcacheError as err:  # stores moved or lacking a layer: say so, go on
+            section.blocks.append(("text", f"CKA of {_arrow(*pair)} skipped: {err}"))
+    return section
 
 
-def _runs_table(frame: pd.DataFrame) -> Table:
+def _predictions_section(runs: _DatasetRuns) -> _Section | None:
+    if runs.task != "cls" or runs.selfs.empty:
+        return None
+    section = _Section(f"{runs.dataset}: prediction analysis (paper Table 12)")
+    section.blocks.append(
+        (
+            "text",
+            "Columns 1-2 preserve, 3 rescue, 4-6 interference; R/W: right or wrong on a "
+            "test image; images where all three agree on correctness are left out.",
+        )
+    )
+    try:
+        section.blocks += _prediction_blocks(
+            runs.stitched, runs.selfs, runs.directions, runs.objective, runs.stitch, runs.dataset
+        )
+    except FeatcacheError as err:
+        section.blocks.append(("text", f"Prediction analysis skipped: {err}"))
+    return section if len(section.blocks) > 1 else None
+
+
+def _across_section(frame: pd.DataFrame, transfers: list[dict]) -> _Section | None:
+    """Tables 2 and 4 over every dataset, and the status of every run."""
+    if frame.empty:
+        table = _table4(frame, transfers)
+        return _Section("Task-agnostic stitching", [("table", table)]) if table else None
+    ok = frame[frame.status == "ok"]
+    section = _Section("Across datasets")
+    for table in (_table2(ok), _table4(ok, transfers)):
+        if table is not None:
+            section.blocks.append(("table", table))
+    return section if section.blocks else None
+
+
+def _runs_section(frame: pd.DataFrame) -> _Section:
     rows = []
     for _, row in frame.iterrows():
         metric = "–" if pd.isna(row.metric) else f"{row.metric * 100:.1f}"
         error = "" if not isinstance(row.error, str) else row.error.splitlines()[0][:160]
         rows.append([row.dataset, row.id, row.status, metric, error])
-    return Table("All runs", ["dataset", "run", "status", "metric (%)", "error"], rows)
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-thead { background: #f3f3f3; }
-img { max-width: 100%; margin: 0.5em 0; border: 1px solid #eee; }
-.caption { font-weight: 600; margin-bottom: 0.2em; }
-.note { font-size: 0.85em; color: #555; }
-"""
+    table = Table("All runs", ["dataset", "run", "status", "metric (%)", "error"], rows)
+    status = "Status: " + json.dumps(frame.status.value_counts().to_dict())
+    return _Section("Runs", [("text", status), ("table", table)])
 
 
 def _write(sections: list[_Section], out: Path, title: str) -> Path:
+    """report.md (Markdown) and index.html (templates/report.html.j2) of ``sections``."""
     markdown = [f"# {title}", ""]
-    body = [f"<h1>{html.escape(title)}</h1>"]
     for section in sections:
         markdown += [f"## {section.title}", ""]
-        body.append(f"<h2>{html.escape(section.title)}</h2>")
         for kind, item in section.blocks:
-            if kind == "image":
-                name = Path(item).name
-                markdown += [f"![{name}]({name})", ""]
-                body.append(f"<img src='{html.escape(name)}' alt='{html.escape(name)}'>")
+            if kind == "figure":
+                markdown += [f"![{item['png']}]({item['png']})", ""]
+                markdown += [f"Plotted data: [{item['csv']}]({item['csv']})", ""]
             elif kind == "table":
                 markdown += [item.markdown(), ""]
-                body.append(item.html())
             else:
                 markdown += [item, ""]
-                body.append(f"<p>{html.escape(item)}</p>")
     (out / "report.md").write_text("\n".join(markdown))
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-        + "\n".join(body)
-        + "</body></html>\n"
-    )
+    page = _templates().get_template("report.html.j2").render(title=title, sections=sections)
     (out / "index.html").write_text(page)
     return out / "index.html"
+
+
+ProgressFn = Callable[[str, int, int], None]
 
 
 def build_report(
@@ -722,33 +891,47 @@ def build_report(
     predictions: bool = True,
     cka_max_images: int | None = None,
     title: str = "Model stitching report",
+    progress: ProgressFn | None = None,
 ) -> Path:
     """Write the report of the sweeps (and transfers) under ``dirs`` to ``out``; return
     the path of ``index.html``. ``cka`` reads the swept layers of the train stores;
     ``predictions`` recomputes test predictions of stitched and self-stitch runs (cached as
-    ``predictions.npy`` in each run dir)."""
+    ``predictions.npy`` in each run dir).
+
+    ``progress(step, done, total)`` is called as each step starts, ``done`` of ``total``
+    steps finished, and once at the end as ``("done", total, total)``. The steps, per
+    dataset D: "figures D", "tables D", "CKA D" (with ``cka``), "predictions D" (with
+    ``predictions``); then "tables across datasets", "runs table" (when there are sweep
+    results) and "pages" (writing report.md and index.html)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     frame, transfers = load_results(dirs)
-    sections: list[_Section] = []
-    if not frame.empty:
-        for dataset in dict.fromkeys(frame.dataset):
-            sections += _dataset_sections(
-                frame, dataset, out, cka=cka, predictions=predictions, max_images=cka_max_images
+    steps: list[tuple[str, Callable[[], _Section | None]]] = []
+    datasets = list(dict.fromkeys(frame.dataset)) if not frame.empty else []
+    for dataset in datasets:
+        runs = _DatasetRuns.of(frame, dataset)
+        steps.append((f"figures {dataset}", lambda runs=runs: _figures_section(runs, out)))
+        steps.append((f"tables {dataset}", lambda runs=runs: _tables_section(runs)))
+        if cka:
+            steps.append(
+                (f"CKA {dataset}", lambda runs=runs: _cka_section(runs, out, cka_max_images))
             )
-        ok = frame[frame.status == "ok"]
-        across = _Section("Across datasets")
-        for table in (_table2(ok), _table4(ok, transfers)):
-            if table is not None:
-                across.blocks.append(("table", table))
-        if across.blocks:
-            sections.append(across)
-        summary = _Section("Runs")
-        counts = frame.status.value_counts().to_dict()
-        summary.blocks.append(("text", "Status: " + json.dumps(counts)))
-        summary.blocks.append(("table", _runs_table(frame)))
-        sections.append(summary)
-    elif transfers:
-        table = _table4(frame, transfers)
-        sections.append(_Section("Task-agnostic stitching", [("table", table)]))
-    return _write(sections, out, title)
+        if predictions:
+            steps.append((f"predictions {dataset}", lambda runs=runs: _predictions_section(runs)))
+    steps.append(("tables across datasets", lambda: _across_section(frame, transfers)))
+    if not frame.empty:
+        steps.append(("runs table", lambda: _runs_section(frame)))
+    total = len(steps) + 1
+    sections: list[_Section] = []
+    for done, (step, make) in enumerate(steps):
+        if progress is not None:
+            progress(step, done, total)
+        section = make()
+        if section is not None:
+            sections.append(section)
+    if progress is not None:
+        progress("pages", total - 1, total)
+    index = _write(sections, out, title)
+    if progress is not None:
+        progress("done", total, total)
+    return index

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featcache.data import MaskLabels, load_dataset
+from featcache.data import MaskLabels, reopen_dataset
 from featcache.errors import FeatcacheError
 from featcache.images import decode_mask
 from featcache.preprocess import Geometry
@@ -43,7 +43,7 @@ class OriginalMasks:
         self.labels = MaskLabels.from_dict(labels) if labels else MaskLabels()
         source, split = dataset_attrs["source"], dataset_attrs["split"]
         try:
-            dataset = load_dataset(source, reduce_zero_label=self.labels.reduce_zero_label)
+            dataset = reopen_dataset(dataset_attrs)
             same = dataset.manifest_hash(split) == dataset_attrs["manifest_hash"]
         except FeatcacheError as err:
             raise FeatcacheError(

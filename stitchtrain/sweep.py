@@ -17,7 +17,7 @@ A sweep config (TOML or YAML) names the encoders' stores and the grid::
     seeds = [0]
 
     [fit]                                 # FitConfig fields shared by every run
-    lrs = [1e-3, 5e-3, 1e-2]
+    lrs = [1e-3, 5e-3, 1e-2]              # or lr = ... (fit --lr / --lrs)
     epochs = 100
 
     [baselines]                           # added automatically (paper sections 3 and 4.1)
@@ -53,6 +53,7 @@ from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
 from stitchtrain.fit import OBJECTIVES, STITCHES, FitConfig, fit
 from stitchtrain.pairing import check_geometry
+from stitchtrain.positions import check_position
 from stitchtrain.probe import probe_store
 
 __all__ = [
@@ -106,6 +107,7 @@ _TOP_KEYS = {"dataset", "stores", "grid", "fit", "baselines"}
 _GRID_FIELDS = {"source", "target", "position", "out", "stitch", "objective", "seed"}
 _GRID_FIELDS |= {"source_test", "target_test"}
 _PROBE_FIELDS = ("lrs", "epochs", "patience", "val_fraction")
+_FIT_ALIASES = {"lr": "lrs"}  # [fit] key spelled as fit's option -> the FitConfig field
 _KEY = re.compile(r"^[A-Za-z0-9_.]+(?:-[A-Za-z0-9_.]+)*$")
 
 
@@ -193,6 +195,23 @@ def _unknown(section: str, given, accepted) -> None:
         )
 
 
+def _fit_section(section: dict) -> dict[str, Any]:
+    """[fit] with fit's option spellings accepted: ``lr`` (``fit --lr``) for the FitConfig field
+    ``lrs``, one number or a list."""
+    shared = dict(section)
+    for alias, name in _FIT_ALIASES.items():
+        if alias in shared:
+            if name in shared:
+                raise FeatcacheError(
+                    f"Expected one of [fit] {alias} and {name} (one setting, two spellings). "
+                    "Got both."
+                )
+            shared[name] = shared.pop(alias)
+    if "lrs" in shared and not isinstance(shared["lrs"], (list, tuple)):
+        shared["lrs"] = [shared["lrs"]]
+    return shared
+
+
 def _resolve(url: str, base: Path) -> str:
     if "://" in url or os.path.isabs(url):
         return url
@@ -247,7 +266,7 @@ def plan_sweep(config: dict[str, Any], base: str | Path = ".") -> SweepPlan:
     stores = _stores(config, base)
     grid = dict(config.get("grid") or {})
     _unknown("grid", grid, _GRID_KEYS)
-    shared = dict(config.get("fit") or {})
+    shared = _fit_section(config.get("fit") or {})
     fit_fields = {f.name for f in fields(FitConfig)}
     _unknown("fit", shared, fit_fields - _GRID_FIELDS)
     baselines = {"probe": True, "self_stitch": True, **(config.get("baselines") or {})}
@@ -333,6 +352,10 @@ def plan_sweep(config: dict[str, Any], base: str | Path = ".") -> SweepPlan:
     ):
         points.append(point("stitch", source, target, objective, stitch, position, seed))
     self_keys = encoders if baselines["self_stitch"] else [s for s, t in pairs if s == t]
+    for source, target in [*directions, *((key, key) for key in self_keys)]:  # before any runs
+        for position in positions:
+            depths = (attrs[source]["encoder"]["depth"], attrs[target]["encoder"]["depth"])
+            check_position(position, *depths, names[source], names[target])
     for key, objective, stitch, position, seed in product(
         self_keys, self_objectives, stitches, positions, seeds
     ):
@@ -433,9 +456,10 @@ def _write_marker(run_dir: Path, point: SweepPoint, row: dict) -> None:
     os.replace(tmp, run_dir / "sweep_point.json")
 
 
-def run_point(point: SweepPoint, out: str) -> dict[str, Any]:
+def run_point(point: SweepPoint, out: str, fit_progress=None) -> dict[str, Any]:
     """Run one grid point in ``OUT/runs/<id>``; return its table row (never raises on a
-    failed run: the row says "failed" and carries the error)."""
+    failed run: the row says "failed" and carries the error). ``fit_progress``: fit's
+    progress callback (``stitchtrain.fit.fit``) for a stitch point."""
     run_dir = point.run_dir(out)
     started = time.perf_counter()
     try:
@@ -443,7 +467,7 @@ def run_point(point: SweepPoint, out: str) -> dict[str, Any]:
             kwargs = dict(point.config)
             metrics = probe_store(kwargs.pop("store_url"), run_dir, **kwargs)
         else:
-            metrics = fit(point.fit_config(out))
+            metrics = fit(point.fit_config(out), fit_progress)
     except Exception as err:  # a failed point is recorded and the sweep goes on
         message = f"{type(err).__name__}: {err}"
         if not isinstance(err, FeatcacheError):
@@ -538,6 +562,7 @@ def _client(scheduler: str):
 
 
 ProgressFn = Callable[[dict, int, int], None]
+StartFn = Callable[[SweepPoint], Callable[[dict], None] | None]
 
 
 def run_sweep(
@@ -546,12 +571,15 @@ def run_sweep(
     *,
     scheduler: str | None = None,
     progress: ProgressFn | None = None,
+    started: StartFn | None = None,
 ) -> pd.DataFrame:
     """Run every point of ``plan`` not yet finished in ``out``; return the whole table.
 
     ``scheduler``: None or "sequential" (in this process), "local" / "local:N" (a
     ``LocalCluster`` of N one-thread worker processes) or an address ("tcp://HOST:PORT").
     ``progress(row, done, total)`` is called as points finish (skipped ones included).
+    ``started(point)``, in sequence only, as a point starts: it may return a fit progress
+    callback for that point's fit (``run_point``'s ``fit_progress``).
     """
     out = Path(out).resolve()  # run dirs record absolute paths: workers may run elsewhere
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -576,7 +604,8 @@ def run_sweep(
 
     if scheduler in (None, "sequential"):
         for point in pending:
-            finished(point, run_point(point, str(out)))
+            fit_progress = None if started is None else started(point)
+            finished(point, run_point(point, str(out), fit_progress))
     elif pending:
         from distributed import as_completed
 

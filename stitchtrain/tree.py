@@ -55,6 +55,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ from torch import Tensor, nn
 from featcache.encoders import Encoder, TokenLayout, load_encoder
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
+from stitchtrain.positions import describe_range, valid_positions
 from stitchtrain.stitches import Stitch, build_stitch
 
 __all__ = [
@@ -73,8 +75,11 @@ __all__ = [
     "TreeError",
     "VFMStitchTree",
     "additional_cost",
+    "ResolvedRun",
     "check_readout_layer",
+    "check_tree_dir",
     "load_trunk",
+    "resolve_runs",
     "stitch_args",
 ]
 
@@ -240,10 +245,13 @@ class TreeBranch(nn.Module):
                 f"takes prefix={encoder.layout.prefix}, grid={encoder.grid}, width "
                 f"{encoder.width}."
             )
-        if not 1 <= position <= encoder.depth:
+        # stitchtrain.positions' rule with this encoder as the target; the trunk's depth (the
+        # source side of the rule) is checked by StitchTree, which knows the trunk
+        allowed = valid_positions(source_depth=encoder.depth, target_depth=encoder.depth)
+        if position not in allowed:
             raise TreeError(
-                f"Branch {name!r}: position {position} is outside 1..{encoder.depth} for "
-                f"{encoder.name}."
+                f"Branch {name!r}: position {position} is outside {describe_range(allowed)} for "
+                f"{encoder.name} (at least one of its blocks must run after the stitch)."
             )
         self.name = name
         self.encoder = encoder
@@ -449,38 +457,27 @@ class VFMStitchTree(nn.Module):
         with it.
         """
         from stitchtrain.fit import load_run_encoder
-        from stitchtrain.pairing import check_geometry
 
         if readout_layer is not None:  # refused before any run dir is read
             check_readout_layer(readout_layer, position, trunk.depth)
-
-        weights = dict(weights or {})
-        device = device if device is not None else _device_of(trunk)
-        branches = []
-        for item in runs:
-            name, run_dir = item if isinstance(item, tuple) else (None, item)
-            run_dir = Path(run_dir)
-            config = _run_config(run_dir)
-            if config["position"] != position:
-                raise TreeError(
-                    f"Run dir {run_dir} stitches at position {config['position']}, but the tree "
-                    f"shares trunk blocks 1..{position} (position {position}). Use runs trained "
-                    f"at position {position}, or build the tree with --position "
-                    f"{config['position']}."
-                )
-            source = FeatureStore.open(config["source"])
-            recorded = source.attrs["encoder"]
+        resolved = resolve_runs(position, runs, allow_geometry_mismatch=allow_geometry_mismatch)
+        for run in resolved:  # every run before the first branch encoder loads
+            recorded = run.source.attrs["encoder"]
             if recorded["fingerprint"] != trunk.fingerprint:
                 raise TreeError(
-                    f"Run dir {run_dir} was trained on source features of {recorded['name']} "
-                    f"with fingerprint {recorded['fingerprint']} ({source.url}), but trunk "
+                    f"Run dir {run.run_dir} was trained on source features of {recorded['name']} "
+                    f"with fingerprint {recorded['fingerprint']} ({run.source.url}), but trunk "
                     f"{trunk.name} has fingerprint {trunk.fingerprint}: a different encoder, "
                     "weights or preprocessing. Load the trunk the source store was extracted "
                     "with (same name, --weights, --random-init)."
                 )
-            target = FeatureStore.open(config["target"])
-            allowed = allow_geometry_mismatch or config.get("allow_geometry_mismatch", False)
-            check_geometry(source, target, allow_mismatch=allowed)
+
+        weights = dict(weights or {})
+        device = device if device is not None else _device_of(trunk)
+        branches = []
+        for run in resolved:
+            name, run_dir, config = run.name, run.run_dir, run.config
+            source, target = run.source, run.target
             target_name = target.attrs["encoder"]["name"]
             encoder = load_run_encoder(target, weights.get(target_name), random_init, device)
             stitch = build_stitch(
@@ -547,11 +544,7 @@ class VFMStitchTree(nn.Module):
         """
         directory = Path(directory)
         target = directory / TREE_FILE
-        if target.exists() and not overwrite:
-            raise TreeError(
-                f"{directory} already holds a tree ({TREE_FILE}). Choose another directory or "
-                "pass overwrite=True (CLI: --overwrite)."
-            )
+        check_tree_dir(directory, overwrite=overwrite)
         directory.mkdir(parents=True, exist_ok=True)
         described = self.describe()
         for branch, entry in zip(self.branches, described["branches"], strict=True):
@@ -622,6 +615,99 @@ class VFMStitchTree(nn.Module):
             readout_layer=readout_layer,
             prune=prune,
         )
+
+
+# -- inputs, checked before any encoder loads ---------------------------------------------------
+@dataclass(frozen=True)
+class ResolvedRun:
+    """One branch's run dir with its config and opened stores (``resolve_runs``)."""
+
+    name: str | None  # the branch name given (None: the target encoder's name)
+    run_dir: Path
+    config: dict[str, Any]
+    source: FeatureStore
+    target: FeatureStore
+
+
+def resolve_runs(
+    position: int,
+    runs: Sequence[str | Path | tuple[str, str | Path]],
+    *,
+    allow_geometry_mismatch: bool = False,
+) -> list[ResolvedRun]:
+    """Check every run dir of a tree before any encoder is loaded: finished (config.json and
+    stitch.safetensors), stitched at ``position``, its source and target stores found, their
+    geometries paired (``pairing.check_geometry``, unless allowed here or by the run), and one
+    source encoder (fingerprint) across all runs: the trunk's. Raises ``TreeError`` /
+    ``PairingError`` naming the run dir."""
+    from stitchtrain.pairing import check_geometry
+
+    resolved = []
+    for item in runs:
+        name, run_dir = item if isinstance(item, tuple) else (None, item)
+        run_dir = Path(run_dir)
+        config = _run_config(run_dir)
+        if config["position"] != position:
+            raise TreeError(
+                f"Run dir {run_dir} stitches at position {config['position']}, but the tree "
+                f"shares trunk blocks 1..{position} (position {position}). Use runs trained "
+                f"at position {position}, or build the tree with --position "
+                f"{config['position']}."
+            )
+        source, target = (_open_run_store(config, role, run_dir) for role in ("source", "target"))
+        allowed = allow_geometry_mismatch or config.get("allow_geometry_mismatch", False)
+        check_geometry(source, target, allow_mismatch=allowed)
+        first = resolved[0] if resolved else None
+        if first is not None:
+            want, got = first.source.attrs["encoder"], source.attrs["encoder"]
+            if want["fingerprint"] != got["fingerprint"]:
+                raise TreeError(
+                    f"Run dirs {first.run_dir} and {run_dir} were trained on source features of "
+                    f"different encoders ({want['name']} fingerprint {want['fingerprint']}, "
+                    f"{got['name']} fingerprint {got['fingerprint']}): one tree has one trunk. "
+                    "Use runs whose source store was extracted with the trunk."
+                )
+        if config["stitch"] != "lora":  # LoRA stitches need the trunk's block: checked later
+            stitch = build_stitch(
+                config["stitch"],
+                source=_layout(source.attrs["encoder"]["layout"]),
+                target=_layout(target.attrs["encoder"]["layout"]),
+                source_width=source.attrs["encoder"]["width"],
+                target_width=target.attrs["encoder"]["width"],
+                mlp_hidden=config.get("mlp_hidden"),
+                position=position,
+            )
+            _load_stitch_state(stitch, run_dir / "stitch.safetensors", f"run dir {run_dir}")
+        resolved.append(ResolvedRun(name, run_dir, config, source, target))
+    return resolved
+
+
+def _open_run_store(config: dict[str, Any], role: str, run_dir: Path) -> FeatureStore:
+    try:
+        return FeatureStore.open(config[role])
+    except FeatcacheError as err:
+        raise TreeError(
+            f"Run dir {run_dir}: its {role} store {config[role]} cannot be opened "
+            f"({' '.join(str(err).split())}). Restore the store, or fit the run again."
+        ) from err
+
+
+def check_tree_dir(directory: str | Path, *, overwrite: bool = False) -> str:
+    """The state of a tree dir before building into it: "fresh" (no tree.json) or "replaced"
+    (a tree, and ``overwrite``). A file, or a tree without ``overwrite``, is refused."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise TreeError(
+            f"Expected --out to be a directory (or a new path). Got the file {directory} instead."
+        )
+    if not (directory / TREE_FILE).exists():
+        return "fresh"
+    if not overwrite:
+        raise TreeError(
+            f"{directory} already holds a tree ({TREE_FILE}). Choose another directory or "
+            "pass overwrite=True (CLI: --overwrite)."
+        )
+    return "replaced"
 
 
 # -- helpers ----------------------------------------------------------------------------------

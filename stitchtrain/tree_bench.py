@@ -14,8 +14,11 @@ a tree runs trunk blocks 1..R and branch blocks n+1..R (``VFMStitchTree``), noth
   gflops       counted forward FLOPs per image (``torch.utils.flop_counter`` at batch 1, with
                attention counted on every backend, see ``count_flops``); FLOPs = 2 x MACs, so
                fvcore-style "GFLOPs" (MACs) are half of these
-  latency_ms   median over ``repeats`` forwards after ``warmup`` forwards, per batch size
-               (``torch.inference_mode``; CUDA synchronised around each forward)
+  latency_ms   median wall time of one forward, per batch size, by
+               ``torch.utils.benchmark.Timer`` (``torch.inference_mode``; the accelerator
+               synchronised at each clock reading), after ``warmup`` untimed forwards, over
+               about ``repeats`` timed ones (``_latency``); ``latency_iqr_ms`` its interquartile
+               range, ``latency_blocks`` how many timed blocks both rest on
   memory_mb    peak memory of one forward, MiB. CUDA: ``torch.cuda.max_memory_allocated`` with
                only this system on the device (weights + inputs + activations). CPU: the exact
                bytes of the system's parameters and buffers plus the peak resident-set growth
@@ -54,8 +57,6 @@ import copy
 import ctypes
 import gc
 import re
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,17 +401,30 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_latency_ms(run: Callable[[], Any], device, warmup: int, repeats: int) -> float:
+def _latency(run: Callable[[], Any], device, warmup: int, repeats: int) -> dict[str, float]:
+    """One forward's wall time, ms: median and interquartile range by
+    ``torch.utils.benchmark.Timer``.
+
+    ``warmup`` untimed forwards, then ``Timer.timeit(number=1)`` (two more warm-up forwards
+    and one timed) estimates one forward, t; ``blocked_autorange(min_run_time=repeats *
+    max(t, 50 ms))`` then times blocks of forwards until that much time is spent. Timer makes
+    a block long enough for its own overhead to vanish (10-100 ms): a forward of 50 ms or more
+    is one block, so about ``repeats`` forwards are timed; faster forwards get ``repeats``
+    blocks' worth of time, several blocks. Median and IQR are over the blocks, per forward.
+    Timer runs at this process's torch thread count (its own default is 1 thread)."""
+    from torch.utils.benchmark import Timer
+
     for _ in range(warmup):
         run()
     _synchronize(device)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        _synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds) * 1000
+    timer = Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
+    estimate = timer.timeit(number=1).median
+    measured = timer.blocked_autorange(min_run_time=repeats * max(estimate, 0.05))
+    return {
+        "latency_ms": measured.median * 1000,
+        "latency_iqr_ms": measured.iqr * 1000,
+        "latency_blocks": len(measured.times),
+    }
 
 
 def _rss_kib(field_name: str) -> int | None:
@@ -530,7 +544,7 @@ def _counted(system: nn.Module, template: _Template, device: torch.device) -> di
 
 
 def _timed(system: nn.Module, batch: int, config: BenchConfig, device, weights_mb: float):
-    """Peak memory of one forward, then the median latency, at one batch size."""
+    """Peak memory of one forward, then the latency (median, IQR), at one batch size."""
     inputs = _inputs(system, batch, device, next(system.parameters()).dtype)
 
     @torch.inference_mode()
@@ -538,12 +552,13 @@ def _timed(system: nn.Module, batch: int, config: BenchConfig, device, weights_m
         return system(inputs)
 
     memory, activation = _peak_memory_mb(run, device, weights_mb)
-    latency = _median_latency_ms(run, device, config.warmup, config.repeats)
-    return {"latency_ms": latency, "memory_mb": memory, "activation_mb": activation}
+    latency = _latency(run, device, config.warmup, config.repeats)
+    return {**latency, "memory_mb": memory, "activation_mb": activation}
 
 
-def _measure(template: _Template, config: BenchConfig, device, log) -> dict[str, Any]:
-    """Copy one system to the device, count, time and measure it (it is freed on return)."""
+def _measure(template: _Template, config: BenchConfig, device, log, done) -> dict[str, Any]:
+    """Copy one system to the device, count, time and measure it (it is freed on return);
+    ``done(step)`` after each batch size."""
     system = _on_device(template, config.precision, device)
     with _precision_context(device, config.precision):
         result = _counted(system, template, device)
@@ -552,9 +567,11 @@ def _measure(template: _Template, config: BenchConfig, device, log) -> dict[str,
             measured = _timed(system, batch, config, device, result["weights_mb"])
             result["by_batch"][str(batch)] = measured
             log(
-                f"{template.label} batch {batch}: {measured['latency_ms']:.2f} ms, "
+                f"{template.label} batch {batch}: {measured['latency_ms']:.2f} ms (IQR "
+                f"{measured['latency_iqr_ms']:.2f}), "
                 f"{measured['memory_mb']:.1f} MiB ({result['gflops']:.2f} GFLOPs/image)"
             )
+            done(f"{template.label} batch {batch}")
     return result
 
 
@@ -599,16 +616,30 @@ def _cost_rows(
     return rows
 
 
-def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_bench(
+    config: BenchConfig,
+    log: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
     """Measure the naive system and VST-n for each position; return a JSON-ready dict with
-    ``systems`` (Table 5) and ``cost`` (Table 13) rows and how they were measured."""
+    ``systems`` (Table 5) and ``cost`` (Table 13) rows and how they were measured.
+    ``progress(step, done, total)``: once the systems are loaded ("loaded", 0, total), then
+    after each (system, batch size) measurement."""
     log = log or (lambda line: None)
+    progress = progress or (lambda step, done, total: None)
     device = resolve_device(config.device)
     with torch.random.fork_rng(devices=[]):
         names, encoders, templates = _load_systems(config, log)
+        total, finished = len(templates) * len(config.batch_sizes), []
+        progress("loaded", 0, total)
+
+        def done(step: str) -> None:
+            finished.append(step)
+            progress(step, len(finished), total)
+
         systems = []
         for template in templates:
-            systems.append(_measure(template, config, device, log))
+            systems.append(_measure(template, config, device, log, done))
             _release(device)
     naive = templates[0].module
     read = [naive.layers_read(encoder) for encoder in encoders]

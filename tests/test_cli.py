@@ -44,12 +44,3 @@ def test_positions_and_unknown_model_error():
     result = runner.invoke(stitchtrain_app, ["positions", "dinov2-tny", "siglip2-tiny"])
     assert result.exit_code == 2
     assert "dinov2-tiny" in result.output
-
-
-def test_stitchtrain_demo_runs_the_whole_pipeline(tmp_path):
-    """The README's demo, at one epoch per stage to keep the suite short."""
-    result = runner.invoke(stitchtrain_app, ["demo", "--out", str(tmp_path), "--epochs", "1"])
-    assert result.exit_code == 0, result.output
-    for row in ("D linear probe", "S -> D", "self-stitch D -> D", "FFM+TLT", "LFM"):
-        assert row in result.output
-    assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 18

@@ -125,12 +125,52 @@ def test_importing_featcache_loads_no_heavy_library_until_the_encoder_api_is_use
         ("cli.stitchtrain_app", ["fit", "--stitch", "cubic"], 2),
         ("cli.stitchtrain_app", [*FIT, "--device", "gpu"], 2),
         ("cli.stitchtrain_app", [*FIT, "--memory-budget", "lots"], 2),
+        ("cli.featcache_app", ["models"], 0),  # presets state their architecture
+        ("cli.stitchtrain_app", ["positions", "dinov2-l", "siglip2-tiny"], 0),
     ],
 )
 def test_help_version_and_parse_errors_load_no_heavy_library(module, args, status):
     done, heavy = _run(module, *args)
     assert done.returncode == status, done.stdout + done.stderr
     assert heavy == []
+
+
+# What --help and --version do without (benchmarks/cli_startup.py: each costs a sizeable share
+# of ``import typer, rich``): rich's console and tables, typer's rich help (markdown, syntax),
+# the progress display, and the libraries behind the commands.
+NOT_FOR_HELP = (
+    "rich.console",
+    "rich.table",
+    "rich.progress",
+    "typer.rich_utils",
+    "cli._progress",
+    "dask",
+    "numpy",
+    "pandas",
+    "zarr",
+    "featcache.store",
+    "featcache.encoders",
+)
+
+
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("cli.featcache_app", ["--help"]),
+        ("cli.featcache_app", ["--version"]),
+        ("cli.stitchtrain_app", ["--help"]),
+        ("cli.stitchtrain_app", ["tree", "--help"]),
+    ],
+)
+def test_help_and_version_stay_within_typer(module, args):
+    code = _RUNNER.replace("heavy = {heavy!r}", f"heavy = {NOT_FOR_HELP!r}")
+    code = code.format(argv=[module.rsplit(".", 1)[-1], *args], module=module)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.splitlines()[-1].removeprefix("HEAVY="))
+    assert loaded == [], loaded
 
 
 def test_version_prints_the_package_version():

@@ -21,6 +21,7 @@ from featcache.store import FeatureStore, StoreSpec
 from stitchtrain.fit import FitConfig, StitchRecipe, fit
 from stitchtrain.loader import FeatureLoader
 from stitchtrain.pairing import PairingError
+from stitchtrain.positions import PositionError
 
 runner = CliRunner()
 MODELS = ["dinov2-tiny", "clip-tiny", "siglip2-tiny"]
@@ -250,8 +251,8 @@ def test_unpaired_stores_and_missing_layers_are_refused(stores, tmp_path):
         )
     with pytest.raises(PairingError, match="layers/5"):
         StitchRecipe(_config(stores, tmp_path, position=5))
-    with pytest.raises(PairingError, match="1..6"):
-        StitchRecipe(_config(stores, tmp_path, position=7))
+    with pytest.raises(PositionError, match=r"1\.\.5 .* Got 6 instead"):  # no target block left
+        StitchRecipe(_config(stores, tmp_path, position=6))
 
 
 def test_target_fingerprint_mismatch_is_refused(stores, tmp_path):

@@ -177,8 +177,8 @@ def test_construction_errors(store):
         FeatureLoader([Field("a", store, "labels"), Field("b", other, "labels")], ROWS, 4)
 
 
-def _reader_threads():
-    return [t for t in threading.enumerate() if t.name == "FeatureLoader-reader"]
+def _reader_threads():  # a pool of reader threads: FeatureLoader-reader_0, _1, ...
+    return [t for t in threading.enumerate() if t.name.startswith("FeatureLoader-reader")]
 
 
 def test_reader_thread_errors_surface(store, tmp_path):

@@ -10,10 +10,15 @@ Layer numbering (paper convention, docs/design.md):
 Tokens are always ``(B, T, D)`` with the prefix tokens first: T = num_prefix_tokens + H * W for
 a patch grid (H, W) in row-major order. ``run(images, upto=n)`` followed by
 ``run_from(tokens, n)`` is the library's own forward, bit for bit (tested for every family).
+
+Precision: forwards run in float32 unless wrapped in ``encoder.autocast(precision)``
+(``PRECISIONS``: "fp32" none, "bf16" / "fp16" torch autocast on the encoder's device type,
+weights stay float32); extraction records the precision in each store and its id.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -25,7 +30,20 @@ from torch import nn
 from featcache.errors import LayerIndexError
 from featcache.preprocess import Geometry, Preprocessing
 
-__all__ = ["Encoder", "TokenLayout"]
+__all__ = ["PRECISIONS", "Encoder", "TokenLayout", "precision_context"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The context a forward in ``precision`` runs under on ``device``: nothing for "fp32",
+    ``torch.autocast(device.type, dtype)`` for "bf16" / "fp16" (CPU autocast included)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"Expected precision in {PRECISIONS}. Got {precision!r} instead.")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision])
 
 
 @dataclass(frozen=True)
@@ -161,6 +179,14 @@ class Encoder(nn.Module):
         from featcache.images import upright_rgb
 
         return self.preprocessing(upright_rgb(image))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        """``with encoder.autocast("bf16"): encoder.run_layers(...)``: see ``precision_context``."""
+        return precision_context(self.device, precision)
 
     def train(self, mode: bool = True) -> Encoder:
         """Encoders stay in eval mode: they are frozen feature extractors (no dropout, no

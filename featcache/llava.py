@@ -1,0 +1,68 @@
+"""LLaVA-1.5-style JSON: a list of records with an ``image`` path, no labels (Table 4's
+task-agnostic FFM data: ``blip_laion_cc_sbu_558k.json``, ``llava_v1_5_mix665k.json``).
+
+Rules (tested in tests/test_corpora.py):
+  - ``--data FILE.json`` holding a JSON list of objects; ``image`` is a path relative to the
+    image root (``--image-root DIR``, default the JSON's folder), which every path must
+    resolve inside (symlinks followed), else a ``ManifestError`` names the record's index.
+  - Records without ``image`` (LLaVA's text-only conversations) are not images and are left
+    out; an image named by several records (one image, several conversations) is one record.
+    Other keys (``id``, ``conversations``, ...) are ignored.
+  - One split, "train"; labels -1, no classes. Ids are the paths relative to the image root,
+    so the manifest hash does not depend on where the JSON or the images live.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from featcache.data import (
+    DataOptions,
+    Dataset,
+    ManifestError,
+    Record,
+    _absolute,
+    _relative_path,
+    _resolver,
+)
+
+__all__ = ["load"]
+
+
+def load(file: str, options: DataOptions) -> Dataset:
+    """Read a LLaVA-style JSON list (rules in the module doc)."""
+    options.check("a LLaVA-style JSON list", ("image_root",), file)
+    if not os.path.isfile(file):
+        raise ManifestError(
+            f"Expected a LLaVA-style JSON list of records with an 'image' path as --data. Got "
+            f"{file}, which does not exist, instead."
+        )
+    root = os.path.abspath(options.image_root or os.path.dirname(file))
+    if not os.path.isdir(root):
+        raise ManifestError(f"Expected --image-root to be a folder. Got {root} instead.")
+    try:
+        with open(file, encoding="utf-8-sig") as handle:
+            entries = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise ManifestError(f"Expected a readable JSON list in {file}. Got {err}.") from None
+    if not isinstance(entries, list):
+        raise ManifestError(
+            f"Expected a JSON list of records with an 'image' path in {file}. Got a "
+            f"{type(entries).__name__} instead."
+        )
+    resolve = _resolver(root)
+    ids: dict[str, None] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ManifestError(
+                f"Expected JSON objects in the list of {file}. Got {entry!r} at index {index}."
+            )
+        if entry.get("image") is None:
+            continue
+        where = f"record {index} of {file}"
+        ids.setdefault(_relative_path(entry["image"], "image", where, root, resolve))
+    if not ids:
+        raise ManifestError(f"Expected records with an 'image' path in {file}. Got none.")
+    records = tuple(Record(rid, _absolute(root, rid), -1, "train", None) for rid in sorted(ids))
+    return Dataset(file, root, (), records, format="llava-json")
