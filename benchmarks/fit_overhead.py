@@ -20,8 +20,9 @@ wrapping the recipe's methods, so the script measures any version of the recipe 
 Cases (each one fit, objective ffm+tlt, the ``--lrs`` grid, early stopping off so every case
 runs its epochs): the tiny presets (dinov2-tiny -> siglip2-tiny at layer 2, 8x8 patches,
 width 64) at ``--rows`` train images (default 100 and 1000; batch 128, so 1 and 8 steps per
-epoch), and a ViT-S tail: random-init timm ``vit_small_patch16_224`` at 64 px (4x4 patches,
-17 tokens, width 384, 12 blocks) stitched to itself at layer 2, so the tail is 10 ViT-S blocks.
+epoch), and a ViT-S tail: random-init timm ``vit_small_patch16_224`` at ``--vit-s-size`` px
+(default 224: 14x14 patches, 197 tokens, width 384, 12 blocks; the compute of a real ViT-S)
+stitched to itself at layer 2, so the tail is 10 ViT-S blocks.
 
 ``--baseline DIR``: also run each case with the ``stitchtrain`` package found in DIR (an older
 copy of the repository, e.g. ``git archive HEAD | tar -x -C /tmp/before``), in a subprocess,
@@ -54,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lrs", default="1e-3,5e-3", help="the learning-rate grid")
     parser.add_argument("--vit-s-rows", type=int, default=48, help="ViT-S case images (0: skip)")
     parser.add_argument("--vit-s-epochs", type=int, default=3)
+    parser.add_argument(
+        "--vit-s-size", type=int, default=224, help="ViT-S case input side in pixels (patch 16)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--baseline", default=None, help="repository copy to compare against")
     parser.add_argument("--work", default=None, help="where stores and run dirs go (temp dir)")
@@ -75,10 +79,11 @@ def make_stores(root: Path, case: dict) -> dict[str, str]:
         return json.loads(done.read_text())
     # train images = (1 - test_fraction) x 3 classes x per_class
     per_class = -(-case["rows"] * 5 // (4 * 3))
-    manifest = make_demo_dataset(root / "data", num_classes=3, per_class=per_class, size=64,
+    size = case.get("size", 64)
+    manifest = make_demo_dataset(root / "data", num_classes=3, per_class=per_class, size=size,
                                  test_fraction=0.2, seed=0)  # fmt: skip
     if case["kind"] == "vit-s":
-        encoders = [load_encoder(case["model"], random_init=True, img_size=64)]
+        encoders = [load_encoder(case["model"], random_init=True, img_size=size)]
     else:
         encoders = None
     urls = {}
@@ -194,11 +199,10 @@ def cases(args) -> list[dict]:
         for rows in (int(r) for r in args.rows.split(",") if r)
     ]
     if args.vit_s_rows:
-        vit_s = dict(kind="vit-s", epochs=args.vit_s_epochs, lrs=lrs)
+        vit_s = dict(kind="vit-s", epochs=args.vit_s_epochs, lrs=lrs, size=args.vit_s_size)
         model = "timm:vit_small_patch16_224"
-        found.append(
-            dict(name=f"vit-s-{args.vit_s_rows}", rows=args.vit_s_rows, model=model, **vit_s)
-        )
+        name = f"vit-s-{args.vit_s_rows}-{args.vit_s_size}px"
+        found.append(dict(name=name, rows=args.vit_s_rows, model=model, **vit_s))
     return found
 
 
