@@ -48,7 +48,7 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,7 @@ TOKEN_MODES = ("all", "prefix", "pooled")
 DTYPES = ("float16", "bfloat16", "float32")
 PRECISIONS = ("fp32", "bf16", "fp16")  # featcache.encoders.PRECISIONS (zarr-only module here)
 MARKER_ATTR = "featcache_marker"
+_ABSENT_CHUNK = 2**64 - 1  # a sharding index entry (offset and size) of a chunk never written
 _STORE_NAMES = ("zarr.json", "layers", "final", "pooled", "ids", "labels", "valid", "masks")
 
 
@@ -692,7 +693,7 @@ class FeatureStore:
         trailers = [
             data[end - 4 : end]
             for offset, nbytes in entries.tolist()
-            if offset != 2**64 - 1
+            if offset != _ABSENT_CHUNK
             for end in [offset + nbytes]
         ]
         return zlib.crc32(b"".join([index, *trailers]))
@@ -702,6 +703,67 @@ class FeatureStore:
         (``tests/test_store_format.py``), and written as one file: zarr's own write path
         copies each inner chunk several times and runs at ~0.5 of a memmap write."""
         return self.attrs["compression"] == "none"
+
+    def reads_shard_files(self, name: str) -> bool:
+        """Whether ``read_shard_chunks`` can read array ``name``: an uncompressed sharded array
+        of a local store (others are read through zarr)."""
+        return (
+            is_local(self._fs)
+            and self.attrs["compression"] == "none"
+            and self.group[name].shards is not None
+        )
+
+    def read_shard_chunks(
+        self, name: str, shard: int, chunks: Iterable[int], buffer: Callable[[int], np.ndarray]
+    ) -> Iterator[tuple[int, np.ndarray | None, int]]:
+        """Inner chunks ``chunks`` (ascending) of array ``name``'s object for ``shard``, read
+        straight from the file in the layout ``_write_shard_file`` writes (``reads_shard_files``
+        must hold): yields ``(chunk, values, nbytes)``, ``values`` (inner, *row_shape) in the
+        array's dtype, a view into ``buffer(n)`` (a caller's reusable uint8 buffer of at least n
+        bytes) valid until the next item, or None for an absent chunk (the fill value);
+        ``nbytes`` the bytes read for it (the first item also counts the index).
+
+        The index is read first and checked against its Crc32c, then each chunk in offset order,
+        each byte once, and checked against its Crc32c, as zarr's decode does. A short or
+        malformed object raises ``ValueError`` naming the chunk; a missing one, ``OSError``.
+        """
+        import crc32c
+
+        array = self.group[name]
+        inner, row_shape = array.chunks[0], array.shape[1:]
+        per_shard = self.shard_size // inner
+        dtype = array.dtype.newbyteorder("<")
+        chunk_bytes = inner * int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+        index_bytes = 16 * per_shard + 4
+        with open(f"{self._path}/{self.object_key(name, shard)}", "rb", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < index_bytes:
+                raise ValueError(f"{size} bytes cannot hold the index of {per_shard} chunks")
+            tail = os.pread(handle.fileno(), index_bytes, size - index_bytes)
+            if crc32c.crc32c(tail[:-4]) != int.from_bytes(tail[-4:], "little"):
+                raise ValueError("the shard index fails its Crc32c checksum")
+            index = np.frombuffer(tail[:-4], dtype="<u8").reshape(per_shard, 2)
+            data = buffer(chunk_bytes + 4)
+            counted = index_bytes
+            for chunk in chunks:
+                offset, length = (int(v) for v in index[chunk])
+                if offset == _ABSENT_CHUNK:
+                    yield chunk, None, counted
+                    counted = 0
+                    continue
+                if length != chunk_bytes + 4 or offset + length > size - index_bytes:
+                    raise ValueError(
+                        f"chunk {chunk} is {length} bytes at offset {offset} of a {size}-byte "
+                        f"object; expected {chunk_bytes + 4} bytes before the index"
+                    )
+                view = memoryview(data)[:length]
+                if handle.seek(offset) != offset or handle.readinto(view) != length:
+                    raise ValueError(f"chunk {chunk} is cut short (object truncated)")
+                values, trailer = data[:chunk_bytes], data[chunk_bytes:length].tobytes()
+                if crc32c.crc32c(values) != int.from_bytes(trailer, "little"):
+                    raise ValueError(f"Stored and computed checksum of chunk {chunk} do not match")
+                yield chunk, values.view(dtype).reshape(inner, *row_shape), counted + length
+                counted = 0
 
     def _write_shard_file(self, name: str, shard: int, values: np.ndarray) -> dict:
         """Encode one shard of a feature array (Zarr v3 sharding codec), write it, return its
@@ -721,7 +783,7 @@ class FeatureStore:
         row_shape = values.shape[1:]
         fill = np.array(array.metadata.fill_value, dtype=array.dtype)
         parts: list[bytes | memoryview] = []
-        index = np.full((per_shard, 2), 2**64 - 1, dtype="<u8")
+        index = np.full((per_shard, 2), _ABSENT_CHUNK, dtype="<u8")
         offset, trailers = 0, []
         for chunk in range(per_shard):
             rows = values[chunk * inner : (chunk + 1) * inner]

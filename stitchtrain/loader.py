@@ -13,8 +13,9 @@ A :class:`FeatureLoader` picks one of two modes from a memory budget:
   staged batch is of the staged arrays.
 
 Reads (``_read_into``: one shard of one field into a tensor) read each needed shard object
-once, sequentially, chunk by chunk, and decode it here rather than through zarr for
-uncompressed local stores (``_read_object``), and cast by torch: a shard read this way, float32
+once, sequentially, chunk by chunk, straight from its file rather than through zarr for
+uncompressed local stores (``FeatureStore.read_shard_chunks``, next to the writer of that
+layout), and cast by torch (``_read_object``): a shard read this way, float32
 and checks included, takes about a sixth of the time of zarr's read (one event-loop thread for
 every reader, per-chunk overhead) plus numpy's float16 cast (``benchmarks/streamed_loading.py``,
 "shard" part). Other stores (compressed, remote) are read through zarr, one
@@ -41,12 +42,10 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import crc32c
 import numpy as np
 import psutil
 import torch
 
-from featcache.storage import fs_and_path, is_local
 from featcache.store import FeatureStore
 from stitchtrain.integrity import UnreadableShardError, require_finite
 from stitchtrain.sizes import parse_size  # re-exported: torch-free home of the size parser
@@ -60,8 +59,6 @@ __all__ = [
     "split_rows",
     "valid_rows",
 ]
-
-_ABSENT = 2**64 - 1  # a sharding index entry for a chunk that was never written
 
 
 @dataclass(frozen=True)
@@ -131,8 +128,7 @@ class FeatureLoader:
         first = _check_paired([f.store for f in fields])
         self.fields = list(fields)
         self._arrays, self._is_feature, self._shapes, self._dtypes = {}, {}, {}, {}
-        self._paths: dict[str, str | None] = {}  # local store folder when read by _read_object
-        self._key_tails: dict[str, str] = {}  # object key after "<array>/c/<shard>" (no zarr)
+        self._direct: dict[str, bool] = {}  # read by _read_object (FeatureStore's shard files)
         for f in fields:
             names = f.store.feature_arrays()
             names += [n for n in ("labels", "valid", "masks") if n in f.store.group]
@@ -147,10 +143,7 @@ class FeatureLoader:
             self._shapes[f.key] = tuple(array.shape[1:])
             dtype = np.dtype(np.float32 if self._is_feature[f.key] else array.dtype)
             self._dtypes[f.key] = torch.from_numpy(np.empty(0, dtype)).dtype
-            fs, path = fs_and_path(f.store.url, f.store.storage_options)
-            direct = is_local(fs) and f.store.attrs["compression"] == "none" and array.shards
-            self._paths[f.key] = path if direct else None
-            self._key_tails[f.key] = f.store.object_key(f.array, 0)[len(f"{f.array}/c/0") :]
+            self._direct[f.key] = f.store.reads_shard_files(f.array)
         rows = np.asarray(rows)
         if rows.size and not np.issubdtype(rows.dtype, np.integer):
             raise ValueError(f"Expected integer rows. Got dtype {rows.dtype} instead.")
@@ -256,10 +249,10 @@ class FeatureLoader:
                 shard = int(shards[begin])
                 local, part = rows[begin:end] - shard * size, host[begin:end]
                 try:
-                    if self._paths[f.key] is None:
-                        nbytes = self._read_zarr(f, shard, local, part)
-                    else:
+                    if self._direct[f.key]:
                         nbytes = self._read_object(f, shard, local, part)
+                    else:
+                        nbytes = self._read_zarr(f, shard, local, part)
                 except Exception as err:  # checksum, size, I/O and zarr's decode faults
                     raise UnreadableShardError(f.store, f.array, shard, err) from err
                 self._clock.add_bytes(nbytes)
@@ -279,58 +272,25 @@ class FeatureLoader:
         return values.nbytes
 
     def _read_object(self, f: Field, shard: int, local: np.ndarray, out: torch.Tensor) -> int:
-        """Rows ``local`` (ascending, within the shard) of ``f``'s object for ``shard``, from
-        an uncompressed local store, into ``out``; returns the bytes read.
-
-        The layout is the Zarr v3 sharding codec as ``FeatureStore._write_shard_file`` and
-        zarr write it (``tests/test_store_format.py``): ``chunks`` inner chunks of ``inner``
-        images, each its little-endian bytes followed by their Crc32c, then the index (an
-        (offset, nbytes) uint64 pair per chunk, ``2**64-1`` for an absent chunk) followed by
-        its Crc32c. The index is read first, then each chunk holding a selected row, in
-        offset order, into this thread's buffer: each byte once, sequentially, and only the
-        chunks needed. Every chunk read is checked against its Crc32c, as zarr's decode does;
-        an absent chunk reads as the fill value.
-        """
+        """Rows ``local`` (ascending, within the shard) of ``f``'s object for ``shard``, read
+        by ``FeatureStore.read_shard_chunks`` (only the chunks holding a selected row, each
+        byte once, Crc32c-checked) into this thread's buffer and decoded into ``out``; returns
+        the bytes read. An absent chunk reads as the fill value."""
         array = self._arrays[f.key]
-        inner, row_shape = array.chunks[0], array.shape[1:]
-        chunks = f.store.shard_size // inner
-        dtype = array.dtype.newbyteorder("<")
-        chunk_bytes = inner * math.prod(row_shape) * dtype.itemsize
-        path = f"{self._paths[f.key]}/{f.array}/c/{shard}{self._key_tails[f.key]}"
-        with open(path, "rb", buffering=0) as handle:
-            size = os.fstat(handle.fileno()).st_size
-            index_bytes = 16 * chunks + 4
-            if size < index_bytes:
-                raise ValueError(f"{size} bytes cannot hold the index of {chunks} chunks")
-            tail = os.pread(handle.fileno(), index_bytes, size - index_bytes)
-            if crc32c.crc32c(tail[:-4]) != int.from_bytes(tail[-4:], "little"):
-                raise ValueError("the shard index fails its Crc32c checksum")
-            index = np.frombuffer(tail[:-4], dtype="<u8").reshape(chunks, 2)
-            buffer = self._chunk_buffer(chunk_bytes + 4)
-            nbytes, chunk_of = index_bytes, local // inner
-            for chunk in np.unique(chunk_of).tolist():
-                rows = local[chunk_of == chunk] - chunk * inner
-                target = out[np.searchsorted(local, chunk * inner) :][: len(rows)]
-                offset, length = (int(v) for v in index[chunk])
-                if offset == _ABSENT:
-                    fill = np.full((len(rows), *row_shape), array.metadata.fill_value, dtype)
-                    _decode_into(target, fill, self._is_bfloat16(f))
-                    continue
-                if length != chunk_bytes + 4 or offset + length > size - index_bytes:
-                    raise ValueError(
-                        f"chunk {chunk} is {length} bytes at offset {offset} of a {size}-byte "
-                        f"object; expected {chunk_bytes + 4} bytes before the index"
-                    )
-                view = memoryview(buffer)[:length]
-                if handle.seek(offset) != offset or handle.readinto(view) != length:
-                    raise ValueError(f"chunk {chunk} is cut short (object truncated)")
-                data, trailer = buffer[:chunk_bytes], buffer[chunk_bytes:length].tobytes()
-                if crc32c.crc32c(data) != int.from_bytes(trailer, "little"):
-                    raise ValueError(f"Stored and computed checksum of chunk {chunk} do not match")
-                values = data.view(dtype).reshape(inner, *row_shape)
-                picked = None if len(rows) == inner else rows
-                _decode_into(target, values, self._is_bfloat16(f), picked)
-                nbytes += length
+        inner, row_shape, bfloat16 = array.chunks[0], array.shape[1:], self._is_bfloat16(f)
+        chunk_of, nbytes = local // inner, 0
+        needed = np.unique(chunk_of).tolist()
+        for chunk, values, count in f.store.read_shard_chunks(
+            f.array, shard, needed, self._chunk_buffer
+        ):
+            rows = local[chunk_of == chunk] - chunk * inner
+            target = out[np.searchsorted(local, chunk * inner) :][: len(rows)]
+            nbytes += count
+            if values is None:
+                fill = np.full((len(rows), *row_shape), array.metadata.fill_value, array.dtype)
+                _decode_into(target, fill, bfloat16)
+            else:
+                _decode_into(target, values, bfloat16, None if len(rows) == inner else rows)
         return nbytes
 
     def _chunk_buffer(self, nbytes: int) -> np.ndarray:
