@@ -146,34 +146,13 @@ def _data_options(params: dict):
     return DataOptions(select=None if select is None else parse_select(select), **values)
 
 
-def _images_to_do(plan) -> int:
-    """Images of this ``--shard I/N`` process's shards that a planned store still lacks (a
-    shard counts until every store has its completion marker; 0: nothing to do)."""
-    import math
-
-    from featcache.store import FeatureStore, StoreError
-
-    config = plan.config
-    marked = []
-    for url in plan.urls:
-        try:
-            store = FeatureStore.open(url, storage_options=config.storage_options)
-            marked.append(store.marked_shards())
-        except StoreError:  # not created yet
-            marked.append(set())
-    index, count = config.shard
-    size, total = config.shard_size, len(plan.records)
-    shards = range(index, math.ceil(total / size), count)
-    return sum(min(size, total - s * size) for s in shards if any(s not in m for m in marked))
-
-
 def _extract_with_progress(config, display, *, parent=None, scheduler: str | None = None) -> dict:
     """Plan (a spinner while the models load), print the planned stores, extract the missing
     shards with a progress task (images k of N, img/s, MB/s, ETA) on ``display``
     (``cli._progress``); stores already complete say so and write nothing."""
     from rich.table import Table
 
-    from featcache.extract import plan_extraction, run_extraction
+    from featcache.extract import images_to_extract, plan_extraction, run_extraction
 
     with display.spinner(f"loading {', '.join(config.models)}", parent=parent):
         plan = plan_extraction(config)
@@ -185,7 +164,7 @@ def _extract_with_progress(config, display, *, parent=None, scheduler: str | Non
         size = format_size(plan.estimated_bytes(spec))
         table.add_row(encoder.name, layers, url, size)
     display.log(table)
-    todo = _images_to_do(plan)
+    todo = images_to_extract(plan)
     if todo == 0:  # the run below only reopens the stores (and checks --scheduler)
         display.log(f"extract {plan.split}: complete, nothing to do ({len(plan.urls)} stores)")
     task = display.task(f"extract {plan.split}", total=todo, parent=parent) if todo else None

@@ -666,6 +666,14 @@ def _label_kind(value: Any) -> str:
     )
 
 
+def _labels_if_any(entries: list[tuple[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
+    """``_labels`` when any value is not None, else every entry unlabelled (-1, no classes):
+    the rule of corpora whose samples may carry no label (webdataset, parquet)."""
+    if any(value is not None for _, value in entries):
+        return _labels(entries)
+    return [-1] * len(entries), ()
+
+
 def _labels(entries: list[tuple[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
     """Label indices and class names for (where, value) pairs, or a ``ManifestError``."""
     kinds = [_label_kind(value) for _, value in entries]

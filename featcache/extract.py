@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -643,6 +643,30 @@ def _record_precision_errors(
         stores[which].update_attrs({"precision_error": error})
 
 
+def _pending(shards: Iterable[int], marked: list[set[int]]) -> list[int]:
+    """The ``shards`` that some store (its marked shards in ``marked``) still lacks."""
+    return [shard for shard in shards if any(shard not in done for done in marked)]
+
+
+def images_to_extract(plan: ExtractPlan) -> int:
+    """Images of this ``--shard I/N`` slice's shards that some planned store still lacks, as
+    ``run_extraction`` will choose them (a store not created yet lacks every shard); 0 when
+    every store is complete. Reads each store's markers; creates nothing."""
+    config = plan.config
+    marked = []
+    for url in plan.urls:
+        try:
+            marked.append(
+                FeatureStore.open(url, storage_options=config.storage_options).marked_shards()
+            )
+        except StoreError:  # not created yet
+            marked.append(set())
+    index, count = config.shard
+    size, total = config.shard_size, len(plan.records)
+    pending = _pending(range(index, math.ceil(total / size), count), marked)
+    return sum(min(size, total - shard * size) for shard in pending)
+
+
 def run_extraction(
     plan: ExtractPlan, *, progress: ProgressFn | None = None, shards: list[int] | None = None
 ) -> dict[str, Any]:
@@ -664,7 +688,7 @@ def run_extraction(
     index, count = config.shard
     mine = shards if shards is not None else range(index, stores[0].num_shards, count)
     marked = [store.marked_shards() for store in stores]
-    todo = [shard for shard in mine if any(shard not in done for done in marked)]
+    todo = _pending(mine, marked)
     for store in stores:
         store.remove_stale_partials(todo)
     copies = [_HostCopies(encoder.device) for encoder in plan.encoders]

@@ -41,7 +41,7 @@ from featcache.data import (
     Dataset,
     ManifestError,
     Record,
-    _labels,
+    _labels_if_any,
     _relative_id,
 )
 from featcache.errors import BadImageError
@@ -216,10 +216,8 @@ def load(path: str, options: DataOptions) -> Dataset:
                     f"{value!r} on {where} instead."
                 )
         labels = [entry[4] for entry in entries]
-    elif any(entry[4] is not None for entry in entries):
-        labels, classes = _labels([(entry[0], entry[4]) for entry in entries])
     else:
-        labels, classes = [-1] * len(entries), ()
+        labels, classes = _labels_if_any([(entry[0], entry[4]) for entry in entries])
     records = [
         Record(rid, cell.file, label, split, None, member=cell)
         for (_, rid, split, cell, _), label in zip(entries, labels, strict=True)

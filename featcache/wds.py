@@ -46,7 +46,7 @@ from featcache.data import (
     Dataset,
     ManifestError,
     Record,
-    _labels,
+    _labels_if_any,
 )
 from featcache.errors import BadImageError
 
@@ -211,10 +211,7 @@ def load(pattern: str, options: DataOptions) -> Dataset:
         raise ManifestError(
             f"Expected samples with a {', '.join(IMAGE_KEYS)} member in {pattern}. Got none."
         )
-    if any(entry[4] is not None for entry in entries):
-        labels, classes = _labels([(entry[0], entry[4]) for entry in entries])
-    else:
-        labels, classes = [-1] * len(entries), ()
+    labels, classes = _labels_if_any([(entry[0], entry[4]) for entry in entries])
     records = [
         Record(rid, member.url, label, split, None, member=member)
         for (_, rid, split, member, _), label in zip(entries, labels, strict=True)
