@@ -7,15 +7,22 @@ loss forward, backward and AdamW step of each batch); the phases around them are
 wrapping the recipe's methods, so the script measures any version of the recipe the same way:
 
     train steps   sum of the history's compute_s
+    val forwards  sum of the history's val_compute_s: the validation loss forwards (0 for a
+                  --baseline that does not record them: all of its validation is "val other")
+    val other     the rest of StitchRecipe._validate (loader hand-over, metric bookkeeping)
     data wait     sum of the history's data_wait_s (the loader's batch hand-over)
-    validation    StitchRecipe._validate, once per epoch
-    checkpoint    StitchRecipe._save_checkpoint, per epoch and per learning rate
+    checkpoint    StitchRecipe._save_checkpoint (lr boundaries; epochs: --checkpoint-every)
     loop other    the rest of the stage loop (snapshots, the epoch bookkeeping)
     setup         StitchRecipe(config): stores opened and checked, encoders loaded
     evaluation    evaluate_run: test metrics after training
 
-``ratio (loop)`` = train steps ÷ wall time of the stage loop (the training the goal is about);
-``ratio (fit)`` = train steps ÷ wall time of the whole fit (setup and evaluation included).
+``ratio (compute)`` = (train steps + val forwards) ÷ wall time of the stage loop: the fit's
+forward / backward / optimiser steps (validation forwards are forward steps of the protocol,
+early stopping needs them every epoch) against the training loop's wall time; the goal's
+ratio. ``ratio (loop)`` = train steps alone ÷ the same wall time: at ``--val-fraction`` v it
+cannot exceed about 1 / (1 + v / (2 (1 - v))) (a validation row costs one forward, a training
+row a forward and a backward), 0.947 at v = 0.1. ``ratio (fit)`` = train steps ÷ wall time of
+the whole fit (setup and evaluation included).
 
 Cases (each one fit, objective ffm+tlt, the ``--lrs`` grid, early stopping off so every case
 runs its epochs): the tiny presets (dinov2-tiny -> siglip2-tiny at layer 2, 8x8 patches,
@@ -45,7 +52,7 @@ if __package__ in (None, ""):
 
 from _cli import run as run_cli
 
-PHASES = ("train steps", "data wait", "validation", "checkpoint", "loop other")
+PHASES = ("train steps", "val forwards", "val other", "data wait", "checkpoint", "loop other")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -167,12 +174,14 @@ def timed_fit(case: dict, work: Path) -> dict:
         evaluate_module.evaluate_run = evaluate_run
     history = recipe.history
     steps = sum(row["compute_s"] for row in history)
+    val_forwards = sum(row.get("val_compute_s", 0.0) for row in history)
     wait = sum(row["data_wait_s"] for row in history)
     loop = total - setup - spent["evaluation"]
     phases = {
         "train steps": steps,
+        "val forwards": val_forwards,
+        "val other": spent["validation"] - val_forwards,
         "data wait": wait,
-        "validation": spent["validation"],
         "checkpoint": spent["checkpoint"],
     }
     phases["loop other"] = loop - sum(phases.values())
@@ -186,6 +195,7 @@ def timed_fit(case: dict, work: Path) -> dict:
         "evaluation": spent["evaluation"],
         "loop_s": loop,
         "fit_s": total,
+        "ratio_compute": (steps + val_forwards) / loop,
         "ratio_loop": steps / loop,
         "ratio_fit": steps / total,
     }
@@ -267,7 +277,8 @@ def print_tables(result: dict) -> None:
         for name, key in (("stage loop", "loop_s"), ("setup", "setup"),
                           ("evaluation", "evaluation"), ("whole fit", "fit_s")):  # fmt: skip
             table.add_row(name, *[c for v in versions for c in (f"{entry[v][key]:.3f}", "")])
-        for name, key in (("ratio (loop)", "ratio_loop"), ("ratio (fit)", "ratio_fit")):
+        for name, key in (("ratio (compute)", "ratio_compute"), ("ratio (loop)", "ratio_loop"),
+                          ("ratio (fit)", "ratio_fit")):  # fmt: skip
             table.add_row(name, *[c for v in versions for c in (f"{entry[v][key]:.3f}", "")])
         console.print(table)
     console.print(f"load average before {result['load_before']}, after {result['load_after']}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 from featcache.errors import FeatcacheError
 
@@ -52,6 +53,15 @@ def parse_weights(items: list[str]) -> dict[str, str]:
             raise FeatcacheError(f"Expected --weights NAME=FILE.safetensors. Got {item!r} instead.")
         weights[name] = path
     return weights
+
+
+def check_dirs(paths: list[str] | None, option: str) -> None:
+    """Refuse a path of ``option`` (a run dir) that is not a directory."""
+    for path in paths or ():
+        if not Path(path).is_dir():
+            raise FeatcacheError(
+                f"Expected {option} to name a run dir. Got {path}, which is not a directory."
+            )
 
 
 def check_size(text: str | None, option: str = "--memory-budget") -> None:

@@ -319,7 +319,8 @@ class FitProgress:
     The events (dicts; ``event`` says which): "lr_start" (stage, stage_index, stages, lr,
     lr_index, lrs, epoch: epochs already done, epochs: the maximum), "epoch" (a history row,
     epoch 0-based, plus epochs), "lr_done" (stage, lr, epochs_run, epochs, best_epoch,
-    val_loss, stopped_early), "evaluate". Call ``close`` (or use ``with``) when fit returns.
+    val_loss, stopped_early), "stage_reused" (stage, stage_index, stages, from: the run dir it
+    was taken from, val_loss), "evaluate". Call ``close`` (or use ``with``) when fit returns.
     """
 
     def __init__(self, display: ProgressDisplay, *, parent: Task | None = None) -> None:
@@ -380,6 +381,13 @@ class FitProgress:
                 note=f"({event['lr']:g}) done, {event['epochs_run']}/{event['epochs']} "
                 f"epochs{stopped}, best epoch {event['best_epoch'] + 1}, "
                 f"val loss {event['val_loss']:.4g}"
+            )
+        elif kind == "stage_reused":
+            self._close_training()
+            count = f"{event['stage_index'] + 1}/{len(event['stages'])}"
+            self.display.log(
+                f"{event['stage']} stage {count}: taken from {event['from']} (the same stage, "
+                f"finished there; val loss {event['val_loss']:.4g})"
             )
         elif kind == "evaluate":
             self._close_training()

@@ -11,7 +11,14 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 from cli._console import RICH_MARKUP_MODE, console, err_console, reports_errors, version_option
-from cli._parse import at_least, check_device, check_out_dir, check_size, parse_lrs
+from cli._parse import (
+    at_least,
+    check_device,
+    check_dirs,
+    check_out_dir,
+    check_size,
+    parse_lrs,
+)
 
 # Accepted values (stitchtrain.fit.STITCHES, OBJECTIVES, INITS; tests keep them equal).
 Stitch = Literal["linear", "mlp", "lora"]
@@ -102,7 +109,7 @@ def _metrics_table(title: str, metrics: dict) -> Table:
     return table
 
 
-def _print_fit_plan(config, as_json: bool) -> None:
+def _print_fit_plan(config, as_json: bool, reuse: list[str]) -> None:
     """``fit --dry-run``: the plan of ``config`` (stitchtrain.plan), as a table or JSON."""
     import json
 
@@ -110,7 +117,7 @@ def _print_fit_plan(config, as_json: bool) -> None:
 
     from stitchtrain.plan import plan_fit
 
-    plan = plan_fit(config)
+    plan = plan_fit(config, reuse)
     if as_json:
         print(json.dumps(plan.to_dict(), indent=2))
         return
@@ -203,6 +210,17 @@ def fit(
     source_weights: str | None = typer.Option(None, help="Source weights (LoRA stitch)."),
     target_weights: str | None = typer.Option(None, help="Target weights (safetensors)."),
     random_init: bool = typer.Option(False, "--random-init", help="Stores of random models."),
+    reuse: list[str] | None = typer.Option(
+        None,
+        "--reuse",
+        help="Another run dir whose finished LFM / FFM stage this run takes instead of training "
+        "it, when it is the same stage (stores, rows, options; stage-<stage>.json). Repeatable.",
+    ),
+    checkpoint_every: float = typer.Option(
+        60.0,
+        help="Seconds between epoch checkpoints (0: every epoch); learning-rate boundaries "
+        "are always checkpointed. A resume replays at most this much work.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
     dry_run: bool = typer.Option(
         False,
@@ -218,6 +236,7 @@ def fit(
     check_out_dir(out)
     check_device(device)
     check_size(memory_budget)
+    check_dirs(reuse, "--reuse")
     from stitchtrain.fit import FitConfig  # torch: after the checks, so bad values exit fast
     from stitchtrain.fit import fit as run_fit
 
@@ -255,7 +274,7 @@ def fit(
         allow_geometry_mismatch=allow_geometry_mismatch,
     )
     if dry_run:
-        _print_fit_plan(config, as_json)
+        _print_fit_plan(config, as_json, reuse or [])
         return
 
     # stages -> learning rates -> epochs; with --json on stderr, so stdout holds the JSON only
@@ -263,7 +282,7 @@ def fit(
         progress_display(err_console if as_json else console) as display,
         FitProgress(display) as progress,
     ):
-        metrics = run_fit(config, progress)
+        metrics = run_fit(config, progress, checkpoint_every=checkpoint_every, reuse=reuse or ())
     if as_json:
         print(json.dumps(metrics, indent=2))
         return

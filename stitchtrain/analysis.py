@@ -297,7 +297,7 @@ def transfer_run(
     position, the run's encoders by fingerprint), the test stores (found and complete), that
     the stitch fits the stores, the memory budget and the device.
     """
-    from stitchtrain.evaluate import evaluation_split, feature_distances, probe_accuracy
+    from stitchtrain.evaluate import Distances, evaluation_split, probe_accuracy
     from stitchtrain.fit import FitConfig, StitchRecipe
     from stitchtrain.sweep import dataset_label
 
@@ -349,8 +349,9 @@ def transfer_run(
         ) from err
     split = evaluation_split(recipe)  # found and complete, before the probe trains
     test_source, test_target, test_rows = split.source, split.target, split.rows
-    metrics = probe_accuracy(recipe, test_source, test_target, test_rows)
-    metrics.update(feature_distances(recipe, test_source, test_target, test_rows))
+    distances = Distances(test_target, original.position)  # measured in the scoring pass
+    metrics = probe_accuracy(recipe, test_source, test_target, test_rows, distances)
+    metrics.update(distances.result())
     trained_store = FeatureStore.open(original.target) if all(checked) else None
     metrics.update(
         {

@@ -6,6 +6,9 @@
   3. at two stitch positions, in both directions: LFM, FFM and FFM+TLT with an MLP stitch
   4. self-stitch (FFM+TLT) of each encoder at the same positions (paper section 4.1)
 
+A cross-model FFM+TLT fit takes its FFM stage from the FFM fit of the same pair and position
+(``stitchtrain.fit``'s shared stages: the same computation, trained once).
+
 One learning rate and few epochs keep it under a few minutes on two CPU cores; the numbers
 are toy numbers (random-init encoders), the protocol is the real one.
 
@@ -94,6 +97,7 @@ def run_demo(
         result.probes[model] = metrics["test_accuracy"]
         counts.append(metrics["test_images"])
         log(f"linear probe {model}: {metrics['test_accuracy']:.3f}")
+    done: list[str] = []  # run dirs so far: an FFM stage of ffm+tlt is the one ffm trained
     for source, target, objective, position in runs:
         what = f"{source} -> {target} {objective} at {position}"
         fit_progress = start("fit", what)
@@ -111,7 +115,8 @@ def run_demo(
             epochs=epochs,
             patience=3,
         )
-        metrics = fit(config, fit_progress)
+        metrics = fit(config, fit_progress, reuse=done)
+        done.append(config.out)
         result.stitched[source, target, objective, position] = metrics["test_accuracy"]
         counts.append(metrics["test_images"])
         log(f"{what}: {metrics['test_accuracy']:.3f}")

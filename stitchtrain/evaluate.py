@@ -50,7 +50,7 @@ __all__ = [
     "EvaluationSplit",
     "evaluation_split",
     "probe_accuracy",
-    "feature_distances",
+    "Distances",
 ]
 
 
@@ -109,7 +109,7 @@ def stitched_pass(recipe, source: FeatureStore, target: FeatureStore, rows, extr
 
 
 def stitched_outputs_in_memory(
-    recipe, source, target, rows, name: str, distances: _Distances | None = None
+    recipe, source, target, rows, name: str, distances: Distances | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stitched pooled (cls) or final (seg) outputs with labels/masks, all rows in memory;
     ``distances`` accumulates the feature distances in the same pass."""
@@ -145,7 +145,7 @@ def fit_stitched_probe(recipe):
 
 
 def probe_accuracy(
-    recipe, test_source, test_target, test_rows, distances: _Distances | None = None
+    recipe, test_source, test_target, test_rows, distances: Distances | None = None
 ) -> dict[str, Any]:
     probe = fit_stitched_probe(recipe)
     test_x, test_y = stitched_outputs_in_memory(
@@ -202,7 +202,7 @@ def _seg_decoder_miou(recipe, test_source, test_target, test_rows, distances) ->
 
 @torch.no_grad()
 def _head_metric(
-    recipe, test_source, test_target, test_rows, distances: _Distances | None = None
+    recipe, test_source, test_target, test_rows, distances: Distances | None = None
 ) -> dict[str, Any]:
     task = recipe.config.task
     labels_array = "labels" if task == "cls" else "masks"
@@ -241,7 +241,7 @@ def _head_metric(
     }
 
 
-class _Distances:
+class Distances:
     """Running sums of the feature distances (module docstring) over stitched test batches,
     so the pass that scores the test split also measures them (one forward, not two). The
     batches must carry ``fields`` (the target's pooled, final and layer-n arrays it has)."""
@@ -277,16 +277,6 @@ class _Distances:
 
 
 @torch.no_grad()
-def feature_distances(recipe, test_source, test_target, test_rows) -> dict[str, float]:
-    """The feature distances of the stitched model on ``test_rows`` (module docstring)."""
-    distances = _Distances(test_target, recipe.config.position)
-    for batch, final, pooled in stitched_pass(
-        recipe, test_source, test_target, test_rows, distances.fields
-    ):
-        distances.update(recipe, batch, final, pooled)
-    return distances.result()
-
-
 def load_run(run_dir: str | Path, **overrides):
     """A finished run's ``StitchRecipe`` with its trained stitch (and head) and the target
     encoder loaded; ``overrides`` replace config fields (e.g. other test stores)."""
@@ -322,7 +312,7 @@ def evaluate_run(run_dir: str | Path, recipe=None, split: EvaluationSplit | None
         )
     split = split or evaluation_split(recipe)
     test_source, test_target, test_rows = split.source, split.target, split.rows
-    distances = _Distances(test_target, recipe.config.position)  # in the scoring pass
+    distances = Distances(test_target, recipe.config.position)  # in the scoring pass
     if recipe.stages[-1] == "tlt":
         metrics = _head_metric(recipe, test_source, test_target, test_rows, distances)
     elif recipe.config.task == "cls":

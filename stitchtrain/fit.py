@@ -8,7 +8,16 @@
               each stage trains one stitch per learning rate in the grid with early stopping on
               the validation loss and keeps the best by validation metric
     evaluate  test-split accuracy / mIoU and the Figure 2 feature distances (``evaluate.py``)
-    save      config.json, stitch.safetensors, head.safetensors, history.csv, metrics.json
+    save      config.json, stitch.safetensors, head.safetensors, history.csv, metrics.json,
+              and per LFM / FFM stage stitch-<stage>.safetensors + stage-<stage>.json
+
+Shared stages: an LFM or FFM stage is the same computation in every run whose config agrees on
+what decides it (``StitchRecipe.stage_key``: the config without the later stages, the test
+stores and the scoring options; the stages up to it; the stores' ids, the train / validation
+rows, the device and the torch version), e.g. the FFM stage of ``ffm`` and of ``ffm+tlt`` at
+one position. ``stage-<stage>.json`` records that key, the stage's result and history rows and
+its stitch file's SHA-256; given ``reuse`` run dirs, a stage whose key and hash one of them
+holds is taken from it (``metrics.json``: ``stages.<stage>.reused_from``) instead of trained.
 
 Per stage, one optimisation step on a batch of B rows:
     lfm   loss = mse(S(src_n), tgt_n)                                 no encoder runs
@@ -22,8 +31,9 @@ The LoRA stitch reads src_{n-1} instead. Features
 are checked finite as they are read, and a non-finite loss stops the run before its step
 (``NonFiniteLossError``, naming stage, learning rate, epoch and the batch's store rows).
 
-Checkpoints: after every epoch, and when a learning rate finishes, the training state is
-written to the run dir as two files:
+Checkpoints: after an epoch once ``checkpoint_every`` seconds (default
+``CHECKPOINT_EVERY_S``; 0: every epoch) have passed since the last one, and always when a learning
+rate finishes, the training state is written to the run dir as two files:
     checkpoint-<sha256[:16]>.safetensors   every tensor: the stitch, head and AdamW state of the
                                            learning rate in progress (after an epoch only), the
                                            best snapshots (current: this lr; overall: the
@@ -38,8 +48,9 @@ two leaves the previous checkpoint.json naming the previous tensors file, which 
 SHA-256 is not the one the JSON names is refused. The checkpoint files are removed once
 metrics.json is written.
 
-Resume guarantee: the same command on the same run dir continues from the last checkpoint and
-ends with the run an uninterrupted one writes, bitwise (stitch.safetensors, head.safetensors,
+Resume guarantee: the same command on the same run dir continues from the last checkpoint
+(replaying the epochs run since, at most ``checkpoint_every`` seconds of work) and ends with the
+run an uninterrupted one writes, bitwise (stitch.safetensors, head.safetensors,
 history.csv apart from its timing columns, metrics.json), wherever it was killed: inside a
 learning rate, at a learning-rate or stage boundary, or during evaluation. Every random choice
 is seeded from (seed, stage, learning rate, epoch) or restored from the checkpoint. A run dir
@@ -56,6 +67,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -104,6 +116,9 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.json"
+# An epoch checkpoint costs 15-20 ms (a few MB hashed, written, fsynced): on a GPU, where an
+# epoch of a small stitch can take less, one per epoch would be most of the fit.
+CHECKPOINT_EVERY_S = 60.0
 
 
 class NonFiniteLossError(FeatcacheError, FloatingPointError):
@@ -318,7 +333,7 @@ class _SegHead(nn.Module):
 
 @dataclass
 class _StageState:
-    """Progress through one stage's learning-rate grid, checkpointed every epoch."""
+    """Progress through one stage's learning-rate grid (what a checkpoint records of it)."""
 
     lr_index: int = 0
     epoch: int = 0
@@ -332,7 +347,14 @@ class _StageState:
 class StitchRecipe:
     """Setup, the stage loop, evaluation and saving for one ``FitConfig``."""
 
-    def __init__(self, config: FitConfig) -> None:
+    def __init__(
+        self,
+        config: FitConfig,
+        checkpoint_every: float = CHECKPOINT_EVERY_S,
+        reuse: Sequence[str | Path] = (),
+    ) -> None:
+        self.checkpoint_every = checkpoint_interval(checkpoint_every)  # not in the config
+        self._last_checkpoint = time.monotonic()  # the epoch checkpoints' clock (run: reset)
         self.config = config
         self.out = Path(config.out)
         self.device = resolve_device(config.device)
@@ -344,6 +366,7 @@ class StitchRecipe:
         self.source = FeatureStore.open(config.source)
         self.target = FeatureStore.open(config.target)
         self.stages = config.objective.split("+")
+        self.reuse = [Path(d) for d in reuse if Path(d).resolve() != self.out.resolve()]
         # before pairing: a stopped extraction's unwritten ids would read as another order
         rows, self.incomplete = usable_rows(self._reads(), config.allow_incomplete)
         check_pair(
@@ -599,17 +622,20 @@ class StitchRecipe:
             )
 
     @torch.no_grad()
-    def _validate(self, stage: str, lr: float, epoch: int) -> tuple[float, float | None]:
-        """(mean validation loss, task metric: accuracy or mIoU for TLT, else None)."""
+    def _validate(self, stage: str, lr: float, epoch: int) -> tuple[float, float | None, float]:
+        """(mean validation loss, task metric: accuracy or mIoU for TLT, else None, seconds
+        of forward compute: the loss forwards up to their values on the host)."""
         self.stitch.eval()
         loader = self._stage_loader(stage, "val")
-        total, count = 0.0, 0
+        total, count, compute = 0.0, 0, 0.0
         correct, confusion = 0, ConfusionMatrix(self.num_classes)
         for batch in loader.epoch(0):
+            started = time.perf_counter()
             loss, predicted = self._loss(stage, batch)
             self._check_finite(loss, "validation", stage, lr, epoch, batch)
             size = len(batch["source"])
             total += float(loss) * size
+            compute += time.perf_counter() - started
             count += size
             if predicted is not None and self.config.task == "cls":
                 correct += int((predicted == batch["labels"]).sum())
@@ -618,10 +644,10 @@ class StitchRecipe:
                 confusion.update(predicted, truth)
         self.stitch.train()
         if stage != "tlt":
-            return total / max(count, 1), None
+            return total / max(count, 1), None, compute
         task = self.config.task
         metric = correct / max(count, 1) if task == "cls" else confusion.miou(self.config.miou)
-        return total / max(count, 1), metric
+        return total / max(count, 1), metric, compute
 
     # -- checkpointing --------------------------------------------------------------------------
     def _save_checkpoint(self, stage_index, state: _StageState, optimizer, current, overall):
@@ -661,6 +687,7 @@ class StitchRecipe:
         for old in self.out.glob("checkpoint-*.safetensors"):
             if old.name != name:
                 old.unlink()
+        self._last_checkpoint = time.monotonic()
 
     def _load_checkpoint(self) -> dict | None:
         """The checkpoint's record with its tensors in place, or None when there is none."""
@@ -697,6 +724,8 @@ class StitchRecipe:
         """Train stage ``stage_index`` over the learning-rate grid, from its start or from
         ``resume`` (a checkpoint written inside this stage), and save its best stitch."""
         stage = self.stages[stage_index]
+        if resume is None and self._reuse_stage(stage_index, progress):
+            return
         config = self.config
         start = self._initial_state(stage_index)
         state = _StageState(**resume["state"]) if resume else _StageState()
@@ -741,7 +770,8 @@ class StitchRecipe:
                 else:
                     state.stale += 1
                 state.epoch += 1
-                self._save_checkpoint(stage_index, state, optimizer, current, overall)
+                if time.monotonic() - self._last_checkpoint >= self.checkpoint_every:
+                    self._save_checkpoint(stage_index, state, optimizer, current, overall)
                 if progress is not None:
                     progress({**row, "event": "epoch", "epochs": config.epochs})
             state.finished.append(
@@ -763,7 +793,8 @@ class StitchRecipe:
             self._restore_rng(resume)
         self.stitch.load_state_dict(overall["stitch"])
         self.head.load_state_dict(overall["head"])
-        save_file(_contiguous(overall["stitch"]), str(self.out / f"stitch-{stage}.safetensors"))
+        stitch_file = save(_contiguous(overall["stitch"]))
+        _write_file(self.out / f"stitch-{stage}.safetensors", stitch_file)
         if stage == "tlt":
             save_file(_contiguous(overall["head"]), str(self.out / "head.safetensors"))
         self.stage_results[stage] = {
@@ -772,12 +803,80 @@ class StitchRecipe:
             "val_loss": overall["val_loss"],
             "val_metric": overall["val_metric"],
         }
+        if stage != "tlt":
+            self._write_stage_record(stage_index, stitch_file)
         if stage == "tlt" and config.head == "probe":
             probe = self._probe_head()
             self.stage_results[stage]["head_init"] = {
                 "from": "target probe" if config.task == "cls" else "target linear decoder",
                 **{k: probe[k] for k in ("lr", "val_metric", "epochs")},
             }
+
+    # -- shared stages (module docstring) ------------------------------------------------------
+    def stage_key(self, stage_index: int) -> dict[str, Any]:
+        """What decides stage ``stage_index``'s outcome, as JSON: two runs with equal keys
+        train that stage identically (up to the float reduction order of their threads)."""
+        stages = self.stages[: stage_index + 1]
+        config = json.loads(json.dumps(asdict(self.config)))
+        for name in _NOT_IN_STAGE_KEY:
+            config.pop(name)
+        if "tlt" not in stages:  # the head option is read by the TLT stage only
+            config["head"] = HEADS[0]
+        rows = {"train": self.train_rows.tolist(), "val": self.val_rows.tolist()}
+        return {
+            "config": config,
+            "stages": stages,
+            "stores": [self.source.attrs["store_id"], self.target.attrs["store_id"]],
+            "rows": hashlib.sha256(json.dumps(rows).encode()).hexdigest(),
+            "device": self.device.type,
+            "torch": torch.__version__,
+        }
+
+    def _write_stage_record(self, stage_index: int, stitch_file: bytes) -> None:
+        """``stage-<stage>.json``: the key, result and history rows of a finished LFM / FFM
+        stage and its stitch file's SHA-256 (written after that file, atomically)."""
+        stage = self.stages[stage_index]
+        result = {k: v for k, v in self.stage_results[stage].items() if k != "reused_from"}
+        record = {
+            "key": self.stage_key(stage_index),
+            "result": result,
+            "history": [row for row in self.history if row["stage"] == stage],
+            "stitch_sha256": hashlib.sha256(stitch_file).hexdigest(),
+        }
+        _write_file(self.out / f"stage-{stage}.json", json.dumps(record, indent=1).encode())
+
+    def reusable_stage(self, stage_index: int) -> tuple[Path, dict, bytes] | None:
+        """(run dir, stage record, stitch file bytes) of the first ``reuse`` run dir that
+        finished stage ``stage_index`` as this run would (same key, intact stitch file), or
+        None (TLT: never, it trains the head)."""
+        stage = self.stages[stage_index]
+        if stage == "tlt" or not self.reuse:
+            return None
+        key = self.stage_key(stage_index)
+        for run_dir in self.reuse:
+            found = _finished_stage(run_dir, stage, key)
+            if found is not None:
+                return (run_dir, *found)
+        return None
+
+    def _reuse_stage(self, stage_index: int, progress) -> bool:
+        """Take stage ``stage_index`` (stitch file, result, history rows) from the run dir
+        ``reusable_stage`` finds; False when there is none."""
+        found = self.reusable_stage(stage_index)
+        if found is None:
+            return False
+        run_dir, record, stitch_file = found
+        stage = self.stages[stage_index]
+        _write_file(self.out / f"stitch-{stage}.safetensors", stitch_file)
+        self.stitch.load_state_dict(load(stitch_file))
+        self.history.extend(record["history"])
+        self.stage_results[stage] = {**record["result"], "reused_from": str(run_dir)}
+        self._write_stage_record(stage_index, stitch_file)
+        if progress is not None:
+            progress({"event": "stage_reused", "stage": stage, "stage_index": stage_index,
+                      "stages": list(self.stages), "from": str(run_dir),
+                      "val_loss": record["result"]["val_loss"]})  # fmt: skip
+        return True
 
     def _train_epoch(self, stage, lr, epoch, loader, optimizer, state=None) -> dict[str, Any]:
         """One pass over the training rows, then validation; the history row of that epoch.
@@ -803,7 +902,7 @@ class StitchRecipe:
             total += float(loss.detach()) * len(batch["source"])
             count += len(batch["source"])
             compute += time.perf_counter() - step_start
-        val_loss, val_metric = self._validate(stage, lr, epoch)
+        val_loss, val_metric, val_compute = self._validate(stage, lr, epoch)
         return {
             "stage": stage,
             "lr": lr,
@@ -814,6 +913,7 @@ class StitchRecipe:
             "seconds": round(time.perf_counter() - started, 4),
             "data_wait_s": round(loader.stats.wait_seconds - wait_before, 4),
             "compute_s": round(compute, 4),
+            "val_compute_s": round(val_compute, 4),
             "data_gb_per_s": round(loader.stats.gb_per_s, 4),
         }
 
@@ -840,6 +940,7 @@ class StitchRecipe:
         self.out.mkdir(parents=True, exist_ok=True)
         _write_or_check_config(self.out, self.config)
         resume = self._load_checkpoint()
+        self._last_checkpoint = time.monotonic()
         self.stage_results = dict(resume["stage_results"]) if resume else {}
         self.history = list(resume["history"]) if resume else []
         first = resume["stage_index"] if resume else 0
@@ -860,6 +961,28 @@ class StitchRecipe:
         _write_file(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
         _remove_checkpoint(self.out)
         return metrics
+
+
+# options that only later stages or the test evaluation read, or that name the run itself
+_NOT_IN_STAGE_KEY = (
+    "out", "objective", "source_test", "target_test", "seg_decoder", "miou", "score_resolution",
+    "device",  # its resolved type is in the key
+)  # fmt: skip
+
+
+def _finished_stage(run_dir: Path, stage: str, key: dict) -> tuple[dict, bytes] | None:
+    """(stage record, stitch file bytes) of ``run_dir``'s finished ``stage`` when its key is
+    ``key`` and its stitch file has the recorded SHA-256; else None (absent, other, changed)."""
+    try:
+        record = json.loads((run_dir / f"stage-{stage}.json").read_text())
+        stitch_file = (run_dir / f"stitch-{stage}.safetensors").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != key:
+        return None
+    if hashlib.sha256(stitch_file).hexdigest() != record.get("stitch_sha256"):
+        return None
+    return record, stitch_file
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -963,14 +1086,28 @@ def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
-def fit(config: FitConfig, progress=None, log=None) -> dict[str, Any]:
+def fit(
+    config: FitConfig,
+    progress=None,
+    log=None,
+    checkpoint_every: float = CHECKPOINT_EVERY_S,
+    reuse: Sequence[str | Path] = (),
+) -> dict[str, Any]:
     """The API behind ``stitchtrain fit``: a finished run dir's metrics at once, else
-    ``StitchRecipe(config).run(progress, log)``."""
+    ``StitchRecipe(config, checkpoint_every, reuse).run(progress, log)``."""
+    checkpoint_interval(checkpoint_every)
     finished = _finished_metrics(Path(config.out), config)
     if finished is not None:
         return finished
     check_run_dir(Path(config.out), config)  # before opening a store or loading an encoder
-    return StitchRecipe(config).run(progress, log)
+    return StitchRecipe(config, checkpoint_every, reuse).run(progress, log)
+
+
+def checkpoint_interval(seconds: Any) -> float:
+    """``seconds`` as the epoch-checkpoint interval (a number >= 0; inf: lr boundaries only)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+        raise FeatcacheError(f"Expected --checkpoint-every >= 0 seconds. Got {seconds!r} instead.")
+    return float(seconds)
 
 
 def check_run_dir(out: Path, config: FitConfig) -> str:

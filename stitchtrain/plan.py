@@ -33,6 +33,7 @@ optimiser state. Checked against measured peaks in tests/test_fail_fast.py.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,9 @@ class FitPlan:
     # 0 for a finished run dir (fit returns its metrics at once)
     max_steps: int = 0
     incomplete_stores: list[str] = field(default_factory=list)
+    # stage -> the run dir it would be taken from, not trained (fit's shared stages, --reuse);
+    # those stages' steps are not in max_steps
+    reused: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +122,8 @@ class FitPlan:
         ]
         if self.incomplete_stores:
             lines.append(("incomplete stores", ", ".join(self.incomplete_stores)))
+        for stage, run_dir in self.reused.items():
+            lines.append((f"{stage} stage", f"taken from {run_dir}, not trained"))
         return lines
 
 
@@ -176,13 +182,18 @@ def step_memory(recipe: StitchRecipe, stage: str) -> tuple[int, int]:
     return int(activations), 3 * 4 * trainable
 
 
-def plan_fit(config: FitConfig) -> FitPlan:
-    """Check every input of ``fit(config)`` as fit does before its first step and return its
-    plan; raises fit's errors. Writes nothing (the run dir is not created)."""
+def plan_fit(config: FitConfig, reuse: Sequence[str | Path] = ()) -> FitPlan:
+    """Check every input of ``fit(config, reuse=reuse)`` as fit does before its first step
+    and return its plan; raises fit's errors. Writes nothing (the run dir is not created)."""
     from stitchtrain.evaluate import evaluation_split
 
     state = check_run_dir(Path(config.out), config)
-    recipe = StitchRecipe(config)
+    recipe = StitchRecipe(config, reuse=reuse)
+    reused = {}
+    for index, stage in enumerate(recipe.stages):
+        found = recipe.reusable_stage(index)
+        if found is not None:
+            reused[stage] = str(found[0])
     split = evaluation_split(recipe)
     loaders = {}
     for stage in recipe.stages:
@@ -207,7 +218,8 @@ def plan_fit(config: FitConfig) -> FitPlan:
         else _default_budget(recipe.device)
     )
     encoders = [getattr(e, "module", None) for e in (recipe.target_encoder, recipe.source_encoder)]
-    max_steps = sum(config.epochs * n * len(config.lrs) for n in steps.values())
+    trained = [stage for stage in recipe.stages if stage not in reused]
+    max_steps = sum(config.epochs * steps[stage] * len(config.lrs) for stage in trained)
     memory = {stage: step_memory(recipe, stage) for stage in recipe.stages}
     staged_bytes = sum(e["bytes"] for e in entries.values() if e["mode"] == "staged")
     model_bytes = _parameter_bytes(recipe.stitch, recipe.head, *encoders)
@@ -233,4 +245,5 @@ def plan_fit(config: FitConfig) -> FitPlan:
         peak_bytes=staged_bytes + model_bytes + max(sum(m) for m in memory.values()),
         max_steps=0 if state == "finished" else max_steps,
         incomplete_stores=sorted({**recipe.incomplete, **split.incomplete}),
+        reused=reused,
     )

@@ -459,7 +459,8 @@ def _write_marker(run_dir: Path, point: SweepPoint, row: dict) -> None:
 def run_point(point: SweepPoint, out: str, fit_progress=None) -> dict[str, Any]:
     """Run one grid point in ``OUT/runs/<id>``; return its table row (never raises on a
     failed run: the row says "failed" and carries the error). ``fit_progress``: fit's
-    progress callback (``stitchtrain.fit.fit``) for a stitch point."""
+    progress callback (``stitchtrain.fit.fit``) for a stitch point, which takes an LFM / FFM
+    stage another point of the sweep finished when it is the same (fit's shared stages)."""
     run_dir = point.run_dir(out)
     started = time.perf_counter()
     try:
@@ -467,7 +468,9 @@ def run_point(point: SweepPoint, out: str, fit_progress=None) -> dict[str, Any]:
             kwargs = dict(point.config)
             metrics = probe_store(kwargs.pop("store_url"), run_dir, **kwargs)
         else:
-            metrics = fit(point.fit_config(out), fit_progress)
+            runs = run_dir.parent  # other points' finished LFM / FFM stages are shared
+            others = sorted(d for d in runs.iterdir() if d != run_dir) if runs.is_dir() else []
+            metrics = fit(point.fit_config(out), fit_progress, reuse=others)
     except Exception as err:  # a failed point is recorded and the sweep goes on
         message = f"{type(err).__name__}: {err}"
         if not isinstance(err, FeatcacheError):

@@ -6,7 +6,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import extract_demo_stores
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import stitchtrain.analysis as analysis_module
@@ -14,6 +16,7 @@ from cli.experiments_app import experiments_app
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
 from stitchtrain.analysis import count_scenarios, run_predictions, transfer_run
+from stitchtrain.evaluate import load_run
 from stitchtrain.fit import FitConfig, fit
 from stitchtrain.probe import probe_store
 
@@ -161,7 +164,27 @@ def test_transfer_applies_the_ffm_stitch_to_another_dataset(runs, tmp_path):
     assert metrics["test_target"] == other["siglip2-tiny", "test"] and metrics["test_images"] == 6
     assert metrics["encoders_checked"] and metrics["position"] == 2
     assert json.loads((tmp_path / "t" / "transfer.json").read_text())["run_dir"] == str(run_dir)
-    assert np.isfinite(metrics["final_distance"])  # Figure 2's distances, on the new dataset
+    # Figure 2's distances on the new dataset, measured in the probe's scoring pass: equal to
+    # a plain computation over the whole test arrays (RMS token distance, l2 of pooled)
+    recipe = load_run(run_dir, source=other["dinov2-tiny", "train"],
+                      target=other["siglip2-tiny", "train"], out=str(tmp_path / "t"))  # fmt: skip
+    recipe.stitch.load_state_dict(load_file(str(run_dir / "stitch-ffm.safetensors")))
+    source = FeatureStore.open(other["dinov2-tiny", "test"]).group
+    target = FeatureStore.open(other["siglip2-tiny", "test"]).group
+    arrays = {name: torch.from_numpy(np.asarray(target[name][:], np.float32))
+              for name in ("layers/2", "final", "pooled")}  # fmt: skip
+    tokens = torch.from_numpy(np.asarray(source["layers/2"][:], np.float32))
+    with torch.no_grad():
+        final, pooled = recipe.stitched_outputs(tokens)
+        layer = recipe.stitch(tokens)
+
+    def rms(a, b):
+        return float(((a - b).pow(2).sum((1, 2)) / a.shape[1]).sqrt().mean())
+
+    assert metrics["layer_distance"] == pytest.approx(rms(layer, arrays["layers/2"]), rel=1e-5)
+    assert metrics["final_distance"] == pytest.approx(rms(final, arrays["final"]), rel=1e-5)
+    want = float((pooled - arrays["pooled"]).norm(dim=-1).mean())
+    assert metrics["pooled_distance"] == pytest.approx(want, rel=1e-5)
 
 
 def test_transfer_refusals(runs, tmp_path):

@@ -39,7 +39,7 @@ from stitchtrain.losses import IGNORE_INDEX, segmentation_targets
 from stitchtrain.probe import fit_linear_decoder, fit_linear_probe
 
 runner = CliRunner()
-TIMING = ("seconds", "data_wait_s", "compute_s", "data_gb_per_s")
+TIMING = ("seconds", "data_wait_s", "compute_s", "val_compute_s", "data_gb_per_s")
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ class _Snapshotting(StitchRecipe):
     """Copies the run dir after every checkpoint write (each one a kill point)."""
 
     def __init__(self, config: FitConfig, where: Path) -> None:
-        super().__init__(config)
+        super().__init__(config, checkpoint_every=0)  # a checkpoint after every epoch
         self.where, self.count = where, 0
 
     def _save_checkpoint(self, *args, **kwargs):

@@ -227,7 +227,11 @@ def test_stitchtrain_demo_reports_each_step_as_it_ends(tmp_path):
     assert "loading dinov2-tiny, siglip2-tiny ..." in lines[: steps[0]]
     assert any("img/s" in line for line in lines[: steps[0]])
     epochs = [i for i, line in enumerate(lines) if " epoch 1/1 " in line]
-    assert len(epochs) == 24 and steps[3] < epochs[0] < steps[4] and epochs[-1] < steps[-1]
+    # 16 fits: 4 LFM, 4 FFM, 8 FFM+TLT stages of 1 epoch; the 4 cross-model FFM+TLT fits take
+    # their FFM stage from the FFM fit of the same pair and position (fit's shared stages)
+    taken = [line for line in lines if re.search(r"ffm stage 1/2: taken from .*-ffm-\d", line)]
+    assert len(epochs) == 20 and len(taken) == 4
+    assert steps[3] < epochs[0] < steps[4] and epochs[-1] < steps[-1]
     metrics = json.loads((tmp_path / "runs" / "probe-dinov2-tiny" / "metrics.json").read_text())
     title = next(i for i, line in enumerate(lines) if "Test accuracy on" in line)
     assert f"Test accuracy on {metrics['test_images']} test images" in lines[title]

@@ -90,6 +90,12 @@ CASES = {
     "rm-not-a-store": (F, ["rm", "{tmp}/sweep"], "sweep"),
     # stitchtrain fit
     "fit-memory-budget": (S, [*FIT, "--memory-budget", "lots"], "lots"),
+    "fit-checkpoint-every-negative": (
+        S,
+        [*FIT, "--checkpoint-every=-1"],
+        "--checkpoint-every >= 0 seconds ... -1",
+    ),
+    "fit-checkpoint-every-nan": (S, [*FIT, "--checkpoint-every", "nan"], "nan"),
     "fit-stitch": (S, [*FIT, "--stitch", "conv"], "conv"),
     "fit-objective": (S, [*FIT, "--objective", "mse"], "mse"),
     "fit-task": (S, [*FIT, "--task", "det"], "det"),
@@ -278,7 +284,7 @@ def test_fit_passes_allow_incomplete(tmp_path, monkeypatch):
         pytest.skip("FitConfig has no allow_incomplete field yet (added in stitchtrain/fit.py)")
     seen = {}
 
-    def fake_fit(config, progress):
+    def fake_fit(config, progress, **kwargs):
         seen["config"] = config
         return {"test_accuracy": 1.0}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -35,7 +36,7 @@ from featcache.store import FeatureStore, StoreError
 from stitchtrain.fit import FitConfig, StitchRecipe, fit
 
 # the run's timing columns differ between any two runs; everything else must be equal
-TIMING = ("seconds", "data_wait_s", "compute_s", "data_gb_per_s")
+TIMING = ("seconds", "data_wait_s", "compute_s", "val_compute_s", "data_gb_per_s")
 MODES = {"staged": None, "streamed": "1"}  # memory_budget: default (fits) or one byte
 
 
@@ -269,7 +270,7 @@ class _Snapshotting(StitchRecipe):
     1..K) and at the two stage-boundary points (stage 1 saved; stage 2 not yet started)."""
 
     def __init__(self, config: FitConfig, where: Path) -> None:
-        super().__init__(config)
+        super().__init__(config, checkpoint_every=0)  # a checkpoint after every epoch
         self.where, self.count = where, 0
 
     def _save_checkpoint(self, *args, **kwargs):
@@ -339,6 +340,56 @@ def test_resume_is_exact_at_the_stage_boundary(reference, snapshot):
     _assert_same_outcome(_resume_from(reference, snapshot), reference["outcome"], snapshot)
 
 
+class _StoppedAfter(StitchRecipe):
+    """Epoch checkpoints by the clock only (never, at ``checkpoint_every=inf``); the run stops
+    with an exception, as a kill would, after its ``stop_after``-th epoch."""
+
+    def __init__(self, config: FitConfig, stop_after: int, checkpoint_every: float) -> None:
+        super().__init__(config, checkpoint_every=checkpoint_every)
+        self.stop_after, self.epochs, self.writes = stop_after, 0, 0
+
+    def _save_checkpoint(self, *args, **kwargs):
+        super()._save_checkpoint(*args, **kwargs)
+        self.writes += 1
+
+    def _train_epoch(self, *args, **kwargs):
+        row = super()._train_epoch(*args, **kwargs)
+        self.epochs += 1
+        if self.epochs == self.stop_after:
+            raise KeyboardInterrupt("stopped")
+        return row
+
+
+def test_checkpoint_interval_writes_at_learning_rate_boundaries_and_resume_is_exact(
+    reference, tmp_path
+):
+    """``checkpoint_every``: epoch checkpoints only once that many seconds have passed; the
+    learning-rate boundaries are always written. Stopped two epochs into stage 2's second
+    learning rate, the run resumes from that lr's start and ends as the uninterrupted one."""
+    config = FitConfig(**{**reference["config"].__dict__, "out": str(tmp_path / "run")})
+    whole = _StoppedAfter(
+        FitConfig(**{**config.__dict__, "out": str(tmp_path / "whole")}), 0, math.inf
+    )
+    whole.run()
+    assert whole.writes == 6  # 2 stages x 3 lrs: the lr boundaries only, no epoch checkpoint
+    stopped = _StoppedAfter(config, stop_after=10, checkpoint_every=math.inf)
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run()
+    state = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert (state["stage_index"], state["state"]["lr_index"], state["state"]["epoch"]) == (1, 1, 0)
+    fit(config)
+    got = {**_outcome(tmp_path / "run"), "out": tmp_path / "run"}
+    _assert_same_outcome(got, reference["outcome"], "interval")
+    _assert_same_outcome({**_outcome(tmp_path / "whole"), "out": tmp_path / "whole"},
+                         reference["outcome"], "no epoch checkpoints")  # fmt: skip
+
+
+def test_checkpoint_interval_must_be_non_negative(reference):
+    for bad in (-1, float("nan"), "10"):
+        with pytest.raises(FeatcacheError, match=r"--checkpoint-every >= 0 seconds.*Got"):
+            StitchRecipe(reference["config"], checkpoint_every=bad)
+
+
 _KILLED = """
 import json, os, signal, sys
 import torch
@@ -351,7 +402,7 @@ class Killed(StitchRecipe):
         Killed.writes += 1
         if Killed.writes == int(sys.argv[2]):
             os.kill(os.getpid(), signal.SIGKILL)
-Killed(FitConfig(**json.loads(sys.argv[1]))).run()
+Killed(FitConfig(**json.loads(sys.argv[1])), checkpoint_every=0).run()
 """
 
 

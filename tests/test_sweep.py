@@ -134,11 +134,11 @@ def test_interrupted_sweep_reruns_only_missing_points(root, sequential, monkeypa
     calls = []
     real_fit = sweep_module.fit
 
-    def interrupting_fit(config, progress=None):
+    def interrupting_fit(config, progress=None, **kwargs):
         calls.append(config.out)
         if len(calls) == 2:
             raise KeyboardInterrupt  # the user stops the sweep inside the second stitch run
-        return real_fit(config, progress)
+        return real_fit(config, progress, **kwargs)
 
     monkeypatch.setattr(sweep_module, "fit", interrupting_fit)
     with pytest.raises(KeyboardInterrupt):
@@ -147,8 +147,8 @@ def test_interrupted_sweep_reruns_only_missing_points(root, sequential, monkeypa
     assert set(partial.status) == {"ok"} and len(partial) == 3  # 2 probes + 1 stitch run
 
     calls.clear()
-    monkeypatch.setattr(sweep_module, "fit", lambda config, progress=None: calls.append(
-        config.out) or real_fit(config, progress))  # fmt: skip
+    monkeypatch.setattr(sweep_module, "fit", lambda config, progress=None, **kwargs: calls.append(
+        config.out) or real_fit(config, progress, **kwargs))  # fmt: skip
     table = run_sweep(plan, out)
     # the finished stitch run is not run again; the other 7 stitch points are
     assert len(calls) == 7 and str(out / "runs" / partial.id[2]) not in calls
