@@ -158,3 +158,38 @@ def extract_demo_stores(
         run_extraction(plan)
         urls.update({(m, split): u for m, u in zip(models, plan.urls, strict=True)})
     return urls
+
+
+# history.csv columns that differ between any two runs; everything else must be equal
+HISTORY_TIMING = ("seconds", "data_wait_s", "compute_s", "val_compute_s", "data_gb_per_s")
+
+
+def history_without_timing(run_dir) -> list[dict]:
+    """A run dir's history.csv rows without the ``HISTORY_TIMING`` columns."""
+    import csv
+    from pathlib import Path
+
+    with open(Path(run_dir) / "history.csv") as handle:
+        return [
+            {k: v for k, v in row.items() if k not in HISTORY_TIMING}
+            for row in csv.DictReader(handle)
+        ]
+
+
+def pair_fit_config(stores, out, **overrides):
+    """A FitConfig for dinov2-tiny -> clip-tiny train stores of ``extract_demo_stores`` at
+    position 2: FFM+TLT, lrs 1e-3 and 5e-3, 3 epochs, patience 2, batch 8; ``overrides``."""
+    from stitchtrain.fit import FitConfig
+
+    defaults = dict(
+        source=stores["dinov2-tiny", "train"],
+        target=stores["clip-tiny", "train"],
+        position=2,
+        out=str(out),
+        objective="ffm+tlt",
+        lrs=(1e-3, 5e-3),
+        epochs=3,
+        patience=2,
+        batch_size=8,
+    )
+    return FitConfig(**{**defaults, **overrides})

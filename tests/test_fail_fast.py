@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import extract_demo_stores
+from conftest import extract_demo_stores, pair_fit_config
 from safetensors.torch import save_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from typer.testing import CliRunner
@@ -65,19 +65,8 @@ def stores(tmp_path_factory):
 
 
 def _config(stores, out, **overrides) -> FitConfig:
-    defaults = dict(
-        source=stores["dinov2-tiny", "train"],
-        target=stores["clip-tiny", "train"],
-        position=2,
-        out=str(out),
-        objective="ffm+tlt",
-        lrs=(5e-3,),
-        epochs=30,
-        patience=30,
-        batch_size=8,
-        device="cpu",
-    )
-    return FitConfig(**{**defaults, **overrides})
+    defaults = dict(lrs=(5e-3,), epochs=30, patience=30, device="cpu")
+    return pair_fit_config(stores, out, **{**defaults, **overrides})
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ from the target's fitted probe; a mask value 255 is "ignore", never a class.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import extract_demo_stores
+from conftest import extract_demo_stores, history_without_timing, pair_fit_config
 from PIL import Image
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -39,7 +38,6 @@ from stitchtrain.losses import IGNORE_INDEX, segmentation_targets
 from stitchtrain.probe import fit_linear_decoder, fit_linear_probe
 
 runner = CliRunner()
-TIMING = ("seconds", "data_wait_s", "compute_s", "val_compute_s", "data_gb_per_s")
 
 
 @pytest.fixture(scope="module")
@@ -56,24 +54,11 @@ def stores(tmp_path_factory):
     )
 
 
-def _config(stores, out, **overrides) -> FitConfig:
-    defaults = dict(
-        source=stores["dinov2-tiny", "train"],
-        target=stores["clip-tiny", "train"],
-        position=2,
-        out=str(out),
-        objective="ffm+tlt",
-        lrs=(1e-3, 5e-3),
-        epochs=3,
-        patience=2,
-        batch_size=8,
-    )
-    return FitConfig(**{**defaults, **overrides})
+_config = pair_fit_config
 
 
 def _outcome(out: Path) -> dict:
-    with open(out / "history.csv") as handle:
-        history = [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(handle)]
+    history = history_without_timing(out)
     head = out / "head.safetensors"
     return {
         "stitch": load_file(str(out / "stitch.safetensors")),

@@ -8,7 +8,6 @@ checkpoints are safetensors + JSON, never pickle.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import extract_demo_stores
+from conftest import extract_demo_stores, history_without_timing, pair_fit_config
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from typer.testing import CliRunner
@@ -35,8 +34,6 @@ from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.store import FeatureStore, StoreError
 from stitchtrain.fit import FitConfig, StitchRecipe, fit
 
-# the run's timing columns differ between any two runs; everything else must be equal
-TIMING = ("seconds", "data_wait_s", "compute_s", "val_compute_s", "data_gb_per_s")
 MODES = {"staged": None, "streamed": "1"}  # memory_budget: default (fits) or one byte
 
 
@@ -68,18 +65,8 @@ def stores(tmp_path_factory):
 
 
 def _config(stores, out, **overrides) -> FitConfig:
-    defaults = dict(
-        source=stores["dinov2-tiny", "train"],
-        target=stores["clip-tiny", "train"],
-        position=2,
-        out=str(out),
-        objective="ffm",
-        lrs=(5e-3,),
-        epochs=2,
-        patience=2,
-        batch_size=8,
-    )
-    return FitConfig(**{**defaults, **overrides})
+    defaults = dict(objective="ffm", lrs=(5e-3,), epochs=2, patience=2)
+    return pair_fit_config(stores, out, **{**defaults, **overrides})
 
 
 def _copy(url: str, where: Path) -> str:
@@ -279,17 +266,15 @@ class _Snapshotting(StitchRecipe):
         shutil.copytree(self.out, self.where / f"k{self.count}")
 
     def _run_stage(self, stage_index, resume, progress):
-        if stage_index == 1:  # after stage_results.json, before stage 2's first checkpoint
+        if stage_index == 1:  # stage 1 saved, stage 2 not started
             shutil.copytree(self.out, self.where / "before-stage-2")
         super()._run_stage(stage_index, resume, progress)
-        if stage_index == 0:  # stitch-ffm.safetensors written, stage_results.json not yet
+        if stage_index == 0:  # stitch-ffm.safetensors and stage-ffm.json written
             shutil.copytree(self.out, self.where / "after-stage-1")
 
 
 def _outcome(out: Path) -> dict:
-    with open(out / "history.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    history = [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+    history = history_without_timing(out)
     return {
         "stitch": load_file(str(out / "stitch.safetensors")),
         "head": load_file(str(out / "head.safetensors")),

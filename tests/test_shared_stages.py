@@ -5,20 +5,17 @@ another config, or whose stitch file changed, is trained."""
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import extract_demo_stores
+from conftest import extract_demo_stores, history_without_timing, pair_fit_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cli.stitchtrain_app import app
 from stitchtrain.fit import FitConfig, StitchRecipe, fit
-
-TIMING = ("seconds", "data_wait_s", "compute_s", "val_compute_s", "data_gb_per_s")
 
 
 @pytest.fixture(scope="module")
@@ -31,25 +28,12 @@ def stores(tmp_path_factory):
 
 
 def _config(stores, out, **overrides) -> FitConfig:
-    defaults = dict(
-        source=stores["dinov2-tiny", "train"],
-        target=stores["clip-tiny", "train"],
-        source_test=stores["dinov2-tiny", "test"],
-        target_test=stores["clip-tiny", "test"],
-        position=2,
-        out=str(out),
-        objective="ffm+tlt",
-        lrs=(1e-3, 5e-3),
-        epochs=2,
-        patience=2,
-        batch_size=8,
-    )
-    return FitConfig(**{**defaults, **overrides})
+    tests = dict(source_test=stores["dinov2-tiny", "test"], target_test=stores["clip-tiny", "test"])
+    return pair_fit_config(stores, out, **{"epochs": 2, **tests, **overrides})
 
 
 def _outcome(out: Path) -> dict:
-    with open(out / "history.csv") as handle:
-        history = [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(handle)]
+    history = history_without_timing(out)
     metrics = json.loads((out / "metrics.json").read_text())
     reused = {
         stage: result.pop("reused_from")
