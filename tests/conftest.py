@@ -6,13 +6,16 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # pytest -n N (bootstrap.sh test)
+if WORKER:  # one torch thread per worker, and in the processes tests start (same reductions)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import featcache._compat  # noqa: E402,F401  (the torchvision import fix, before timm loads)
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1 if WORKER else min(2, torch.get_num_threads()))
 
 # One entry per adapter family, tiny and random-init, LayerScale away from 1e-5 where the
 # architecture has it. (id, name, load_encoder kwargs, expected prefix, expected grid)
