@@ -148,7 +148,14 @@ class SweepPoint:
         from stitchtrain.plan import plan_fit
 
         config = self.fit_config(out)
-        return None if config is None else plan_fit(config)
+        return None if config is None else plan_fit(config, self.other_runs(out))
+
+    def other_runs(self, out: str | Path) -> list[Path]:
+        """The sweep's other run dirs under ``OUT/runs``: their finished LFM / FFM stages this
+        point's fit takes when they are its own (fit's shared stages)."""
+        run_dir = self.run_dir(out)
+        runs = run_dir.parent
+        return sorted(d for d in runs.iterdir() if d != run_dir) if runs.is_dir() else []
 
 
 @dataclass
@@ -468,9 +475,7 @@ def run_point(point: SweepPoint, out: str, fit_progress=None) -> dict[str, Any]:
             kwargs = dict(point.config)
             metrics = probe_store(kwargs.pop("store_url"), run_dir, **kwargs)
         else:
-            runs = run_dir.parent  # other points' finished LFM / FFM stages are shared
-            others = sorted(d for d in runs.iterdir() if d != run_dir) if runs.is_dir() else []
-            metrics = fit(point.fit_config(out), fit_progress, reuse=others)
+            metrics = fit(point.fit_config(out), fit_progress, reuse=point.other_runs(out))
     except Exception as err:  # a failed point is recorded and the sweep goes on
         message = f"{type(err).__name__}: {err}"
         if not isinstance(err, FeatcacheError):

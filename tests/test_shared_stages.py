@@ -205,6 +205,9 @@ batch_size = 8
     }
     metrics = json.loads((runs["ffm+tlt"] / "metrics.json").read_text())
     assert metrics["stages"]["ffm"]["reused_from"] == str(runs["ffm"])
+    # the point's dry-run plan (sweep --dry-run) names the stage it takes
+    point = next(p for p in plan.points if p.run_dir(tmp_path / "out") == runs["ffm+tlt"])
+    assert point.fit_plan(tmp_path / "out").reused == {"ffm": str(runs["ffm"])}
     config = _config(
         stores, tmp_path / "alone", lrs=(5e-3,), epochs=1, patience=1, source_test=None,
         target_test=None,
