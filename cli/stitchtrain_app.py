@@ -283,6 +283,11 @@ def fit(
         FitProgress(display) as progress,
     ):
         metrics = run_fit(config, progress, checkpoint_every=checkpoint_every, reuse=reuse or ())
+    if reuse and not any("reused_from" in r for r in (metrics.get("stages") or {}).values()):
+        err_console.print(
+            "note: no finished LFM / FFM stage in the --reuse run dirs is this run's (other "
+            "stores, rows or options, or a changed stitch file): it was trained."
+        )
     if as_json:
         print(json.dumps(metrics, indent=2))
         return

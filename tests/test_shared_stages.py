@@ -165,6 +165,10 @@ def test_fit_cli_reuse(stores, runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"taken from {runs / 'ffm'}" in result.output
     _assert_same(_outcome(tmp_path / "run"), _outcome(runs / "ffm+tlt"))
+    other = ["--out", str(tmp_path / "seed1"), "--seed", "1", "--reuse", str(runs / "ffm")]
+    result = CliRunner().invoke(app, [*args, *other])
+    assert result.exit_code == 0, result.output
+    assert "no finished LFM / FFM stage in the --reuse run dirs is this run's" in result.output
     missing = tmp_path / "missing"
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b"), "--reuse", str(missing)])
     assert result.exit_code == 2
