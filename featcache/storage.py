@@ -14,6 +14,10 @@ touched. A recycled pid only makes a dead writer look alive (its temp files stay
 Zarr's own temp files (``<target stem>.<32 hex uuid>.partial``, written by plain zarr, e.g. a
 user's ``zarr.open_group(store, mode="r+")``) carry no writer, so they are removed only once
 older than ``ZARR_TEMP_GRACE_S``. Object stores (``s3://``) need none of this: a PUT is atomic.
+
+Durability: a shard's objects are fsynced, with their folders, before its marker is written
+(``sync_files``), and the marker itself is fsynced before its rename, so after a machine crash
+a marker never names data that did not reach the disk.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = [
     "fs_and_path",
     "is_local",
     "remove_stale_partials",
+    "sync_files",
     "write_atomic",
     "zarr_store",
 ]
@@ -89,6 +94,26 @@ def write_atomic(
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def sync_files(paths: Iterable[str]) -> None:
+    """fsync each local file of ``paths`` and then each folder holding one (its name)."""
+    folders = []
+    for path in paths:
+        _fsync_path(path)
+        folder = os.path.dirname(path)
+        if folder not in folders:
+            folders.append(folder)
+    for folder in folders:
+        _fsync_path(folder)
+
+
+def _fsync_path(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class WriterLocalStore(zarr.storage.LocalStore):

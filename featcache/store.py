@@ -61,6 +61,7 @@ from featcache.storage import (
     fs_and_path,
     is_local,
     remove_stale_partials,
+    sync_files,
     write_atomic,
     zarr_store,
 )
@@ -662,6 +663,8 @@ class FeatureStore:
             array = self.group[name].with_config({"write_empty_chunks": True})
             array[start:stop] = values
             objects[name] = self._object_record(name, shard)
+        if is_local(self._fs):  # the data on disk before the marker that vouches for it
+            sync_files(f"{self._path}/{record['key']}" for record in objects.values())
         self.write_marker(shard, {**info, "objects": objects})
         return written
 

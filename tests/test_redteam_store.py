@@ -448,3 +448,28 @@ def test_marker_digest_does_not_read_the_data(store):
     assert len(digests) == 2
     data = _object(store, "final", 0).read_bytes()
     assert store.object_digest("final", data) == store.read_marker(0)["objects"]["final"]["digest"]
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_shards_data_reaches_the_disk_before_its_marker(tmp_path, monkeypatch, compression):
+    """Every object file of a shard and its folder are fsynced before the shard's marker is
+    (written to its temp file, fsynced, renamed): after a machine crash a marker never names
+    data that is not on disk. Both write paths: direct shard files and zarr's own."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording_fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        return fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store = make_store(tmp_path / "s.zarr", compression=compression)
+    for shard in range(store.num_shards):
+        marker = store._marker_path(shard)
+        (marker_at,) = [i for i, p in enumerate(synced) if p.startswith(marker)]  # its temp
+        objects = store.read_marker(shard)["objects"]
+        assert len(objects) == len(store.array_names())
+        for record in objects.values():
+            path = os.path.realpath(f"{store.url}/{record['key']}")
+            assert path in synced[:marker_at], (shard, record["key"])
+            assert os.path.dirname(path) in synced[:marker_at], (shard, record["key"])
