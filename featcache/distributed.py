@@ -119,8 +119,10 @@ def extract_on_dask(
         if progress is not None:
             start, stop = stores[0].shard_rows(done["shard"])
             progress(stop - start, 0)
+    # reopened: the workers added attrs (precision_error) that these objects have not seen
+    options = config.storage_options
     return {
-        "stores": [store.summary() for store in stores],
+        "stores": [FeatureStore.open(s.url, storage_options=options).summary() for s in stores],
         "shards_processed": len(todo),
         "timings": timings,
         "scheduler": str(client.scheduler.address),

@@ -57,6 +57,9 @@ def test_local_cluster_equals_single_process(tmp_path, demo, reference, client):
     result = extract_on_dask(plan_extraction(_config(demo, tmp_path)), client)
     assert result["shards_processed"] == 5 and result["stores"][0]["complete"]
     assert tree_bytes(only_store(tmp_path)) == reference
+    # the summary is the store as the workers left it (precision_error: measured by a worker)
+    assert result["stores"][0] == FeatureStore.open(str(only_store(tmp_path))).summary()
+    assert result["stores"][0]["precision_error"]["against"] == "fp32"
 
 
 def test_killed_worker_still_yields_complete_store(tmp_path, demo, client):
