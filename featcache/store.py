@@ -557,9 +557,14 @@ class FeatureStore:
             result[shard] = (None, why) if why else (meta["attributes"][MARKER_ATTR], None)
         return result
 
+    def valid_markers(self) -> dict[int, dict]:
+        """{shard: its marker} of the shards whose marker is valid for this store (one listing
+        and one read of every marker): the only shards that exist for readers."""
+        return {s: marker for s, (marker, _) in self._markers().items() if marker is not None}
+
     def marked_shards(self) -> set[int]:
         """Shards whose marker is valid for this store: the only shards that exist for readers."""
-        return {shard for shard, (marker, _) in self._markers().items() if marker is not None}
+        return set(self.valid_markers())
 
     def read_marker(self, shard: int) -> dict | None:
         """The valid marker of ``shard`` (rows, skipped images, objects), else None."""
@@ -568,10 +573,11 @@ class FeatureStore:
             return None
         return meta["attributes"][MARKER_ATTR]
 
-    def marked_mask(self) -> np.ndarray:
-        """``(num_images,)`` bool: True for the rows of marked shards (the rows that exist)."""
+    def marked_mask(self, marked: Iterable[int] | None = None) -> np.ndarray:
+        """``(num_images,)`` bool: True for the rows of marked shards (the rows that exist);
+        ``marked``: those shards, as already read (default: read the markers)."""
         mask = np.zeros(self.num_images, bool)
-        for shard in self.marked_shards():
+        for shard in self.marked_shards() if marked is None else marked:
             start, stop = self.shard_rows(shard)
             mask[start:stop] = True
         return mask
@@ -870,11 +876,14 @@ class FeatureStore:
         }
 
     # -- verification ---------------------------------------------------------------------------
-    def object_faults(self, names: list[str] | None = None) -> list[str]:
+    def object_faults(
+        self, names: list[str] | None = None, markers: dict[int, dict] | None = None
+    ) -> list[str]:
         """Cheap check of marked shards: each object of ``names`` (default: every array) exists
-        with the size its marker records. One listing per array; no data is read."""
+        with the size its marker records. One listing per array; no data is read.
+        ``markers``: ``valid_markers()`` as already read (default: read them)."""
         faults = []
-        markers = {s: m for s, (m, _) in self._markers().items() if m is not None}
+        markers = self.valid_markers() if markers is None else markers
         for name in names or self.array_names():
             try:
                 sizes = self._fs.find(f"{self._path}/{name}/c", detail=True)

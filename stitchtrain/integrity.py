@@ -97,15 +97,16 @@ def check_usable(store: FeatureStore, arrays: list[str], allow_incomplete: bool)
     data read; checksums are checked as the loader reads). Arrays the store lacks are left to
     ``pairing.check_pair``, which names them.
     """
-    unmarked = store.missing_shards()
-    faults = store.object_faults([name for name in arrays if name in store.group])
+    markers = store.valid_markers()  # read once: the shards checked are the rows used
+    unmarked = [shard for shard in range(store.num_shards) if shard not in markers]
+    faults = store.object_faults([name for name in arrays if name in store.group], markers)
     if faults:
         shown = "; ".join(faults[:3]) + (f"; ... ({len(faults)} faults)" if len(faults) > 3 else "")
         raise StoreError(
             f"Store {store.url} is damaged: {shown}. Run `featcache verify {store.url}` and "
             "re-extract that store."
         )
-    rows = np.flatnonzero(store.marked_mask() & np.asarray(store.read("valid"), bool))
+    rows = np.flatnonzero(store.marked_mask(markers) & np.asarray(store.read("valid"), bool))
     rows = rows.astype(np.int64)
     if unmarked and not allow_incomplete:
         listed = ", ".join(map(str, unmarked[:10])) + (", ..." if len(unmarked) > 10 else "")

@@ -473,3 +473,20 @@ def test_a_shards_data_reaches_the_disk_before_its_marker(tmp_path, monkeypatch,
             path = os.path.realpath(f"{store.url}/{record['key']}")
             assert path in synced[:marker_at], (shard, record["key"])
             assert os.path.dirname(path) in synced[:marker_at], (shard, record["key"])
+
+
+def test_checking_a_store_for_training_reads_its_markers_once(store, monkeypatch):
+    """``check_usable`` (fit, probe, transfer) reads every marker once (one listing and one
+    read of each marker object: on S3, requests), and uses that one reading throughout."""
+    from stitchtrain.integrity import check_usable
+
+    reads = []
+    markers = FeatureStore._markers
+    monkeypatch.setattr(FeatureStore, "_markers", lambda self: reads.append(1) or markers(self))
+    os.remove(store._marker_path(1))
+    checked = check_usable(FeatureStore.open(store.url), ["layers/1"], allow_incomplete=True)
+    assert len(reads) == 1
+    assert checked.unmarked == [1]
+    start, stop = store.shard_rows(1)
+    assert not set(range(start, stop)) & set(checked.rows.tolist())
+    assert len(checked.rows) == store.num_images - (stop - start)
