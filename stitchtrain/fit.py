@@ -853,8 +853,9 @@ class StitchRecipe:
         if stage == "tlt" or not self.reuse:
             return None
         key = self.stage_key(stage_index)
+        shapes = {k: tuple(v.shape) for k, v in self.stitch.state_dict().items()}
         for run_dir in self.reuse:
-            found = _finished_stage(run_dir, stage, key)
+            found = _finished_stage(run_dir, stage, key, shapes)
             if found is not None:
                 return (run_dir, *found)
         return None
@@ -970,9 +971,15 @@ _NOT_IN_STAGE_KEY = (
 )  # fmt: skip
 
 
-def _finished_stage(run_dir: Path, stage: str, key: dict) -> tuple[dict, bytes] | None:
+_STAGE_RESULT = ("lr", "grid", "val_loss", "val_metric")  # the keys a stage record's result has
+
+
+def _finished_stage(
+    run_dir: Path, stage: str, key: dict, shapes: dict[str, tuple[int, ...]]
+) -> tuple[dict, bytes] | None:
     """(stage record, stitch file bytes) of ``run_dir``'s finished ``stage`` when its key is
-    ``key`` and its stitch file has the recorded SHA-256; else None (absent, other, changed)."""
+    ``key``, its result and history rows are well formed and its stitch file has the recorded
+    SHA-256 and the stitch's tensor ``shapes``; else None (absent, other, changed, damaged)."""
     try:
         record = json.loads((run_dir / f"stage-{stage}.json").read_text())
         stitch_file = (run_dir / f"stitch-{stage}.safetensors").read_bytes()
@@ -980,7 +987,20 @@ def _finished_stage(run_dir: Path, stage: str, key: dict) -> tuple[dict, bytes] 
         return None
     if not isinstance(record, dict) or record.get("key") != key:
         return None
+    result, history = record.get("result"), record.get("history")
+    if not (isinstance(result, dict) and all(k in result for k in _STAGE_RESULT)):
+        return None
+    if not (isinstance(history, list) and history):
+        return None
+    if not all(isinstance(row, dict) and row.get("stage") == stage for row in history):
+        return None
     if hashlib.sha256(stitch_file).hexdigest() != record.get("stitch_sha256"):
+        return None
+    try:
+        tensors = load(stitch_file)
+    except Exception:  # safetensors raises its own error types for a malformed file
+        return None
+    if {k: tuple(v.shape) for k, v in tensors.items()} != shapes:
         return None
     return record, stitch_file
 

@@ -130,6 +130,45 @@ def test_a_changed_stitch_file_is_not_taken(stores, runs, tmp_path):
     assert _trained(_events(config, [source])) == ["ffm"]
 
 
+def test_a_stitch_file_of_other_shapes_is_not_taken_even_with_its_hash_recorded(
+    stores, runs, tmp_path
+):
+    import hashlib
+
+    import torch
+    from safetensors.torch import save
+
+    source = tmp_path / "ffm"
+    shutil.copytree(runs / "ffm", source)
+    payload = save({"weight": torch.zeros(2, 2)})
+    (source / "stitch-ffm.safetensors").write_bytes(payload)
+    record = json.loads((source / "stage-ffm.json").read_text())
+    record["stitch_sha256"] = hashlib.sha256(payload).hexdigest()
+    (source / "stage-ffm.json").write_text(json.dumps(record))
+    config = _config(stores, tmp_path / "run", objective="ffm")
+    assert _trained(_events(config, [source])) == ["ffm"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda r: r.update(history="rows"),
+        lambda r: r.update(history=[]),
+        lambda r: r["result"].pop("val_loss"),
+        lambda r: r["history"][0].update(stage="tlt"),
+        lambda r: r.update(result=None),
+    ],
+)
+def test_a_damaged_stage_record_is_not_taken(stores, runs, tmp_path, damage):
+    source = tmp_path / "ffm"
+    shutil.copytree(runs / "ffm", source)
+    record = json.loads((source / "stage-ffm.json").read_text())
+    damage(record)
+    (source / "stage-ffm.json").write_text(json.dumps(record))
+    config = _config(stores, tmp_path / "run", objective="ffm")
+    assert _trained(_events(config, [source])) == ["ffm"]
+
+
 class _StopsInTlt(StitchRecipe):
     def _train_epoch(self, stage, *args, **kwargs):
         row = super()._train_epoch(stage, *args, **kwargs)
