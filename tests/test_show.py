@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import pair_fit_config
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -41,21 +42,11 @@ def stores(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(stores, tmp_path_factory):
     """A finished one-epoch FFM linear stitch dinov2-tiny -> clip-tiny at position 2."""
-    from stitchtrain.fit import FitConfig, fit
+    from stitchtrain.fit import fit
 
     out = tmp_path_factory.mktemp("show-run") / "run"
-    config = FitConfig(
-        source=stores["dinov2-tiny", "train"],
-        target=stores["clip-tiny", "train"],
-        position=2,
-        out=str(out),
-        stitch="linear",
-        objective="ffm",
-        lrs=(5e-3,),
-        epochs=1,
-        patience=1,
-    )
-    fit(config)
+    overrides = dict(stitch="linear", objective="ffm", lrs=(5e-3,), epochs=1, patience=1)
+    fit(pair_fit_config(stores, out, batch_size=None, **overrides))
     return out
 
 
