@@ -100,8 +100,9 @@ def version_option() -> Any:
 
 
 def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the library's deliberate errors into a red one-line message and exit status 2
-    (the message escaped: its brackets print as written)."""
+    """Turn the library's deliberate errors into a red one-line message and exit status 2, or
+    the error's own ``exit_code`` (``FitStopped``: 143); the message escaped: its brackets
+    print as written."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -110,6 +111,6 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except FeatcacheError as err:
             message = f"[bold red]error:[/] {escape(err)}"
             err_console.print(message, markup=True, soft_wrap=True, highlight=False)
-            raise typer.Exit(code=2) from err
+            raise typer.Exit(code=getattr(err, "exit_code", 2)) from err
 
     return wrapper

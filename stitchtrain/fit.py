@@ -33,7 +33,9 @@ are checked finite as they are read, and a non-finite loss stops the run before 
 
 Checkpoints: after an epoch once ``checkpoint_every`` seconds (default
 ``CHECKPOINT_EVERY_S``; 0: every epoch) have passed since the last one, and always when a learning
-rate finishes, the training state is written to the run dir as two files:
+rate finishes (and, after a SIGTERM, at the end of the epoch in progress, before stopping
+with ``FitStopped``, exit status 143), the training state is written to the run dir as two
+files:
     checkpoint-<sha256[:16]>.safetensors   every tensor: the stitch, head and AdamW state of the
                                            learning rate in progress (after an epoch only), the
                                            best snapshots (current: this lr; overall: the
@@ -66,6 +68,8 @@ import hashlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field
@@ -102,6 +106,7 @@ __all__ = [
     "FitConfig",
     "StitchRecipe",
     "NonFiniteLossError",
+    "FitStopped",
     "fit",
     "load_run_encoder",
     "check_run_dir",
@@ -123,6 +128,12 @@ CHECKPOINT_EVERY_S = 60.0
 
 class NonFiniteLossError(FeatcacheError, FloatingPointError):
     """A NaN or infinite training or validation loss."""
+
+
+class FitStopped(FeatcacheError):
+    """A SIGTERM stopped the fit at an epoch's end, after writing a checkpoint there."""
+
+    exit_code = 128 + signal.SIGTERM  # 143: what a process ended by SIGTERM reports
 
 
 OBJECTIVES = ("lfm", "ffm", "tlt", "ffm+tlt", "lfm+tlt")
@@ -354,6 +365,7 @@ class StitchRecipe:
         reuse: Sequence[str | Path] = (),
     ) -> None:
         self.checkpoint_every = checkpoint_interval(checkpoint_every)  # not in the config
+        self._stop_signal: str | None = None  # set by SIGTERM during run(): stop at epoch end
         self._last_checkpoint = time.monotonic()  # the epoch checkpoints' clock (run: reset)
         self.config = config
         self.out = Path(config.out)
@@ -714,6 +726,24 @@ class StitchRecipe:
             resume["training"]["optimizer"] = {int(k): v for k, v in state.items()}
         return resume
 
+    @contextlib.contextmanager
+    def _stop_at_epoch_end_on_sigterm(self):
+        """While training: a SIGTERM (a batch scheduler preempting the job) lets the epoch in
+        progress finish, then the stage loop checkpoints and raises ``FitStopped``. Only in the
+        main thread (signal handlers live there; a Dask worker's fit keeps the default)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame) -> None:
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
     def _restore_rng(self, resume: dict) -> None:
         torch.set_rng_state(resume["rng"]["torch"])
         if "cuda" in resume["rng"] and self.device.type == "cuda":
@@ -770,8 +800,15 @@ class StitchRecipe:
                 else:
                     state.stale += 1
                 state.epoch += 1
-                if time.monotonic() - self._last_checkpoint >= self.checkpoint_every:
+                due = time.monotonic() - self._last_checkpoint >= self.checkpoint_every
+                if due or self._stop_signal:
                     self._save_checkpoint(stage_index, state, optimizer, current, overall)
+                if self._stop_signal:
+                    raise FitStopped(
+                        f"Stopped by {self._stop_signal} after epoch {state.epoch} of stage "
+                        f"{stage}, lr {lr:g}: the checkpoint in {self.out} holds the run so far; "
+                        "the same command resumes it."
+                    )
                 if progress is not None:
                     progress({**row, "event": "epoch", "epochs": config.epochs})
             state.finished.append(
@@ -945,8 +982,9 @@ class StitchRecipe:
         self.stage_results = dict(resume["stage_results"]) if resume else {}
         self.history = list(resume["history"]) if resume else []
         first = resume["stage_index"] if resume else 0
-        for stage_index in range(first, len(self.stages)):
-            self._run_stage(stage_index, resume if stage_index == first else None, progress)
+        with self._stop_at_epoch_end_on_sigterm():
+            for stage_index in range(first, len(self.stages)):
+                self._run_stage(stage_index, resume if stage_index == first else None, progress)
         final_stage = self.stages[-1]
         save_file(_contiguous(self.stitch.state_dict()), str(self.out / "stitch.safetensors"))
         _write_history(self.out / "history.csv", self.history)

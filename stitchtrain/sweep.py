@@ -51,7 +51,7 @@ import pandas as pd
 
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
-from stitchtrain.fit import OBJECTIVES, STITCHES, FitConfig, fit
+from stitchtrain.fit import OBJECTIVES, STITCHES, FitConfig, FitStopped, fit
 from stitchtrain.pairing import check_geometry
 from stitchtrain.positions import check_position
 from stitchtrain.probe import probe_store
@@ -476,6 +476,8 @@ def run_point(point: SweepPoint, out: str, fit_progress=None) -> dict[str, Any]:
             metrics = probe_store(kwargs.pop("store_url"), run_dir, **kwargs)
         else:
             metrics = fit(point.fit_config(out), fit_progress, reuse=point.other_runs(out))
+    except FitStopped:  # a SIGTERM stops the sweep, not just this point
+        raise
     except Exception as err:  # a failed point is recorded and the sweep goes on
         message = f"{type(err).__name__}: {err}"
         if not isinstance(err, FeatcacheError):

@@ -411,6 +411,63 @@ def test_resume_after_a_real_sigkill_is_exact(reference, tmp_path):
     _assert_same_outcome(got, reference["outcome"], "sigkill")
 
 
+_TERMINATED = """
+import json, os, signal, sys
+import torch
+from stitchtrain.fit import FitConfig, FitStopped, StitchRecipe
+torch.set_num_threads(int(sys.argv[3]))
+class Terminated(StitchRecipe):
+    epochs = 0
+    def _train_epoch(self, *args, **kwargs):
+        Terminated.epochs += 1
+        if Terminated.epochs == int(sys.argv[2]):  # the scheduler's SIGTERM, mid-epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super()._train_epoch(*args, **kwargs)
+try:
+    Terminated(FitConfig(**json.loads(sys.argv[1])), checkpoint_every=float("inf")).run()
+except FitStopped as err:
+    print(err)
+    sys.exit(err.exit_code)
+"""
+
+
+def test_sigterm_checkpoints_the_epoch_in_progress_and_resume_is_exact(reference, tmp_path):
+    """A SIGTERM (a batch scheduler preempting the job) lets the epoch in progress finish,
+    writes a checkpoint even when none is due and stops with exit status 143; the same command
+    then ends as the uninterrupted run."""
+    config = FitConfig(**{**reference["config"].__dict__, "out": str(tmp_path / "run")})
+    payload = json.dumps({**config.__dict__, "lrs": list(config.lrs)})
+    done = subprocess.run(
+        [sys.executable, "-c", _TERMINATED, payload, "9", str(torch.get_num_threads())],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 143, done.stderr
+    assert "Stopped by SIGTERM after epoch 1 of stage tlt, lr 0.005" in done.stdout
+    state = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert (state["stage_index"], state["state"]["lr_index"], state["state"]["epoch"]) == (1, 1, 1)
+    fit(config)
+    got = {**_outcome(tmp_path / "run"), "out": tmp_path / "run"}
+    _assert_same_outcome(got, reference["outcome"], "sigterm")
+
+
+def test_fit_stopped_exits_143_from_the_cli(monkeypatch, tmp_path):
+    import stitchtrain.fit as fit_module
+    from stitchtrain.fit import FitStopped
+
+    def stopped(*args, **kwargs):
+        raise FitStopped("Stopped by SIGTERM after epoch 1 of stage ffm, lr 0.001: ...")
+
+    monkeypatch.setattr(fit_module, "fit", stopped)
+    args = ["fit", "--source", "a", "--target", "b", "--position", "2", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 143, result.output
+    assert "Stopped by SIGTERM" in result.output and "Traceback" not in result.output
+
+
 def test_finished_run_dir_returns_saved_metrics_without_training(stores, tmp_path):
     config = _config(stores, tmp_path / "run", epochs=1)
     metrics = fit(config)

@@ -185,3 +185,21 @@ def test_cli_dry_run_lists_points_and_bad_scheduler(root, sequential):
     plan = plan_sweep(load_sweep_config(root / "sweep.toml"), base=root)
     with pytest.raises(FeatcacheError, match="local:N"):
         run_sweep(plan, root / "bad", scheduler="cluster-please")
+
+
+def test_a_sigterm_stopping_a_fit_stops_the_sweep(root, monkeypatch):
+    """``FitStopped`` (SIGTERM: checkpoint written) is not a failed point: the sweep stops,
+    and its re-run resumes that point."""
+    from stitchtrain.fit import FitStopped
+
+    plan = plan_sweep(load_sweep_config(root / "sweep.toml"), base=root)
+    calls = []
+
+    def stopped_fit(config, progress=None, **kwargs):
+        calls.append(config.out)
+        raise FitStopped("Stopped by SIGTERM after epoch 1 of stage ffm, lr 0.005: ...")
+
+    monkeypatch.setattr(sweep_module, "fit", stopped_fit)
+    with pytest.raises(FitStopped):
+        run_sweep(plan, root / "stopped")
+    assert len(calls) == 1
