@@ -31,11 +31,10 @@ The LoRA stitch reads src_{n-1} instead. Features
 are checked finite as they are read, and a non-finite loss stops the run before its step
 (``NonFiniteLossError``, naming stage, learning rate, epoch and the batch's store rows).
 
-Checkpoints: after an epoch once ``checkpoint_every`` seconds (default
-``CHECKPOINT_EVERY_S``; 0: every epoch) have passed since the last one, and always when a learning
-rate finishes (and, after a SIGTERM, at the end of the epoch in progress, before stopping
-with ``FitStopped``, exit status 143), the training state is written to the run dir as two
-files:
+Checkpoints: after an epoch once ``checkpoint_every`` seconds (default ``CHECKPOINT_EVERY_S``;
+0: every epoch) have passed since the last one, always when a learning rate finishes, and after
+a SIGTERM at the end of the epoch in progress (then the fit stops: ``FitStopped``, exit status
+143), the training state is written to the run dir as two files:
     checkpoint-<sha256[:16]>.safetensors   every tensor: the stitch, head and AdamW state of the
                                            learning rate in progress (after an epoch only), the
                                            best snapshots (current: this lr; overall: the
@@ -51,8 +50,8 @@ SHA-256 is not the one the JSON names is refused. The checkpoint files are remov
 metrics.json is written.
 
 Resume guarantee: the same command on the same run dir continues from the last checkpoint
-(replaying the epochs run since, at most ``checkpoint_every`` seconds of work) and ends with the
-run an uninterrupted one writes, bitwise (stitch.safetensors, head.safetensors,
+(replaying the epochs run since, at most ``checkpoint_every`` seconds of work) and ends with
+the run an uninterrupted one writes, bitwise (stitch.safetensors, head.safetensors,
 history.csv apart from its timing columns, metrics.json), wherever it was killed: inside a
 learning rate, at a learning-rate or stage boundary, or during evaluation. Every random choice
 is seeded from (seed, stage, learning rate, epoch) or restored from the checkpoint. A run dir
