@@ -425,6 +425,23 @@ class FeatureFigure:
     notes: list[str | None]
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def titled(
+        cls,
+        figure: Any,
+        layout: GridLayout,
+        title: str,
+        rows: np.ndarray,
+        maps: dict[str, np.ndarray],
+        pictures: list[tuple[np.ndarray | None, str | None]],
+        extra: dict[str, Any],
+    ) -> FeatureFigure:
+        """``figure`` with ``title`` above its panels, and its data; ``pictures``: per figure
+        row, (model-input image or None, why it is not shown or None)."""
+        figure.suptitle(title, fontsize=7, y=1 - 4 / layout.size_px[1], va="top")
+        images, notes = [p[0] for p in pictures], [p[1] for p in pictures]
+        return cls(figure, layout, rows, maps, images, notes, extra)
+
     def summary(self) -> str:
         """One line: the grid and its columns."""
         rows, columns = self.layout.rows, self.layout.columns
@@ -498,19 +515,9 @@ def show_store(
                 upsample_nearest(grid_maps[index], inputs.size), interpolation="nearest"
             )
     name = store.url.rstrip("/").rsplit("/", 1)[-1]
-    figure.suptitle(
+    title = (
         f"{name}: PCA of patch tokens -> RGB, fitted per column over these "
-        f"{len(chosen)} images ({scale} scaled)",
-        fontsize=7,
-        y=1 - 4 / layout.size_px[1],
-        va="top",
+        f"{len(chosen)} images ({scale} scaled)"
     )
-    return FeatureFigure(
-        figure,
-        layout,
-        chosen,
-        maps,
-        [p[0] for p in pictures],
-        [p[1] for p in pictures],
-        {"arrays": names, "bases": bases, "scale": scale},
-    )
+    extra = {"arrays": names, "bases": bases, "scale": scale}
+    return FeatureFigure.titled(figure, layout, title, chosen, maps, pictures, extra)

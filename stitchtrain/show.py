@@ -167,21 +167,18 @@ def show_run(
         "cosine similarity per patch, stitched vs target final (range -1..1)", fontsize=7
     )
     colorbar_axes.tick_params(labelsize=7)
-    figure.suptitle(
+    title = (
         f"{Path(run_dir).name}: {source_name} -> {target_name} at position {config.position} "
         f"({config.stitch}, {config.objective}), {split} split; stitched and target final "
-        f"share the target's PCA basis ({scale} scaled)",
-        fontsize=7,
-        y=1 - 4 / layout.size_px[1],
-        va="top",
+        f"share the target's PCA basis ({scale} scaled)"
     )
-    return FeatureFigure(
+    return FeatureFigure.titled(
         figure,
         layout,
+        title,
         chosen,
         maps,
-        [p[0] for p in pictures],
-        [p[1] for p in pictures],
+        pictures,
         {
             "cosine": cosine,
             "basis": basis,
