@@ -257,11 +257,10 @@ def test_cli_dry_run_prints_the_plan_and_exits(stores, tmp_path):
     assert plan["max_steps"] == 30 * 1 * 3 * 2
 
 
-def test_sweep_points_plan_with_fit_plan(stores, tmp_path):
-    from cli.experiments_app import experiments_app
-    from stitchtrain.sweep import load_sweep_config, plan_sweep
-
-    (tmp_path / "sweep.toml").write_text(
+def _write_sweep_config(path, stores, *, probe: bool, fit: str = "") -> None:
+    """dinov2-tiny -> clip-tiny FFM at positions 2 (stored) and 3 (not), no self-stitches,
+    probes or not; ``fit``: more [fit] lines."""
+    path.write_text(
         f"""
 [stores]
 dinov2 = "{stores["dinov2-tiny", "train"]}"
@@ -273,7 +272,7 @@ positions = [2, 3]
 objectives = ["ffm"]
 
 [baselines]
-probe = false
+probe = {str(probe).lower()}
 self_stitch = false
 
 [fit]
@@ -281,8 +280,16 @@ lrs = [5e-3]
 epochs = 3
 batch_size = 8
 device = "cpu"
+{fit}
 """
     )
+
+
+def test_sweep_points_plan_with_fit_plan(stores, tmp_path):
+    from cli.experiments_app import experiments_app
+    from stitchtrain.sweep import load_sweep_config, plan_sweep
+
+    _write_sweep_config(tmp_path / "sweep.toml", stores, probe=False)
     out = tmp_path / "sweep"
     plan = plan_sweep(load_sweep_config(tmp_path / "sweep.toml"), base=tmp_path)
     good = [p for p in plan.points if p.position == 2]
@@ -312,29 +319,7 @@ def test_sweep_dry_run_json_prints_each_points_fit_plan(stores, tmp_path):
     from cli.experiments_app import experiments_app
     from stitchtrain.sweep import load_sweep_config, plan_sweep
 
-    (tmp_path / "sweep.toml").write_text(
-        f"""
-[stores]
-dinov2 = "{stores["dinov2-tiny", "train"]}"
-clip = "{stores["clip-tiny", "train"]}"
-
-[grid]
-pairs = [["dinov2", "clip"]]
-positions = [2, 3]
-objectives = ["ffm"]
-
-[baselines]
-probe = true
-self_stitch = false
-
-[fit]
-lrs = [5e-3]
-epochs = 3
-batch_size = 8
-device = "cpu"
-memory_budget = "1GB"
-"""
-    )
+    _write_sweep_config(tmp_path / "sweep.toml", stores, probe=True, fit='memory_budget = "1GB"')
     out = tmp_path / "sweep"
     args = ["sweep", str(tmp_path / "sweep.toml"), "--out", str(out), "--dry-run", "--json"]
     with counted_steps() as steps:
