@@ -196,3 +196,39 @@ def pair_fit_config(stores, out, **overrides):
         batch_size=8,
     )
     return FitConfig(**{**defaults, **overrides})
+
+
+def fake_store_spec(
+    *,
+    name="fake",
+    fingerprint="f",
+    depth=4,
+    width=6,
+    num_images=10,
+    classes=(),
+    manifest_hash="h",
+    **spec,
+):
+    """A StoreSpec of a fake encoder (no model: a 2x2 token grid after a cls token, pooled
+    width 3) over ``num_images`` images; ``spec``: StoreSpec fields (default layers (1,),
+    id width 16)."""
+    from featcache.store import StoreSpec
+
+    encoder = {
+        "name": name,
+        "depth": depth,
+        "width": width,
+        "fingerprint": fingerprint,
+        "spec": {},
+        "layout": {"prefix": ["cls"], "grid": [2, 2]},
+        "pooled_width": 3,
+    }
+    dataset = {
+        "source": "x",
+        "manifest_hash": manifest_hash,
+        "split": "train",
+        "order_seed": 0,
+        "num_images": num_images,
+        "classes": list(classes),
+    }
+    return StoreSpec(encoder=encoder, dataset=dataset, **{"layers": (1,), "id_width": 16, **spec})

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fake_store_spec
 
 from featcache.store import FeatureStore, StoreSpec
 
@@ -42,24 +43,7 @@ def _run(module: str, *args: str) -> tuple[subprocess.CompletedProcess, list[str
 
 
 def _spec() -> StoreSpec:
-    encoder = {
-        "name": "fake",
-        "depth": 2,
-        "width": 4,
-        "fingerprint": "f",
-        "spec": {},
-        "layout": {"prefix": ["cls"], "grid": [2, 2]},
-        "pooled_width": 3,
-    }
-    dataset = {
-        "source": "x",
-        "manifest_hash": "h",
-        "split": "train",
-        "order_seed": 0,
-        "num_images": 6,
-        "classes": ["a", "b"],
-    }
-    return StoreSpec(encoder=encoder, dataset=dataset, layers=(1,), shard_size=4, id_width=16)
+    return fake_store_spec(depth=2, width=4, num_images=6, classes=["a", "b"], shard_size=4)
 
 
 def _make_store(path: Path) -> str:

@@ -17,6 +17,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import fake_store_spec
 
 from featcache.store import FeatureStore, StoreSpec
 from stitchtrain.integrity import NonFiniteFeaturesError, UnreadableShardError
@@ -31,33 +32,10 @@ WORKERS = (1, 2, 3, 8)
 
 
 def _spec(name: str, dtype: str, shard_size: int, compression: str) -> StoreSpec:
-    encoder = {
-        "name": name,
-        "depth": 2,
-        "width": 6,
-        "fingerprint": name,
-        "spec": {},
-        "layout": {"prefix": ["cls"], "grid": [2, 2]},
-        "pooled_width": 3,
-    }
-    dataset = {
-        "source": "x",
-        "manifest_hash": "h",
-        "split": "train",
-        "order_seed": 0,
-        "num_images": IMAGES,
-        "classes": [],
-    }
-    return StoreSpec(
-        encoder=encoder,
-        dataset=dataset,
-        layers=(1,),
-        dtype=dtype,
-        compression=compression,
-        shard_size=shard_size,
-        mask_shape=(2, 3),
-        id_width=16,
-    )
+    return fake_store_spec(
+        name=name, fingerprint=name, depth=2, num_images=IMAGES, dtype=dtype,
+        compression=compression, shard_size=shard_size, mask_shape=(2, 3),
+    )  # fmt: skip
 
 
 def _write(path, name, dtype, seed, shard_size=SHARD, compression="none") -> FeatureStore:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import fake_store_spec
 from typer.testing import CliRunner
 
 import featcache.storage as storage
@@ -41,33 +42,11 @@ def _spec(
     masks=True,
     manifest="h",
 ) -> StoreSpec:
-    encoder = {
-        "name": "fake",
-        "depth": 4,
-        "width": 6,
-        "fingerprint": "f",
-        "spec": {},
-        "layout": {"prefix": ["cls"], "grid": [2, 2]},
-        "pooled_width": 3,
-    }
-    dataset = {
-        "source": "x",
-        "manifest_hash": manifest,
-        "split": "train",
-        "order_seed": 0,
-        "num_images": num_images,
-        "classes": ["a", "b"],
-    }
-    return StoreSpec(
-        encoder=encoder,
-        dataset=dataset,
-        layers=(1, 3),
-        dtype=dtype,
-        compression=compression,
-        shard_size=shard_size,
-        mask_shape=(4, 5) if masks else None,
-        id_width=24,
-    )
+    return fake_store_spec(
+        num_images=num_images, classes=["a", "b"], manifest_hash=manifest, layers=(1, 3),
+        dtype=dtype, compression=compression, shard_size=shard_size,
+        mask_shape=(4, 5) if masks else None, id_width=24,
+    )  # fmt: skip
 
 
 def make_store(path: Path, seed: int = 0, **kw) -> FeatureStore:

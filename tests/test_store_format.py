@@ -5,36 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
+from conftest import fake_store_spec
 
 from featcache.store import FeatureStore, StoreSpec
 
 
 def _spec(dtype: str, num_images: int, shard_size: int) -> StoreSpec:
-    encoder = {
-        "name": "fake",
-        "depth": 4,
-        "width": 6,
-        "fingerprint": "f",
-        "spec": {},
-        "layout": {"prefix": ["cls"], "grid": [2, 2]},
-        "pooled_width": 3,
-    }
-    dataset = {
-        "source": "x",
-        "manifest_hash": "h",
-        "split": "train",
-        "order_seed": 0,
-        "num_images": num_images,
-        "classes": [],
-    }
-    return StoreSpec(
-        encoder=encoder,
-        dataset=dataset,
-        layers=(1,),
-        dtype=dtype,
-        shard_size=shard_size,
-        id_width=16,
-    )
+    return fake_store_spec(num_images=num_images, dtype=dtype, shard_size=shard_size)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
