@@ -391,19 +391,25 @@ Killed(FitConfig(**json.loads(sys.argv[1])), checkpoint_every=0).run()
 """
 
 
-def test_resume_after_a_real_sigkill_is_exact(reference, tmp_path):
-    config = FitConfig(**{**reference["config"].__dict__, "out": str(tmp_path / "run")})
+def _run_script(script: str, config: FitConfig, at: int) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter with argv: the config as JSON, ``at``, and this
+    process's torch thread count (the same float reductions as the reference run)."""
     payload = json.dumps({**config.__dict__, "lrs": list(config.lrs)})
-    # checkpoint 3 is written when the first FFM learning rate finishes: the next one must
-    # start fresh, not from the finished one's stitch, head and optimiser
-    done = subprocess.run(
-        [sys.executable, "-c", _KILLED, payload, "3", str(torch.get_num_threads())],
+    return subprocess.run(
+        [sys.executable, "-c", script, payload, str(at), str(torch.get_num_threads())],
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_resume_after_a_real_sigkill_is_exact(reference, tmp_path):
+    config = FitConfig(**{**reference["config"].__dict__, "out": str(tmp_path / "run")})
+    # checkpoint 3 is written when the first FFM learning rate finishes: the next one must
+    # start fresh, not from the finished one's stitch, head and optimiser
+    done = _run_script(_KILLED, config, 3)
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert "checkpoint.json" in _checkpoint_files(tmp_path / "run")
     fit(config)
@@ -436,15 +442,7 @@ def test_sigterm_checkpoints_the_epoch_in_progress_and_resume_is_exact(reference
     writes a checkpoint even when none is due and stops with exit status 143; the same command
     then ends as the uninterrupted run."""
     config = FitConfig(**{**reference["config"].__dict__, "out": str(tmp_path / "run")})
-    payload = json.dumps({**config.__dict__, "lrs": list(config.lrs)})
-    done = subprocess.run(
-        [sys.executable, "-c", _TERMINATED, payload, "9", str(torch.get_num_threads())],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _run_script(_TERMINATED, config, 9)
     assert done.returncode == 143, done.stderr
     assert "Stopped by SIGTERM after epoch 1 of stage tlt, lr 0.005" in done.stdout
     state = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
