@@ -22,8 +22,8 @@ from featcache.demo_data import make_demo_dataset
 from featcache.encoders import PRESETS, describe_preset, preset_summary
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.store import FeatureStore
-from stitchtrain.positions import PositionError, valid_positions
-from stitchtrain.sweep import plan_sweep
+from stitchtrain.data.positions import PositionError, valid_positions
+from stitchtrain.studies.sweep import plan_sweep
 
 runner = CliRunner()
 MODELS = ("dinov2-tiny", "siglip2-tiny")  # both 6 blocks deep: positions 1..5
@@ -131,7 +131,7 @@ def test_positions_fit_and_sweep_agree_on_the_range(extracted, tmp_path):
 
 
 def _load(path: Path) -> dict:
-    from stitchtrain.sweep import load_sweep_config
+    from stitchtrain.studies.sweep import load_sweep_config
 
     return load_sweep_config(path)
 
@@ -214,7 +214,9 @@ def test_brackets_in_messages_print_as_written(extracted, tmp_path):
     folder = tmp_path / "[stores]"  # a table title and a cell
     folder.mkdir()
     result = runner.invoke(featcache_app, ["ls", str(folder)])
-    assert result.exit_code == 0 and "[stores]" in result.output  # the title (wrapped)
+    # the title names the folder as written; rich wraps it to the table's width, which depends
+    # on the path's length, so compare with the line breaks and padding taken out
+    assert result.exit_code == 0 and str(folder) in "".join(result.output.split())
 
 
 # -- one spelling for the learning-rate grid --------------------------------------------------
@@ -242,7 +244,7 @@ def test_lr_and_lrs_are_one_setting_in_fit_and_sweep(extracted, tmp_path):
 def test_sizes_are_dask_s(extracted):
     from dask.utils import format_bytes, parse_bytes
 
-    from stitchtrain.sizes import parse_size
+    from stitchtrain.data.sizes import parse_size
 
     for text in ("512MB", "2GiB", "1.5 G", "800k", "4096", "5e3"):
         assert parse_size(text) == parse_bytes(text)
@@ -260,7 +262,7 @@ def test_tree_bench_latency_has_a_median_and_a_spread():
     import torch
 
     from cli.tree_app import _latency_cell
-    from stitchtrain.tree_bench import _latency
+    from stitchtrain.tree.bench import _latency
 
     weights = torch.randn(256, 256)
     measured = _latency(lambda: weights @ weights, torch.device("cpu"), warmup=1, repeats=5)
