@@ -116,8 +116,8 @@ def make_stores(root: Path, case: dict) -> dict[str, str]:
 def timed_fit(case: dict, work: Path) -> dict:
     """Fit the case once with the ``stitchtrain`` importable here; the phase times."""
     import featcache._compat  # noqa: F401
-    import stitchtrain.evaluate as evaluate_module
-    from stitchtrain.fit import FitConfig, StitchRecipe
+    import stitchtrain.evaluate.evaluation as evaluate_module
+    from stitchtrain.train.fit import FitConfig, StitchRecipe
 
     urls = make_stores(work / case["name"], case)
     out = work / case["name"] / f"run-{os.getpid()}-{time.time_ns()}"

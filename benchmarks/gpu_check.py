@@ -21,7 +21,7 @@ its results or its error), ``DIR/gpu-check.md`` (the same, readable), ``DIR/gpu-
                ``ffm_cached_vs_live.measure``, DINOv2-L -> CLIP-L at n = 2, 14, 22: cached and
                live steps/s, measured ÷ FLOP-predicted speed-up
   tree-2, tree-4
-               ``stitchtrain.tree_bench.run_bench`` (``tree bench``): 2 and 4 ViT-L encoders,
+               ``stitchtrain.tree.bench.run_bench`` (``tree bench``): 2 and 4 ViT-L encoders,
                bf16, batch 1 and 32, read at layer 23 (the readout layer), VST-14 and VST-22
 
 Time boxes: a worker process runs the steps in order and reports each start and end (JSON
@@ -294,7 +294,7 @@ def step_loader(sizes: Sizes, scratch: Path) -> dict[str, Any]:
     import numpy as np
 
     from featcache.store import FeatureStore
-    from stitchtrain.loader import FeatureLoader, Field
+    from stitchtrain.data.loader import FeatureLoader, Field
 
     device = _device()
     position = sizes.pick(12, 2)
@@ -381,7 +381,7 @@ def _ffm_step(full_position: int) -> Callable[[Sizes, Path], dict[str, Any]]:
 
 def _tree_step(count: int) -> Callable[[Sizes, Path], dict[str, Any]]:
     def step(sizes: Sizes, scratch: Path) -> dict[str, Any]:
-        from stitchtrain.tree_bench import BenchConfig, run_bench
+        from stitchtrain.tree.bench import BenchConfig, run_bench
 
         names = sizes.pick(["dinov2-l", "clip-l", "siglip2-l", "dinov3-l"],
                            ["dinov2-tiny", "clip-tiny", "siglip2-tiny", "dinov3-tiny"])  # fmt: skip
@@ -415,7 +415,7 @@ STEPS: dict[str, tuple[Callable, float, float]] = {
 def _peaks_reset() -> None:
     import torch
 
-    from stitchtrain.tree_bench import _reset_peak_rss
+    from stitchtrain.tree.bench import _reset_peak_rss
 
     if torch.cuda.is_initialized():  # not before the first step that uses CUDA: decode forks
         torch.cuda.reset_peak_memory_stats()
@@ -425,7 +425,7 @@ def _peaks_reset() -> None:
 def _peaks() -> dict[str, float | None]:
     import torch
 
-    from stitchtrain.tree_bench import _rss_kib
+    from stitchtrain.tree.bench import _rss_kib
 
     host = _rss_kib("VmHWM")
     cuda = torch.cuda.is_initialized()

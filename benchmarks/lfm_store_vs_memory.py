@@ -58,8 +58,8 @@ if str(REPO) not in sys.path:
 from _synthetic import synthetic_dataset, synthetic_encoder  # noqa: E402
 
 from featcache.store import FeatureStore, StoreSpec  # noqa: E402
-from stitchtrain.fit import FitConfig, StitchRecipe  # noqa: E402
-from stitchtrain.loader import FeatureLoader, parse_size  # noqa: E402
+from stitchtrain.data.loader import FeatureLoader, parse_size  # noqa: E402
+from stitchtrain.train.fit import FitConfig, StitchRecipe  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

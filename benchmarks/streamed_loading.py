@@ -19,8 +19,8 @@ with ``StitchRecipe``'s fields, rows, batch size and seed for the stage:
 
   staged    read into memory once beforehand (``fit``'s choice when the budget allows)
   streamed  ``memory_budget=1``: shards read every epoch by ``--read-workers`` threads
-  baseline  with ``--baseline FILE`` (another copy of ``stitchtrain/loader.py``, e.g.
-            ``git show HEAD:stitchtrain/loader.py > /tmp/loader_before.py``): its streamed
+  baseline  with ``--baseline FILE`` (another copy of ``stitchtrain/data/loader.py``, e.g.
+            ``git show HEAD:stitchtrain/data/loader.py > /tmp/loader_before.py``): its streamed
             loader, in the same repeats; its batches are checked equal to ``streamed``'s
 
 LFM reads two synthetic stores (``FeatureStore.create`` + ``write_shard``: a source layer of
@@ -85,8 +85,8 @@ from featcache.demo_data import make_demo_dataset  # noqa: E402
 from featcache.encoders import load_encoder  # noqa: E402
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction  # noqa: E402
 from featcache.store import FeatureStore, StoreSpec  # noqa: E402
-from stitchtrain.fit import FitConfig, StitchRecipe  # noqa: E402
-from stitchtrain.loader import FeatureLoader, Field, default_read_workers, parse_size  # noqa: E402
+from stitchtrain.data.loader import FeatureLoader, Field, default_read_workers, parse_size  # noqa: E402
+from stitchtrain.train.fit import FitConfig, StitchRecipe  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,7 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--read-workers", type=int, default=None, help="reader threads (default: the loader's)"
     )
-    parser.add_argument("--baseline", default=None, help="another copy of stitchtrain/loader.py")
+    parser.add_argument(
+        "--baseline", default=None, help="another copy of stitchtrain/data/loader.py"
+    )
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lfm-images", type=int, default=2048)
@@ -114,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_baseline(path: str | None):
-    """The ``FeatureLoader`` class of another copy of ``stitchtrain/loader.py``, or None."""
+    """The ``FeatureLoader`` class of another copy of ``stitchtrain/data/loader.py``, or None."""
     if path is None:
         return None
     spec = importlib.util.spec_from_file_location("baseline_loader", path)

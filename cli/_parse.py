@@ -65,9 +65,9 @@ def check_dirs(paths: list[str] | None, option: str) -> None:
 
 
 def check_size(text: str | None, option: str = "--memory-budget") -> None:
-    """Refuse what ``stitchtrain.sizes.parse_size`` (``dask.utils.parse_bytes``) cannot read
+    """Refuse what ``stitchtrain.data.sizes.parse_size`` (``dask.utils.parse_bytes``) cannot read
     (None: the default). Imports dask, never torch, and only when a size is given."""
-    from stitchtrain.sizes import parse_size
+    from stitchtrain.data.sizes import parse_size
 
     if text is None:
         return

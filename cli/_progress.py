@@ -312,7 +312,7 @@ def progress_display(console: Console, *, plain: bool | None = None) -> Iterator
 
 
 class FitProgress:
-    """``stitchtrain.fit`` progress events -> tasks: a spinner until training starts, one task
+    """``stitchtrain.train.fit`` progress events -> tasks: a spinner until training starts, one task
     per stage (learning rates k of N, echoed), one per learning rate (epochs k of the maximum,
     1-based), a spinner for the test evaluation (the spinners: live mode only).
 

@@ -1,7 +1,7 @@
 """``stitchtrain`` experiment commands: sweep, report, cka, predictions, transfer.
 
-Thin typer layer over ``stitchtrain.sweep``, ``stitchtrain.report``, ``stitchtrain.cka`` and
-``stitchtrain.analysis``: parse, call the library, print.
+Thin typer layer over ``stitchtrain.studies.sweep``, ``stitchtrain.studies.report``,
+``stitchtrain.studies.cka`` and ``stitchtrain.studies.analysis``: parse, call the library, print.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import typer
 from cli._console import console, err_console, reports_errors
 from cli._parse import at_least, check_device, check_out_dir, check_scheduler, parse_lrs
 
-CkaTokens = Literal["mean", "cls", "flatten"]  # stitchtrain.cka.TOKEN_MODES
+CkaTokens = Literal["mean", "cls", "flatten"]  # stitchtrain.studies.cka.TOKEN_MODES
 
 experiments_app = typer.Typer(
     help="Sweeps, reports and analyses of stitch runs.",
@@ -45,7 +45,7 @@ def _point_json(point, out) -> dict:
     """``sweep --dry-run --json``: a point with its FitPlan (``plan``, the object ``fit
     --dry-run --json`` prints; null for a probe point) or why fit refuses it (``refused``)."""
     from featcache.errors import FeatcacheError
-    from stitchtrain.sweep import completed_row
+    from stitchtrain.studies.sweep import completed_row
 
     entry = {"id": point.id, "kind": point.kind, "done": completed_row(point, out) is not None}
     try:
@@ -78,7 +78,7 @@ def sweep(
     from rich.table import Table
 
     from cli._progress import FitProgress, progress_display
-    from stitchtrain.sweep import completed_row, load_sweep_config, plan_sweep, run_sweep
+    from stitchtrain.studies.sweep import completed_row, load_sweep_config, plan_sweep, run_sweep
 
     check_scheduler(scheduler, sequential=True)
     check_out_dir(out)
@@ -152,7 +152,7 @@ def report(
 ) -> None:
     """Plots and tables of the paper's Figures 2-5 and Tables 1-4, 12 from sweep results."""
     from cli._progress import progress_display
-    from stitchtrain.report import build_report
+    from stitchtrain.studies.report import build_report
 
     check_out_dir(out)
     with progress_display(console) as display:
@@ -206,7 +206,7 @@ def cka(
     from rich.table import Table
 
     from cli._progress import progress_display
-    from stitchtrain.cka import cka_stores, parse_layers
+    from stitchtrain.studies.cka import cka_stores, parse_layers
 
     layers_a, layers_b = parse_layers(layers), parse_layers(layers_b)
     check_out_dir(out)
@@ -263,7 +263,7 @@ def predictions(
     runs (paper Table 12); saves predictions.npy in each run dir."""
     from rich.table import Table
 
-    from stitchtrain.analysis import prediction_analysis
+    from stitchtrain.studies.analysis import prediction_analysis
 
     result = prediction_analysis(
         stitched_run, self_a, self_b, allow_geometry_mismatch=allow_geometry_mismatch
@@ -311,7 +311,7 @@ def transfer(
     dataset's stores, scored by a linear probe on the stitched pooled outputs."""
     check_out_dir(out)
     check_device(device)
-    from stitchtrain.analysis import transfer_run  # torch: after the checks
+    from stitchtrain.studies.analysis import transfer_run  # torch: after the checks
 
     lrs = None if lr is None else parse_lrs(lr)
     metrics = transfer_run(

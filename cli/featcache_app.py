@@ -20,7 +20,7 @@ from cli._console import (
     version_option,
 )
 from cli._parse import at_least, check_out_dir, check_scheduler, parse_ints, parse_weights
-from stitchtrain.sizes import format_size
+from stitchtrain.data.sizes import format_size
 
 # The accepted values, checked by typer at parse time and listed in --help (the library's own
 # tuples: featcache.store.TOKEN_MODES and DTYPES; tests/test_redteam_cli.py keeps them equal).

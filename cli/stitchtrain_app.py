@@ -20,16 +20,16 @@ from cli._parse import (
     parse_lrs,
 )
 
-# Accepted values (stitchtrain.fit.STITCHES, OBJECTIVES, INITS; tests keep them equal).
+# Accepted values (stitchtrain.train.fit.STITCHES, OBJECTIVES, INITS; tests keep them equal).
 Stitch = Literal["linear", "mlp", "lora"]
 Objective = Literal["lfm", "ffm", "tlt", "ffm+tlt", "lfm+tlt"]
 Task = Literal["cls", "seg"]
 Init = Literal["random", "lstsq", "identity"]
-Head = Literal["fresh", "probe"]  # stitchtrain.fit.HEADS, LR_SCHEDULES, SEG_DECODERS
+Head = Literal["fresh", "probe"]  # stitchtrain.train.fit.HEADS, LR_SCHEDULES, SEG_DECODERS
 LrSchedule = Literal["constant", "cosine"]
 SegDecoder = Literal["grid", "fixed"]
-Miou = Literal["mmseg", "gt-present"]  # stitchtrain.metrics.MIOU_DEFINITIONS
-ScoreResolution = Literal["original", "input"]  # stitchtrain.segscore.SCORE_RESOLUTIONS
+Miou = Literal["mmseg", "gt-present"]  # stitchtrain.scoring.metrics.MIOU_DEFINITIONS
+ScoreResolution = Literal["original", "input"]  # stitchtrain.scoring.segscore.SCORE_RESOLUTIONS
 
 app = typer.Typer(
     help="Train stitch layers between vision foundation models from cached features.",
@@ -60,12 +60,12 @@ def positions(
 
     Position n runs source blocks 1..n, the stitch, then target blocks n+1..N, so n ranges
     over 1..min(N_source, N_target - 1) (n = N_target would leave no target block to run),
-    for every objective and stitch kind (stitchtrain.positions; fit and sweep refuse others).
+    for every objective and stitch kind (stitchtrain.data.positions; fit and sweep refuse others).
     """
     from rich.table import Table
 
     from featcache.encoders import PRESETS, preset_summary
-    from stitchtrain.positions import describe_range, valid_positions
+    from stitchtrain.data.positions import describe_range, valid_positions
 
     def facts(name: str) -> dict:
         if name in PRESETS:
@@ -110,12 +110,12 @@ def _metrics_table(title: str, metrics: dict) -> Table:
 
 
 def _print_fit_plan(config, as_json: bool, reuse: list[str]) -> None:
-    """``fit --dry-run``: the plan of ``config`` (stitchtrain.plan), as a table or JSON."""
+    """``fit --dry-run``: the plan of ``config`` (stitchtrain.pipeline.plan), as a table or JSON."""
     import json
 
     from rich.table import Table
 
-    from stitchtrain.plan import plan_fit
+    from stitchtrain.pipeline.plan import plan_fit
 
     plan = plan_fit(config, reuse)
     if as_json:
@@ -237,8 +237,8 @@ def fit(
     check_device(device)
     check_size(memory_budget)
     check_dirs(reuse, "--reuse")
-    from stitchtrain.fit import FitConfig  # torch: after the checks, so bad values exit fast
-    from stitchtrain.fit import fit as run_fit
+    from stitchtrain.train.fit import FitConfig  # torch: after the checks, so bad values exit fast
+    from stitchtrain.train.fit import fit as run_fit
 
     config = FitConfig(
         source=source,
@@ -316,7 +316,7 @@ def probe(
     """Linear probe on a store's pooled features: the encoder's own baseline."""
     import json
 
-    from stitchtrain.probe import probe_store
+    from stitchtrain.scoring.probe import probe_store
 
     check_out_dir(out)
     metrics = probe_store(
@@ -343,7 +343,7 @@ def evaluate(
     """Test accuracy / mIoU and layer / final feature distances of a run (paper Figure 2)."""
     import json
 
-    from stitchtrain.evaluate import evaluate_run
+    from stitchtrain.evaluate.evaluation import evaluate_run
 
     metrics = evaluate_run(run_dir)
     if as_json:
@@ -365,7 +365,7 @@ def demo(
 
     from cli._progress import progress_display
     from featcache.encoders import PRESETS  # noqa: F401  (fail early on a broken install)
-    from stitchtrain.demo import DEMO_MODELS, DEMO_POSITIONS, run_demo
+    from stitchtrain.studies.demo import DEMO_MODELS, DEMO_POSITIONS, run_demo
 
     check_out_dir(out)
     with progress_display(console) as display:
@@ -394,8 +394,8 @@ def demo(
 
 
 class _DemoSteps:
-    """The demo's progress (``stitchtrain.demo.run_demo``'s callbacks): one task over all its
-    steps, each step's result echoed as it ends; under it the step in progress: an
+    """The demo's progress (``stitchtrain.studies.demo.run_demo``'s callbacks): one task over all
+    its steps, each step's result echoed as it ends; under it the step in progress: an
     extraction's spinner and bar, a probe's spinner, a fit's stages, learning rates, epochs."""
 
     def __init__(self, display) -> None:
@@ -455,7 +455,7 @@ def show(
     of stitched vs target final (-1..1). Read from the stores; no image runs an encoder."""
     from cli._parse import parse_ints
     from featcache.show import check_image_path
-    from stitchtrain.show import show_run
+    from stitchtrain.studies.show import show_run
 
     check_device(device)
     check_image_path(out)

@@ -15,8 +15,8 @@ from cli._console import console, err_console, reports_errors
 from cli._parse import at_least, check_device, check_out_dir, parse_ints, parse_weights
 from featcache.errors import FeatcacheError
 
-Precision = Literal["fp32", "bf16", "amp-bf16"]  # stitchtrain.tree_bench.PRECISIONS
-Stitch = Literal["linear", "mlp", "lora"]  # stitchtrain.stitches.STITCH_KINDS
+Precision = Literal["fp32", "bf16", "amp-bf16"]  # stitchtrain.tree.bench.PRECISIONS
+Stitch = Literal["linear", "mlp", "lora"]  # stitchtrain.model.stitches.STITCH_KINDS
 
 tree_app = typer.Typer(
     help="VFM Stitch Tree: share early trunk blocks across several encoders (paper section 6).",
@@ -79,7 +79,7 @@ def build(
     from rich.table import Table
 
     from featcache.extract import resolve_device
-    from stitchtrain.tree import (
+    from stitchtrain.tree.vst import (
         VFMStitchTree,
         check_readout_layer,
         check_tree_dir,
@@ -246,7 +246,7 @@ def bench(
     from cli._progress import progress_display
 
     check_device(device)
-    from stitchtrain.tree_bench import BenchConfig, run_bench  # torch: after the checks
+    from stitchtrain.tree.bench import BenchConfig, run_bench  # torch: after the checks
 
     if formula_depth is not None:  # the old name: L of the formula is now the readout layer
         if readout_layer not in (None, formula_depth):

@@ -90,7 +90,8 @@ _DRIVE = re.compile(r"[A-Za-z]:")  # a Windows drive (UNC paths start with a sep
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _ACCEPTED_LABELS = "labels that are all integers >= 0 (class indices) or all class names"
 _MAX_CLASSES = 100_000
-MASK_IGNORE = -1  # an ignored mask pixel: stitchtrain.losses.IGNORE_INDEX and the store's fill
+# an ignored mask pixel: stitchtrain.model.losses.IGNORE_INDEX and the store's fill
+MASK_IGNORE = -1
 _MASK_LIMIT = int(np.iinfo(np.int16).max) + 1  # stores keep masks as int16
 
 ACCEPTED_DATA = (

@@ -18,7 +18,7 @@ PCA to RGB, for one set of maps (one layer of the shown images):
                       channel k (red = first principal component)
 The basis is fitted jointly over the shown images, so one colour means one direction of
 feature space in every row of a column. ``PcaBasis`` keeps (mu, V, lo, hi), so tokens of the
-same width can be coloured with a basis fitted on others (``stitchtrain.show`` colours
+same width can be coloured with a basis fitted on others (``stitchtrain.studies.show`` colours
 stitched tokens with the target's own basis).
 
 The figure (``FeatureFigure``): one row per image; first panel the image as the model saw it,

@@ -26,8 +26,8 @@ from featcache.data import (
 )
 from featcache.images import decode_mask
 from featcache.preprocess import Preprocessing
-from stitchtrain.losses import IGNORE_INDEX
-from stitchtrain.metrics import ConfusionMatrix
+from stitchtrain.model.losses import IGNORE_INDEX
+from stitchtrain.scoring.metrics import ConfusionMatrix
 
 _ADE_SPLITS = {"training": "train", "validation": "val"}
 

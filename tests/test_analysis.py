@@ -11,14 +11,14 @@ from conftest import extract_demo_stores
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import stitchtrain.analysis as analysis_module
+import stitchtrain.studies.analysis as analysis_module
 from cli.experiments_app import experiments_app
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
-from stitchtrain.analysis import count_scenarios, run_predictions, transfer_run
-from stitchtrain.evaluate import load_run
-from stitchtrain.fit import FitConfig, fit
-from stitchtrain.probe import probe_store
+from stitchtrain.evaluate.evaluation import load_run
+from stitchtrain.scoring.probe import probe_store
+from stitchtrain.studies.analysis import count_scenarios, run_predictions, transfer_run
+from stitchtrain.train.fit import FitConfig, fit
 
 runner = CliRunner()
 MODELS = ["dinov2-tiny", "siglip2-tiny"]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cli.experiments_app import experiments_app
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
-from stitchtrain.cka import (
+from stitchtrain.studies.cka import (
     cka_matrix,
     cka_stores,
     hsic1,

@@ -25,8 +25,8 @@ from cli.stitchtrain_app import app
 from featcache.errors import FeatcacheError
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.store import FeatureStore
-from stitchtrain.fit import FitConfig, fit
-from stitchtrain.plan import FitPlan, plan_fit
+from stitchtrain.pipeline.plan import FitPlan, plan_fit
+from stitchtrain.train.fit import FitConfig, fit
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +287,7 @@ device = "cpu"
 
 def test_sweep_points_plan_with_fit_plan(stores, tmp_path):
     from cli.experiments_app import experiments_app
-    from stitchtrain.sweep import load_sweep_config, plan_sweep
+    from stitchtrain.studies.sweep import load_sweep_config, plan_sweep
 
     _write_sweep_config(tmp_path / "sweep.toml", stores, probe=False)
     out = tmp_path / "sweep"
@@ -317,7 +317,7 @@ def test_sweep_points_plan_with_fit_plan(stores, tmp_path):
 def test_sweep_dry_run_json_prints_each_points_fit_plan(stores, tmp_path):
     """``sweep --dry-run --json``: per point the object ``fit --dry-run --json`` prints."""
     from cli.experiments_app import experiments_app
-    from stitchtrain.sweep import load_sweep_config, plan_sweep
+    from stitchtrain.studies.sweep import load_sweep_config, plan_sweep
 
     _write_sweep_config(tmp_path / "sweep.toml", stores, probe=True, fit='memory_budget = "1GB"')
     out = tmp_path / "sweep"
@@ -361,18 +361,18 @@ def ffm_run(stores, tmp_path_factory):
 @contextlib.contextmanager
 def counted_loads(monkeypatch):
     """Count every encoder load (the expensive work of tree build) inside the block."""
-    import stitchtrain.fit
-    import stitchtrain.tree
+    import stitchtrain.train.fit
+    import stitchtrain.tree.vst
 
     loads = []
-    real = stitchtrain.tree.load_encoder
+    real = stitchtrain.tree.vst.load_encoder
 
     def load(name, *args, **kwargs):
         loads.append(name)
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(stitchtrain.tree, "load_encoder", load)
-    monkeypatch.setattr(stitchtrain.fit, "load_encoder", load)
+    monkeypatch.setattr(stitchtrain.tree.vst, "load_encoder", load)
+    monkeypatch.setattr(stitchtrain.train.fit, "load_encoder", load)
     yield loads
 
 
@@ -478,7 +478,7 @@ def test_tree_build_refuses_a_trunk_of_other_weights_before_any_branch_loads(
 
 # -- transfer: every input before the probe's first step -----------------------------------------
 def _transfer_refused(ffm_run, tmp_path, match: str, run=None, **kwargs) -> None:
-    from stitchtrain.analysis import transfer_run
+    from stitchtrain.studies.analysis import transfer_run
 
     arguments = dict(
         source=kwargs.pop("source", None),
@@ -582,7 +582,7 @@ def _saved_bytes(module, run) -> int:
 
 def test_block_saved_count_matches_a_frozen_timm_tail():
     """BLOCK_SAVED (10 floats per token and channel) is what autograd keeps per frozen block."""
-    from stitchtrain.plan import BLOCK_SAVED
+    from stitchtrain.pipeline.plan import BLOCK_SAVED
 
     encoder = featcache.load_encoder("dinov2-tiny")  # timm ViT blocks, frozen
     batch, tokens, width = 4, 1 + 64, encoder.width
@@ -630,7 +630,7 @@ def test_tail_activation_estimate_is_within_a_factor_of_the_measured_peak():
     import subprocess
     import sys
 
-    from stitchtrain.plan import tail_activation_bytes
+    from stitchtrain.pipeline.plan import tail_activation_bytes
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     done = subprocess.run(
@@ -642,8 +642,8 @@ def test_tail_activation_estimate_is_within_a_factor_of_the_measured_peak():
 
 
 def test_plan_memory_counts_activations_and_optimiser_state(stores, tmp_path):
-    from stitchtrain.fit import StitchRecipe
-    from stitchtrain.plan import step_memory, tail_activation_bytes
+    from stitchtrain.pipeline.plan import step_memory, tail_activation_bytes
+    from stitchtrain.train.fit import StitchRecipe
 
     config = _config(stores, tmp_path / "run", batch_size=16)
     plan = plan_fit(config)

@@ -11,17 +11,17 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import featcache
-import stitchtrain.fit as fit_module
+import stitchtrain.train.fit as fit_module
 from cli.stitchtrain_app import app
 from featcache.demo_data import make_demo_dataset
 from featcache.errors import FeatcacheError
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.images import decode_image
 from featcache.store import FeatureStore, StoreSpec
-from stitchtrain.fit import FitConfig, StitchRecipe, fit
-from stitchtrain.loader import FeatureLoader
-from stitchtrain.pairing import PairingError
-from stitchtrain.positions import PositionError
+from stitchtrain.data.loader import FeatureLoader
+from stitchtrain.data.pairing import PairingError
+from stitchtrain.data.positions import PositionError
+from stitchtrain.train.fit import FitConfig, StitchRecipe, fit
 
 runner = CliRunner()
 MODELS = ["dinov2-tiny", "clip-tiny", "siglip2-tiny"]

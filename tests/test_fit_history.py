@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from conftest import extract_demo_stores
 
-from stitchtrain.fit import FitConfig, fit
+from stitchtrain.train.fit import FitConfig, fit
 
 # (stage, lr, epoch, train_loss, val_loss, val_metric) per history row; per stage (chosen lr,
 # [(lr, best epoch)]); test metrics. Early stopping ends TLT at lr 0.05 after epoch 3.

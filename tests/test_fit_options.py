@@ -26,7 +26,9 @@ from typer.testing import CliRunner
 from cli.stitchtrain_app import app
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
-from stitchtrain.fit import (
+from stitchtrain.model.losses import IGNORE_INDEX, segmentation_targets
+from stitchtrain.scoring.probe import fit_linear_decoder, fit_linear_probe
+from stitchtrain.train.fit import (
     FitConfig,
     StitchRecipe,
     fit,
@@ -34,8 +36,6 @@ from stitchtrain.fit import (
     mask_num_classes,
     scheduled_lr,
 )
-from stitchtrain.losses import IGNORE_INDEX, segmentation_targets
-from stitchtrain.probe import fit_linear_decoder, fit_linear_probe
 
 runner = CliRunner()
 
@@ -151,7 +151,7 @@ def test_weight_decay_zero_changes_the_weights(stores, tmp_path):
 
 # -- cosine schedule ------------------------------------------------------------------------------
 def _cosine(base: float, step: int, steps_per_epoch: int, epochs: int, warmup: int) -> float:
-    """The README's formula, written out independently of stitchtrain.fit."""
+    """The README's formula, written out independently of stitchtrain.train.fit."""
     warm, total = warmup * steps_per_epoch, epochs * steps_per_epoch
     if step < warm:
         return base * (step + 1) / warm
@@ -447,8 +447,8 @@ def test_cli_choices_are_the_library_choices():
     from typing import get_args
 
     import cli.stitchtrain_app as cli
-    from stitchtrain.fit import HEADS, LR_SCHEDULES, SEG_DECODERS
-    from stitchtrain.metrics import MIOU_DEFINITIONS
+    from stitchtrain.scoring.metrics import MIOU_DEFINITIONS
+    from stitchtrain.train.fit import HEADS, LR_SCHEDULES, SEG_DECODERS
 
     assert get_args(cli.Head) == HEADS and get_args(cli.LrSchedule) == LR_SCHEDULES
     assert get_args(cli.SegDecoder) == SEG_DECODERS and get_args(cli.Miou) == MIOU_DEFINITIONS

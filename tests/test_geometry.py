@@ -22,7 +22,7 @@ from featcache.errors import FeatcacheError
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.preprocess import REFERENCE_SIZES, Geometry, token_offset
 from featcache.store import FeatureStore
-from stitchtrain.pairing import PairingError, check_geometry, check_pair, store_geometry
+from stitchtrain.data.pairing import PairingError, check_geometry, check_pair, store_geometry
 
 runner = CliRunner()
 TINY = [name for name, preset in PRESETS.items() if preset.tiny]
@@ -231,7 +231,7 @@ def test_cli_fit_refuses_mismatch_and_accepts_override(stores, tmp_path):
 
 
 def test_cka_refuses_mismatch_unless_allowed(stores):
-    from stitchtrain.cka import cka_stores
+    from stitchtrain.studies.cka import cka_stores
 
     a, b = stores["dinov2-tiny", None, "train"], stores["clip-tiny", 0.8, "train"]
     with pytest.raises(PairingError, match="--allow-geometry-mismatch"):
@@ -242,7 +242,7 @@ def test_cka_refuses_mismatch_unless_allowed(stores):
 
 
 def test_sweep_plan_refuses_mismatch_unless_allowed(stores):
-    from stitchtrain.sweep import plan_sweep
+    from stitchtrain.studies.sweep import plan_sweep
 
     config = {
         "stores": {

@@ -26,9 +26,9 @@ from featcache.errors import FeatcacheError
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.images import decode_image
 from featcache.store import FeatureStore
-from stitchtrain.fit import FitConfig, fit
-from stitchtrain.stitches import build_stitch
-from stitchtrain.tree import VFMStitchTree
+from stitchtrain.model.stitches import build_stitch
+from stitchtrain.train.fit import FitConfig, fit
+from stitchtrain.tree.vst import VFMStitchTree
 
 pytestmark = [
     pytest.mark.gpu,

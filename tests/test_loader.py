@@ -12,7 +12,7 @@ import torch
 from featcache.demo_data import make_demo_dataset
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.store import FeatureStore
-from stitchtrain.loader import (
+from stitchtrain.data.loader import (
     FeatureLoader,
     Field,
     LoaderStats,

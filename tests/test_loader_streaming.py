@@ -2,7 +2,7 @@
 reader threads; errors and early exits with several readers.
 
 ``expected_rows`` restates the streamed loader's order as it was before parallel readers
-(``stitchtrain/loader.py`` at that time): a seeded shard permutation, windows of
+(``stitchtrain/data/loader.py`` at that time): a seeded shard permutation, windows of
 ``shuffle_window`` shards appended to the previous window's remainder, the pool permuted with
 the same generator, full batches cut, the remainder carried, the last window emptied.
 ``PINNED`` holds the rows that implementation yielded for one configuration, so the
@@ -20,8 +20,8 @@ import torch
 from conftest import fake_store_spec
 
 from featcache.store import FeatureStore, StoreSpec
-from stitchtrain.integrity import NonFiniteFeaturesError, UnreadableShardError
-from stitchtrain.loader import FeatureLoader, Field
+from stitchtrain.data.integrity import NonFiniteFeaturesError, UnreadableShardError
+from stitchtrain.data.loader import FeatureLoader, Field
 
 # 6 shards of 18 rows in inner chunks of 9 (featcache.store.inner_chunk_images); the last shard
 # holds 5 rows: its first chunk is padded, its second absent

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from stitchtrain.losses import (
+from stitchtrain.model.losses import (
     IGNORE_INDEX,
     feature_matching_loss,
     segmentation_logits,
     segmentation_loss,
 )
-from stitchtrain.metrics import MIOU_DEFINITIONS, ConfusionMatrix, accuracy, token_distance
+from stitchtrain.scoring.metrics import MIOU_DEFINITIONS, ConfusionMatrix, accuracy, token_distance
 
 
 def test_miou_hand_made():

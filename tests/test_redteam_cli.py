@@ -278,10 +278,10 @@ def test_help_shows_accepted_values():
 
 
 def test_fit_passes_allow_incomplete(tmp_path, monkeypatch):
-    import stitchtrain.fit as fit_module
+    import stitchtrain.train.fit as fit_module
 
     if "allow_incomplete" not in {f.name for f in dataclasses.fields(fit_module.FitConfig)}:
-        pytest.skip("FitConfig has no allow_incomplete field yet (added in stitchtrain/fit.py)")
+        pytest.skip("FitConfig has no allow_incomplete field yet")
     seen = {}
 
     def fake_fit(config, progress, **kwargs):
@@ -304,10 +304,10 @@ def test_cli_choices_are_the_library_choices():
     import cli.stitchtrain_app as stitchtrain
     import cli.tree_app as tree
     from featcache.store import DTYPES, TOKEN_MODES
-    from stitchtrain.cka import TOKEN_MODES as CKA_TOKENS
-    from stitchtrain.fit import INITS, OBJECTIVES, STITCHES
-    from stitchtrain.stitches import STITCH_KINDS
-    from stitchtrain.tree_bench import PRECISIONS
+    from stitchtrain.model.stitches import STITCH_KINDS
+    from stitchtrain.studies.cka import TOKEN_MODES as CKA_TOKENS
+    from stitchtrain.train.fit import INITS, OBJECTIVES, STITCHES
+    from stitchtrain.tree.bench import PRECISIONS
 
     pairs = [
         (featcache.Tokens, TOKEN_MODES),

@@ -32,7 +32,7 @@ from cli.stitchtrain_app import app
 from featcache.errors import FeatcacheError
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.store import FeatureStore, StoreError
-from stitchtrain.fit import FitConfig, StitchRecipe, fit
+from stitchtrain.train.fit import FitConfig, StitchRecipe, fit
 
 MODES = {"staged": None, "streamed": "1"}  # memory_budget: default (fits) or one byte
 
@@ -378,7 +378,7 @@ def test_checkpoint_interval_must_be_non_negative(reference):
 _KILLED = """
 import json, os, signal, sys
 import torch
-from stitchtrain.fit import FitConfig, StitchRecipe
+from stitchtrain.train.fit import FitConfig, StitchRecipe
 torch.set_num_threads(int(sys.argv[3]))  # as in the reference run: the same float reductions
 class Killed(StitchRecipe):
     writes = 0
@@ -420,7 +420,7 @@ def test_resume_after_a_real_sigkill_is_exact(reference, tmp_path):
 _TERMINATED = """
 import json, os, signal, sys
 import torch
-from stitchtrain.fit import FitConfig, FitStopped, StitchRecipe
+from stitchtrain.train.fit import FitConfig, FitStopped, StitchRecipe
 torch.set_num_threads(int(sys.argv[3]))
 class Terminated(StitchRecipe):
     epochs = 0
@@ -453,8 +453,8 @@ def test_sigterm_checkpoints_the_epoch_in_progress_and_resume_is_exact(reference
 
 
 def test_fit_stopped_exits_143_from_the_cli(monkeypatch, tmp_path):
-    import stitchtrain.fit as fit_module
-    from stitchtrain.fit import FitStopped
+    import stitchtrain.train.fit as fit_module
+    from stitchtrain.train.fit import FitStopped
 
     def stopped(*args, **kwargs):
         raise FitStopped("Stopped by SIGTERM after epoch 1 of stage ffm, lr 0.001: ...")
@@ -516,7 +516,7 @@ def test_checkpoint_is_safetensors_plus_json_and_checked_on_resume(reference):
 
 # -- the linear probe reads stores the same way ----------------------------------------------------
 def test_probe_refuses_an_incomplete_store(stores, tmp_path):
-    from stitchtrain.probe import probe_store
+    from stitchtrain.scoring.probe import probe_store
 
     with pytest.raises(StoreError, match=r"2 of 5 shards have no completion marker"):
         probe_store(
@@ -529,7 +529,7 @@ def test_probe_refuses_an_incomplete_store(stores, tmp_path):
 
 
 def test_probe_refuses_nan_pooled_features_in_valid_rows(stores, tmp_path):
-    from stitchtrain.probe import probe_store
+    from stitchtrain.scoring.probe import probe_store
 
     copy = _copy(stores["dinov2-tiny", "train"], tmp_path / "nan.zarr")
     zarr.open_array(f"{copy}/pooled", mode="r+")[5] = np.nan

@@ -457,7 +457,7 @@ def test_a_shards_data_reaches_the_disk_before_its_marker(tmp_path, monkeypatch,
 def test_checking_a_store_for_training_reads_its_markers_once(store, monkeypatch):
     """``check_usable`` (fit, probe, transfer) reads every marker once (one listing and one
     read of each marker object: on S3, requests), and uses that one reading throughout."""
-    from stitchtrain.integrity import check_usable
+    from stitchtrain.data.integrity import check_usable
 
     reads = []
     markers = FeatureStore._markers

@@ -14,10 +14,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.experiments_app import experiments_app
-from stitchtrain.analysis import transfer_run
-from stitchtrain.fit import FitConfig, fit
-from stitchtrain.report import Table, build_report
-from stitchtrain.sweep import load_sweep_config, plan_sweep, run_sweep
+from stitchtrain.studies.analysis import transfer_run
+from stitchtrain.studies.report import Table, build_report
+from stitchtrain.studies.sweep import load_sweep_config, plan_sweep, run_sweep
+from stitchtrain.train.fit import FitConfig, fit
 
 runner = CliRunner()
 MODELS = ["dinov2-tiny", "siglip2-tiny"]
@@ -389,7 +389,7 @@ def test_every_figure_writes_the_data_it_plots_and_it_equals_the_tables(syntheti
 
 
 def test_cka_figure_shows_every_point_and_legend_hides_none(tmp_path):
-    from stitchtrain.report import _cka_figure
+    from stitchtrain.studies.report import _cka_figure
 
     accuracies = {"a→b": [1.0, 0.55, 0.0], "b→a": [0.98, 0.6, 0.02]}  # the metric's extremes
     cka = [0.2, 0.6, 1.0]

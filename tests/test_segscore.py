@@ -16,8 +16,8 @@ from featcache.errors import FeatcacheError
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.images import decode_mask
 from featcache.store import FeatureStore
-from stitchtrain.metrics import ConfusionMatrix
-from stitchtrain.segscore import OriginalMasks
+from stitchtrain.scoring.metrics import ConfusionMatrix
+from stitchtrain.scoring.segscore import OriginalMasks
 
 
 def _store(tmp_path, resize_mode: str | None) -> FeatureStore:

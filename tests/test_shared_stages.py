@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cli.stitchtrain_app import app
-from stitchtrain.fit import FitConfig, StitchRecipe, fit
+from stitchtrain.train.fit import FitConfig, StitchRecipe, fit
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_fit_cli_reuse(stores, runs, tmp_path):
 
 
 def test_a_sweep_shares_the_ffm_stage_between_its_ffm_and_ffm_tlt_points(stores, tmp_path):
-    from stitchtrain.sweep import load_sweep_config, plan_sweep, run_sweep
+    from stitchtrain.studies.sweep import load_sweep_config, plan_sweep, run_sweep
 
     (tmp_path / "sweep.toml").write_text(
         f"""

@@ -42,7 +42,7 @@ def stores(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(stores, tmp_path_factory):
     """A finished one-epoch FFM linear stitch dinov2-tiny -> clip-tiny at position 2."""
-    from stitchtrain.fit import fit
+    from stitchtrain.train.fit import fit
 
     out = tmp_path_factory.mktemp("show-run") / "run"
     overrides = dict(stitch="linear", objective="ffm", lrs=(5e-3,), epochs=1, patience=1)
@@ -226,8 +226,8 @@ def no_image_forwards(monkeypatch):
 
 
 def test_stitchtrain_show_maps_from_the_stores(run_dir, stores, tmp_path, no_image_forwards):
-    from stitchtrain.evaluate import load_run
-    from stitchtrain.show import show_run
+    from stitchtrain.evaluate.evaluation import load_run
+    from stitchtrain.studies.show import show_run
 
     shown = show_run(run_dir, images=3)
     out = tmp_path / "stitch.png"
@@ -260,7 +260,7 @@ def test_stitchtrain_show_maps_from_the_stores(run_dir, stores, tmp_path, no_ima
 
 
 def test_stitchtrain_show_cli_and_train_fallback(run_dir, stores, tmp_path, no_image_forwards):
-    from stitchtrain.show import show_run
+    from stitchtrain.studies.show import show_run
 
     out = tmp_path / "cli.png"
     result = runner.invoke(

@@ -10,8 +10,8 @@ import torch
 
 import featcache
 from featcache.encoders.base import TokenLayout
-from stitchtrain import stitches
-from stitchtrain.stitches import Stitch, TokenAligner, build_stitch
+from stitchtrain.model import stitches
+from stitchtrain.model.stitches import Stitch, TokenAligner, build_stitch
 
 # (id, load_encoder name, kwargs): the four tiny presets plus a 4x4-grid DINOv2
 ENCODERS = {

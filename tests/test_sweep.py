@@ -9,10 +9,10 @@ import pytest
 from conftest import extract_demo_stores
 from typer.testing import CliRunner
 
-import stitchtrain.sweep as sweep_module
+import stitchtrain.studies.sweep as sweep_module
 from cli.experiments_app import experiments_app
 from featcache.errors import FeatcacheError
-from stitchtrain.sweep import load_sweep_config, plan_sweep, read_results, run_sweep
+from stitchtrain.studies.sweep import load_sweep_config, plan_sweep, read_results, run_sweep
 
 runner = CliRunner()
 MODELS = ["dinov2-tiny", "siglip2-tiny"]
@@ -190,7 +190,7 @@ def test_cli_dry_run_lists_points_and_bad_scheduler(root, sequential):
 def test_a_sigterm_stopping_a_fit_stops_the_sweep(root, monkeypatch):
     """``FitStopped`` (SIGTERM: checkpoint written) is not a failed point: the sweep stops,
     and its re-run resumes that point."""
-    from stitchtrain.fit import FitStopped
+    from stitchtrain.train.fit import FitStopped
 
     plan = plan_sweep(load_sweep_config(root / "sweep.toml"), base=root)
     calls = []

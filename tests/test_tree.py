@@ -15,10 +15,10 @@ import featcache
 from cli.tree_app import tree_app
 from featcache.demo_data import make_demo_dataset
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
-from stitchtrain.fit import FitConfig, fit
-from stitchtrain.stitches import build_stitch
-from stitchtrain.tree import TreeError, VFMStitchTree, additional_cost
-from stitchtrain.tree_bench import BenchConfig, run_bench
+from stitchtrain.model.stitches import build_stitch
+from stitchtrain.train.fit import FitConfig, fit
+from stitchtrain.tree.bench import BenchConfig, run_bench
+from stitchtrain.tree.vst import TreeError, VFMStitchTree, additional_cost
 
 TRUNK = "dinov2-tiny"
 POSITION = 2

@@ -15,12 +15,12 @@ import typer
 from typer.testing import CliRunner
 
 import featcache
-import stitchtrain.tree_bench as tree_bench
+import stitchtrain.tree.bench as tree_bench
 from cli.tree_app import tree_app
 from featcache.errors import FeatcacheError
-from stitchtrain.stitches import build_stitch
-from stitchtrain.tree import TreeBranch, TreeError, VFMStitchTree, additional_cost
-from stitchtrain.tree_bench import BenchConfig, run_bench
+from stitchtrain.model.stitches import build_stitch
+from stitchtrain.tree.bench import BenchConfig, run_bench
+from stitchtrain.tree.vst import TreeBranch, TreeError, VFMStitchTree, additional_cost
 
 TRUNK = "dinov2-tiny"
 DEPTH = 6  # every tiny preset

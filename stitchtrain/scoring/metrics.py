@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stitchtrain.losses import IGNORE_INDEX
+from stitchtrain.model.losses import IGNORE_INDEX
 
 __all__ = ["MIOU_DEFINITIONS", "accuracy", "ConfusionMatrix", "token_distance"]
 

@@ -33,7 +33,7 @@ from dask.callbacks import Callback
 
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore, bfloat16_bits_to_float32
-from stitchtrain.loader import valid_rows
+from stitchtrain.data.loader import valid_rows
 
 __all__ = [
     "TOKEN_MODES",
@@ -312,7 +312,7 @@ def _dask_progress(progress: Callable[[str, int, int], None] | None, step: str) 
 
 
 def _check_same_images(store_a: FeatureStore, store_b: FeatureStore) -> None:
-    from stitchtrain.pairing import PairingError, ids_hash
+    from stitchtrain.data.pairing import PairingError, ids_hash
 
     data_a, data_b = store_a.attrs["dataset"], store_b.attrs["dataset"]
     same = all(
@@ -344,7 +344,7 @@ def cka_stores(
     The stores must see the same pixels (``pairing.check_geometry``) unless
     ``allow_geometry_mismatch``. ``progress(step, done, total)`` is called as the dask tasks
     that read and reduce the arrays finish (``step`` names the computation)."""
-    from stitchtrain.pairing import check_geometry
+    from stitchtrain.data.pairing import check_geometry
 
     a = store_a if isinstance(store_a, FeatureStore) else FeatureStore.open(store_a)
     b = store_b if isinstance(store_b, FeatureStore) else FeatureStore.open(store_b)

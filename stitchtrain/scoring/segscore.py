@@ -26,8 +26,8 @@ from featcache.errors import FeatcacheError
 from featcache.images import decode_mask
 from featcache.preprocess import Geometry
 from featcache.store import FeatureStore
-from stitchtrain.losses import IGNORE_INDEX
-from stitchtrain.metrics import ConfusionMatrix
+from stitchtrain.model.losses import IGNORE_INDEX
+from stitchtrain.scoring.metrics import ConfusionMatrix
 
 __all__ = ["SCORE_RESOLUTIONS", "OriginalMasks"]
 

@@ -66,8 +66,8 @@ from torch import Tensor, nn
 from featcache.encoders import Encoder, TokenLayout, load_encoder
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
-from stitchtrain.positions import describe_range, valid_positions
-from stitchtrain.stitches import Stitch, build_stitch
+from stitchtrain.data.positions import describe_range, valid_positions
+from stitchtrain.model.stitches import Stitch, build_stitch
 
 __all__ = [
     "TREE_FORMAT",
@@ -245,7 +245,7 @@ class TreeBranch(nn.Module):
                 f"takes prefix={encoder.layout.prefix}, grid={encoder.grid}, width "
                 f"{encoder.width}."
             )
-        # stitchtrain.positions' rule with this encoder as the target; the trunk's depth (the
+        # stitchtrain.data.positions' rule with this encoder as the target; the trunk's depth (the
         # source side of the rule) is checked by StitchTree, which knows the trunk
         allowed = valid_positions(source_depth=encoder.depth, target_depth=encoder.depth)
         if position not in allowed:
@@ -456,7 +456,7 @@ class VFMStitchTree(nn.Module):
         (``pairing.check_geometry``) unless ``allow_geometry_mismatch`` or the run was fit
         with it.
         """
-        from stitchtrain.fit import load_run_encoder
+        from stitchtrain.train.fit import load_run_encoder
 
         if readout_layer is not None:  # refused before any run dir is read
             check_readout_layer(readout_layer, position, trunk.depth)
@@ -640,7 +640,7 @@ def resolve_runs(
     geometries paired (``pairing.check_geometry``, unless allowed here or by the run), and one
     source encoder (fingerprint) across all runs: the trunk's. Raises ``TreeError`` /
     ``PairingError`` naming the run dir."""
-    from stitchtrain.pairing import check_geometry
+    from stitchtrain.data.pairing import check_geometry
 
     resolved = []
     for item in runs:

@@ -33,13 +33,13 @@ from safetensors.torch import load_file
 
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
-from stitchtrain.integrity import usable_rows
-from stitchtrain.loader import Field
-from stitchtrain.losses import segmentation_logits, segmentation_loss, segmentation_targets
-from stitchtrain.metrics import ConfusionMatrix, token_distance
-from stitchtrain.pairing import find_split_store, source_array
-from stitchtrain.probe import evaluate_probe, fit_linear_decoder, fit_linear_probe
-from stitchtrain.segscore import OriginalMasks
+from stitchtrain.data.integrity import usable_rows
+from stitchtrain.data.loader import Field
+from stitchtrain.data.pairing import find_split_store, source_array
+from stitchtrain.model.losses import segmentation_logits, segmentation_loss, segmentation_targets
+from stitchtrain.scoring.metrics import ConfusionMatrix, token_distance
+from stitchtrain.scoring.probe import evaluate_probe, fit_linear_decoder, fit_linear_probe
+from stitchtrain.scoring.segscore import OriginalMasks
 
 __all__ = [
     "evaluate_run",
@@ -280,7 +280,7 @@ class Distances:
 def load_run(run_dir: str | Path, **overrides):
     """A finished run's ``StitchRecipe`` with its trained stitch (and head) and the target
     encoder loaded; ``overrides`` replace config fields (e.g. other test stores)."""
-    from stitchtrain.fit import FitConfig, StitchRecipe, load_run_encoder
+    from stitchtrain.train.fit import FitConfig, StitchRecipe, load_run_encoder
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
@@ -302,7 +302,7 @@ def load_run(run_dir: str | Path, **overrides):
 def evaluate_run(run_dir: str | Path, recipe=None, split: EvaluationSplit | None = None) -> dict:
     """Test metrics of a finished run (``recipe`` reuses a live one; else rebuilt from disk;
     ``split``: its checked ``evaluation_split``, else found and checked here)."""
-    from stitchtrain.fit import load_run_encoder
+    from stitchtrain.train.fit import load_run_encoder
 
     if recipe is None:
         recipe = load_run(run_dir)

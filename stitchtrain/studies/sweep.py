@@ -51,10 +51,10 @@ import pandas as pd
 
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
-from stitchtrain.fit import OBJECTIVES, STITCHES, FitConfig, FitStopped, fit
-from stitchtrain.pairing import check_geometry
-from stitchtrain.positions import check_position
-from stitchtrain.probe import probe_store
+from stitchtrain.data.pairing import check_geometry
+from stitchtrain.data.positions import check_position
+from stitchtrain.scoring.probe import probe_store
+from stitchtrain.train.fit import OBJECTIVES, STITCHES, FitConfig, FitStopped, fit
 
 __all__ = [
     "SweepPoint",
@@ -143,9 +143,9 @@ class SweepPoint:
         return FitConfig(**self.config, out=str(self.run_dir(out)))
 
     def fit_plan(self, out: str | Path):
-        """The ``stitchtrain.plan.FitPlan`` of this point's fit, after every check fit makes
-        before training (its errors raised); None for a probe point. Writes nothing."""
-        from stitchtrain.plan import plan_fit
+        """The ``stitchtrain.pipeline.plan.FitPlan`` of this point's fit, after every check fit
+        makes before training (its errors raised); None for a probe point. Writes nothing."""
+        from stitchtrain.pipeline.plan import plan_fit
 
         config = self.fit_config(out)
         return None if config is None else plan_fit(config, self.other_runs(out))
@@ -466,7 +466,7 @@ def _write_marker(run_dir: Path, point: SweepPoint, row: dict) -> None:
 def run_point(point: SweepPoint, out: str, fit_progress=None) -> dict[str, Any]:
     """Run one grid point in ``OUT/runs/<id>``; return its table row (never raises on a
     failed run: the row says "failed" and carries the error). ``fit_progress``: fit's
-    progress callback (``stitchtrain.fit.fit``) for a stitch point, which takes an LFM / FFM
+    progress callback (``stitchtrain.train.fit.fit``) for a stitch point, which takes an LFM / FFM
     stage another point of the sweep finished when it is the same (fit's shared stages)."""
     run_dir = point.run_dir(out)
     started = time.perf_counter()

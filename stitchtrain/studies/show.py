@@ -47,8 +47,8 @@ from featcache.show import (
     upsample_nearest,
 )
 from featcache.store import FeatureStore
-from stitchtrain.loader import valid_rows
-from stitchtrain.pairing import PairingError, source_array
+from stitchtrain.data.loader import valid_rows
+from stitchtrain.data.pairing import PairingError, source_array
 
 __all__ = ["COSINE_RANGE", "show_run", "patch_cosine"]
 
@@ -67,7 +67,7 @@ def patch_cosine(stitched: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def _stores(recipe) -> tuple[FeatureStore, FeatureStore, str]:
     """(source, target, split): the run's test stores, else its train stores."""
-    from stitchtrain.evaluate import test_stores
+    from stitchtrain.evaluate.evaluation import test_stores
 
     try:
         source, target = test_stores(recipe)
@@ -104,7 +104,7 @@ def show_run(
     The returned ``FeatureFigure.maps`` holds each column's maps, ``extra["cosine"]`` the
     ``(I, rows, cols)`` cosine map and ``extra["basis"]`` the shared target basis.
     """
-    from stitchtrain.evaluate import load_run
+    from stitchtrain.evaluate.evaluation import load_run
 
     if scale not in SCALES:
         raise ShowError(f"Expected --scale in {SCALES}. Got {scale!r} instead.")

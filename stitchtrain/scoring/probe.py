@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stitchtrain.losses import (
+from stitchtrain.model.losses import (
     IGNORE_INDEX,
     classification_loss,
     segmentation_logits,
     segmentation_loss,
     segmentation_targets,
 )
-from stitchtrain.metrics import ConfusionMatrix, accuracy
+from stitchtrain.scoring.metrics import ConfusionMatrix, accuracy
 
 __all__ = [
     "ProbeResult",
@@ -269,9 +269,9 @@ def probe_store(
     from safetensors.torch import save_file
 
     from featcache.store import FeatureStore
-    from stitchtrain.integrity import check_usable, require_finite
-    from stitchtrain.loader import split_rows
-    from stitchtrain.pairing import find_split_store
+    from stitchtrain.data.integrity import check_usable, require_finite
+    from stitchtrain.data.loader import split_rows
+    from stitchtrain.data.pairing import find_split_store
 
     store = FeatureStore.open(store_url)
     test = (

@@ -44,7 +44,7 @@ import pandas as pd
 from markupsafe import Markup, escape
 
 from featcache.errors import FeatcacheError
-from stitchtrain.sweep import read_results
+from stitchtrain.studies.sweep import read_results
 
 __all__ = ["Table", "build_report", "load_results", "OBJECTIVE_LABELS", "ProgressFn"]
 
@@ -92,11 +92,12 @@ def _cell(value) -> Markup:
 
 @cache
 def _templates():
-    """The jinja2 environment of the report's templates (package data: stitchtrain/templates)."""
+    """The jinja2 environment of the report's templates (package data:
+    stitchtrain/studies/templates)."""
     import jinja2
 
     environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("stitchtrain", "templates"),
+        loader=jinja2.PackageLoader("stitchtrain.studies", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -115,7 +116,7 @@ class _Section:
 # -- data -----------------------------------------------------------------------------------------
 def load_results(dirs: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
     """(all sweep rows with a ``sweep_dir`` column, every transfer output's metrics)."""
-    from stitchtrain.analysis import read_transfers
+    from stitchtrain.studies.analysis import read_transfers
 
     frames, transfers = [], []
     for directory in dirs:
@@ -384,9 +385,10 @@ def _cka_figure(positions, cka_values, accuracies: dict[str, list[float]], metri
 
 
 def _plot_cka_heatmap(result, path: Path) -> Path:
-    """``stitchtrain.cka.plot_cka``'s heatmap of ``result.values``, with those values written
-    to ``path`` with suffix .csv (layer_a, layer_b, cka; the layout of ``CKAResult.save``)."""
-    from stitchtrain.cka import plot_cka
+    """``stitchtrain.studies.cka.plot_cka``'s heatmap of ``result.values``, with those values
+    written to ``path`` with suffix .csv (layer_a, layer_b, cka; the layout of
+    ``CKAResult.save``)."""
+    from stitchtrain.studies.cka import plot_cka
 
     rows = [
         (layer_a, layer_b, result.values[i][j])
@@ -630,7 +632,7 @@ def _pairs(directions) -> list[tuple[str, str]]:
 
 def _cka_blocks(stitched, pair, objective, stitch, metric_name, out, prefix, max_images):
     """CKA of the pair's train stores at each swept position, against the stitched metric."""
-    from stitchtrain.cka import cka_stores
+    from stitchtrain.studies.cka import cka_stores
 
     a, b = pair
     runs = _select(stitched, objective=objective, stitch=stitch)
@@ -682,7 +684,7 @@ def _cka_blocks(stitched, pair, objective, stitch, metric_name, out, prefix, max
 def _prediction_blocks(stitched, selfs, directions, objective, stitch, dataset):
     """Table 12 for each direction and position; the baselines in a fixed order per pair
     (the paper lists DINOv2->DINOv2 first for both directions)."""
-    from stitchtrain.analysis import prediction_analysis
+    from stitchtrain.studies.analysis import prediction_analysis
 
     blocks = []
     for a, b in _pairs(directions):

@@ -47,8 +47,8 @@ import psutil
 import torch
 
 from featcache.store import FeatureStore
-from stitchtrain.integrity import UnreadableShardError, require_finite
-from stitchtrain.sizes import parse_size  # re-exported: torch-free home of the size parser
+from stitchtrain.data.integrity import UnreadableShardError, require_finite
+from stitchtrain.data.sizes import parse_size  # re-exported: torch-free home of the size parser
 
 __all__ = [
     "Field",

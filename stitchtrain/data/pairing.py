@@ -27,7 +27,7 @@ import numpy as np
 from featcache.errors import FeatcacheError
 from featcache.preprocess import REFERENCE_SIZES, Geometry, token_offset
 from featcache.store import FeatureStore, find_stores
-from stitchtrain.positions import check_position
+from stitchtrain.data.positions import check_position
 
 __all__ = [
     "PairingError",
@@ -127,7 +127,7 @@ def check_pair(
     allow_geometry_mismatch: bool = False,
 ) -> None:
     """Raise ``PairingError`` naming the mismatch or the missing array (``PositionError`` for
-    a position outside ``stitchtrain.positions.valid_positions``); return when usable.
+    a position outside ``stitchtrain.data.positions.valid_positions``); return when usable.
 
     ``allow_geometry_mismatch`` pairs stores whose tokens see different pixels
     (``check_geometry``)."""

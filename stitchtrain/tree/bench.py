@@ -69,8 +69,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from featcache.encoders import Encoder, load_encoder
 from featcache.errors import FeatcacheError
 from featcache.extract import resolve_device
-from stitchtrain.stitches import STITCH_KINDS, Stitch, build_stitch
-from stitchtrain.tree import (
+from stitchtrain.model.stitches import STITCH_KINDS, Stitch, build_stitch
+from stitchtrain.tree.vst import (
     TreeBranch,
     VFMStitchTree,
     _free_blocks,

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
-from stitchtrain.loader import valid_rows
+from stitchtrain.data.loader import valid_rows
 
 __all__ = [
     "SCENARIOS",
@@ -62,7 +62,7 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
 
 def _rebuild(run_dir: Path, **overrides):
     """The run's ``StitchRecipe`` with its trained stitch (and head) loaded."""
-    from stitchtrain.evaluate import load_run
+    from stitchtrain.evaluate.evaluation import load_run
 
     return load_run(run_dir, **overrides)
 
@@ -70,13 +70,13 @@ def _rebuild(run_dir: Path, **overrides):
 def _probe_head(recipe) -> torch.nn.Module:
     """The linear probe ``stitchtrain eval`` fits on the stitched pooled outputs (same seed,
     same protocol, so the same head)."""
-    from stitchtrain.evaluate import fit_stitched_probe
+    from stitchtrain.evaluate.evaluation import fit_stitched_probe
 
     return fit_stitched_probe(recipe).head
 
 
 def _stitched_predictions(run_dir: Path) -> tuple[np.ndarray, str]:
-    from stitchtrain.evaluate import stitched_pass, test_stores
+    from stitchtrain.evaluate.evaluation import stitched_pass, test_stores
 
     recipe = _rebuild(run_dir)
     if recipe.config.task != "cls":
@@ -205,7 +205,7 @@ def prediction_analysis(
     The stitched run's source and target stores must see the same pixels
     (``pairing.check_geometry``) unless ``allow_geometry_mismatch`` or the run was fit with
     it (its config.json records ``allow_geometry_mismatch``)."""
-    from stitchtrain.pairing import check_geometry, ids_hash
+    from stitchtrain.data.pairing import check_geometry, ids_hash
 
     runs = [Path(stitched_run), Path(self_a_run), Path(self_b_run)]
     stitched = _run_config(runs[0])
@@ -297,9 +297,9 @@ def transfer_run(
     position, the run's encoders by fingerprint), the test stores (found and complete), that
     the stitch fits the stores, the memory budget and the device.
     """
-    from stitchtrain.evaluate import Distances, evaluation_split, probe_accuracy
-    from stitchtrain.fit import FitConfig, StitchRecipe
-    from stitchtrain.sweep import dataset_label
+    from stitchtrain.evaluate.evaluation import Distances, evaluation_split, probe_accuracy
+    from stitchtrain.studies.sweep import dataset_label
+    from stitchtrain.train.fit import FitConfig, StitchRecipe
 
     run_dir, out = Path(run_dir), Path(out)
     check_transfer_out(out)

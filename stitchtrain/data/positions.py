@@ -15,10 +15,11 @@ and feeds the same target tail. Hence::
 
     valid positions = 1 .. min(N_s, N_t - 1)
 
-``stitchtrain positions`` prints this range, ``fit`` (``stitchtrain.pairing.check_pair``, run by
-``fit``, ``fit --dry-run`` and every sweep point) and ``sweep`` (``plan_sweep``, before any
-point runs) refuse a position outside it with the message of ``check_position``. Whether the
-stores hold the layer a position reads is a separate check (``check_pair``).
+``stitchtrain positions`` prints this range, ``fit``
+(``stitchtrain.data.pairing.check_pair``, run by ``fit``, ``fit --dry-run`` and every sweep
+point) and ``sweep`` (``plan_sweep``, before any point runs) refuse a position outside it
+with the message of ``check_position``. Whether the stores hold the layer a position reads is
+a separate check (``check_pair``).
 """
 
 from __future__ import annotations

@@ -85,9 +85,10 @@ from featcache.errors import FeatcacheError
 from featcache.extract import resolve_device
 from featcache.storage import write_atomic
 from featcache.store import FeatureStore
-from stitchtrain.integrity import format_rows, usable_rows
-from stitchtrain.loader import FeatureLoader, Field, parse_size, split_rows
-from stitchtrain.losses import (
+from stitchtrain.data.integrity import format_rows, usable_rows
+from stitchtrain.data.loader import FeatureLoader, Field, parse_size, split_rows
+from stitchtrain.data.pairing import check_pair, source_array
+from stitchtrain.model.losses import (
     IGNORE_INDEX,
     IGNORE_VALUE,
     classification_loss,
@@ -96,10 +97,9 @@ from stitchtrain.losses import (
     segmentation_loss,
     segmentation_targets,
 )
-from stitchtrain.metrics import MIOU_DEFINITIONS, ConfusionMatrix
-from stitchtrain.pairing import check_pair, source_array
-from stitchtrain.segscore import SCORE_RESOLUTIONS
-from stitchtrain.stitches import Stitch, build_stitch
+from stitchtrain.model.stitches import Stitch, build_stitch
+from stitchtrain.scoring.metrics import MIOU_DEFINITIONS, ConfusionMatrix
+from stitchtrain.scoring.segscore import SCORE_RESOLUTIONS
 
 __all__ = [
     "FitConfig",
@@ -180,7 +180,7 @@ class FitConfig:
     lr_schedule: str = "constant"  # or "cosine": per step, linear warm-up then cosine to 0
     warmup_epochs: int = 0  # cosine only: epochs of linear warm-up
     seg_decoder: str = "grid"  # LFM / FFM seg scoring: "grid" (A.2.2 protocol) or "fixed"
-    miou: str = "mmseg"  # mIoU definition (stitchtrain.metrics.MIOU_DEFINITIONS)
+    miou: str = "mmseg"  # mIoU definition (stitchtrain.scoring.metrics.MIOU_DEFINITIONS)
     score_resolution: str = "original"  # seg test score: "original" masks (A.2.5) or "input"
 
     def __post_init__(self) -> None:
@@ -470,8 +470,8 @@ class StitchRecipe:
         stream is the one ``--head fresh`` sees. {"state", "lr", "val_metric", "epochs"}."""
         if self._probe_cache is not None:
             return self._probe_cache
-        from stitchtrain.integrity import require_finite
-        from stitchtrain.probe import fit_linear_decoder, fit_linear_probe
+        from stitchtrain.data.integrity import require_finite
+        from stitchtrain.scoring.probe import fit_linear_decoder, fit_linear_probe
 
         config, target = self.config, self.target
         name, labels = ("pooled", "labels") if config.task == "cls" else ("final", "masks")
@@ -961,7 +961,7 @@ class StitchRecipe:
         cli._progress.FitProgress). ``log`` gets one
         line per incomplete store used (``allow_incomplete``); default: warnings of this
         module's logger."""
-        from stitchtrain.evaluate import evaluate_run, evaluation_split
+        from stitchtrain.evaluate.evaluation import evaluate_run, evaluation_split
 
         finished = _finished_metrics(self.out, self.config)
         if finished is not None:

@@ -38,10 +38,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stitchtrain.fit import FitConfig, StitchRecipe, check_run_dir
-from stitchtrain.loader import FeatureLoader, Field, _default_budget, parse_size
-from stitchtrain.pairing import source_array
-from stitchtrain.sizes import format_size
+from stitchtrain.data.loader import FeatureLoader, Field, _default_budget, parse_size
+from stitchtrain.data.pairing import source_array
+from stitchtrain.data.sizes import format_size
+from stitchtrain.train.fit import FitConfig, StitchRecipe, check_run_dir
 
 __all__ = ["FitPlan", "plan_fit", "step_memory", "tail_activation_bytes"]
 
@@ -185,7 +185,7 @@ def step_memory(recipe: StitchRecipe, stage: str) -> tuple[int, int]:
 def plan_fit(config: FitConfig, reuse: Sequence[str | Path] = ()) -> FitPlan:
     """Check every input of ``fit(config, reuse=reuse)`` as fit does before its first step
     and return its plan; raises fit's errors. Writes nothing (the run dir is not created)."""
-    from stitchtrain.evaluate import evaluation_split
+    from stitchtrain.evaluate.evaluation import evaluation_split
 
     state = check_run_dir(Path(config.out), config)
     recipe = StitchRecipe(config, reuse=reuse)
