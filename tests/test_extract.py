@@ -215,7 +215,7 @@ def test_write_failure_leaves_no_marker_and_rerun_completes(
 ):
     """A full disk while shard 2 is written: through featcache's own feature-shard writer, or
     through zarr (labels)."""
-    import featcache.storage as storage
+    import featcache.store.storage as storage
 
     failed = []
     if where == "zarr array":

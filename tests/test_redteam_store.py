@@ -25,7 +25,7 @@ import zarr
 from conftest import fake_store_spec
 from typer.testing import CliRunner
 
-import featcache.storage as storage
+import featcache.store.storage as storage
 from cli.featcache_app import app
 from featcache.store import FeatureStore, StoreError, StoreSpec, remove_store
 
@@ -236,7 +236,7 @@ def test_ids_longer_than_the_row_width_are_refused(tmp_path):
 # -- writers and temp files ---------------------------------------------------------------------
 _SLOW_MARKER_WRITER = """
 import os, sys, time
-import featcache.storage as storage
+import featcache.store.storage as storage
 from featcache.store import FeatureStore
 real = os.replace
 def slow(source, target):

@@ -83,8 +83,7 @@ from torch import nn
 from featcache.encoders import Encoder, TokenLayout, load_encoder
 from featcache.errors import FeatcacheError
 from featcache.extract import resolve_device
-from featcache.storage import write_atomic
-from featcache.store import FeatureStore
+from featcache.store import FeatureStore, write_atomic
 from stitchtrain.data.integrity import format_rows, usable_rows
 from stitchtrain.data.loader import FeatureLoader, Field, parse_size, split_rows
 from stitchtrain.data.pairing import check_pair, source_array

@@ -1,0 +1,83 @@
+"""Feature stores: one Zarr v3 group per (dataset split, encoder fingerprint, extraction settings).
+
+The only package that imports zarr. Layout of a store, format version 2 (``docs/design.md`` has
+the full contract):
+
+  zarr.json                      group; attrs below (deterministic: no timestamps)
+  layers/<n>   (image, token, channel)  layer-n tokens, n a plain integer ("layers/6")
+  final        (image, token, channel)  the encoder's final norm on layer N (FFM targets)
+  pooled       (image, channel)         the encoder's own pooled output
+  ids          (image, byte)  uint8     dataset ids (image path relative to the data root),
+                                        UTF-8, NUL-padded to the longest id of the split
+  labels       (image,)  int64          class index (-1: unlabelled)
+  valid        (image,)  bool           False for images skipped as unreadable (rows stay NaN)
+  masks        (image, y, x) int16      segmentation label maps at the encoder's input size
+  markers/shard-<i>/zarr.json           a Zarr group per completed shard, written last; its
+                                        attribute ``featcache_marker`` is the marker
+
+Every array uses only core Zarr v3 data types and codecs (bytes, zstd, crc32c, sharding), so
+independent readers (TensorStore, zarr-python, xarray) read every array. Crc32c is last in every
+chunk's codec chain. Rows follow the dataset's seeded permutation, so row i is the same image in
+every store of that dataset split. Feature arrays are float16 (or bfloat16 bits stored as uint16,
+array attribute ``logical_dtype``), up to 16 images per inner chunk inside shards of
+``shard_size`` images, fill value NaN. Every other array has one chunk per shard. So each array
+holds exactly one object per shard, ``<array>/c/<shard>/0...``, and that is what a marker
+proves: for every array, the object's key, size and digest: ``zlib.crc32`` of the object's
+chunk checksums (a shard: its index, then the Crc32c trailer of each of its chunks; a chunk:
+its trailer), see ``object_digest``. With zarr's own Crc32c of every chunk (checked as
+``verify`` decodes), that pins every byte, at the cost of reading a few bytes per chunk: no
+pass over the data at write time.
+
+A shard without a valid marker does not exist for readers; resuming = planned shards minus
+marked shards; ``verify`` re-reads every object of every marked shard against its marker.
+
+Store creation writes a claim first (the root ``zarr.json`` with attrs ``{"featcache": {...,
+"state": "creating"}}``), then the arrays, then the full attrs (no ``state``). A directory that
+holds anything else, or a Zarr group without a featcache claim, is never adopted.
+
+Attributes (``featcache``): format, format_version, store_id, encoder (``Encoder.describe()``),
+dataset (source, split, manifest_hash, classes, order_seed, num_images), layers, tokens,
+dtype, logical_dtype, compression, shard_size, num_shards, id_width, codecs, arrays,
+Modules: ``spec`` (``StoreSpec``, what defines a store and its id), ``codec`` (value encodings:
+compression, bitround, bfloat16 bits, ids), ``layout`` (the arrays and their codecs),
+``claims`` (what a path holds before it is adopted), ``markers`` (shard completion markers),
+``shard_files`` (uncompressed shard files written and read directly, object digests),
+``verify`` (faults of marked shards), ``feature_store`` (``FeatureStore``), ``catalog``
+(finding and removing stores), ``storage`` (fsspec URLs, atomic writes, temp files), ``errors``.
+"""
+
+from featcache.store.catalog import find_stores, remove_store
+from featcache.store.codec import (
+    bfloat16_bits_to_float32,
+    bitround_float16,
+    decode_ids,
+    encode_ids,
+    float32_to_bfloat16_bits,
+    parse_compression,
+)
+from featcache.store.errors import StoreError, StoreMismatchError
+from featcache.store.feature_store import FeatureStore
+from featcache.store.layout import inner_chunk_images
+from featcache.store.spec import DTYPES, FORMAT_VERSION, PRECISIONS, TOKEN_MODES, StoreSpec
+from featcache.store.storage import write_atomic
+
+__all__ = [
+    "DTYPES",
+    "FORMAT_VERSION",
+    "PRECISIONS",
+    "TOKEN_MODES",
+    "FeatureStore",
+    "StoreError",
+    "StoreMismatchError",
+    "StoreSpec",
+    "bfloat16_bits_to_float32",
+    "bitround_float16",
+    "decode_ids",
+    "encode_ids",
+    "find_stores",
+    "float32_to_bfloat16_bits",
+    "inner_chunk_images",
+    "parse_compression",
+    "remove_store",
+    "write_atomic",
+]
