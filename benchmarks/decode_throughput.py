@@ -5,7 +5,7 @@ of ``--num-workers`` threads (``featcache.extract``). A GPU running ViT-L/14 at 
 needs several hundred decoded, resized images per second, so this measures whether that pool
 scales with workers or is held back by the GIL, in which case processes would be needed.
 
-Per image, the work of ``featcache.extract._prepare`` for one encoder: read and decode the
+Per image, the work of ``featcache.extract.decode._prepare`` for one encoder: read and decode the
 JPEG (``featcache.images.decode_image``: EXIF, RGB), then the encoder's own preprocessing
 (``Encoder.preprocess``: resize the shorter side, centre crop, to float, normalise) into a
 ``(3, H, W)`` float32 tensor. Default: the ``dinov2-l`` preset's preprocessing (336 px,

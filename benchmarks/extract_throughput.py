@@ -20,9 +20,10 @@ beside it, with the load average, so a disturbed run shows as a gap between the 
 extraction's own ``timings`` split (seconds the main thread waited for decoded images,
 computed, waited for writes; seconds the writer thread wrote) is from its fastest repeat.
 
-``--baseline FILE`` also times ``run_extraction`` from another copy of ``featcache/extract.py``
-(e.g. the version before a change: ``git show HEAD:featcache/extract.py > /tmp/before.py``) in
-the same repeats, so a before/after claim is a ratio measured side by side in one run.
+``--baseline FILE`` also times ``run_extraction`` from another copy of ``featcache/extract.py``,
+the one-file module the ``featcache/extract/`` package was split from (e.g. ``git show
+6031ead:featcache/extract.py > /tmp/before.py``), in the same repeats, so a before/after claim
+is a ratio measured side by side in one run.
 
 Default encoder: ``timm:vit_small_patch14_dinov2`` with random weights at ``--img-size 112``
 (ViT-S/14: 12 blocks, width 384, 65 tokens). Its forward (~23 ms an image on one core) costs

@@ -195,7 +195,8 @@ def step_extract(sizes: Sizes, scratch: Path) -> dict[str, Any]:
     from _jpegs import make_jpeg_folder
 
     from featcache.encoders import load_encoder
-    from featcache.extract import ExtractConfig, _prepare, plan_extraction, run_extraction
+    from featcache.extract import ExtractConfig, plan_extraction, run_extraction
+    from featcache.extract.decode import _prepare
 
     device = _device()
     name = sizes.pick("dinov2-l", "dinov2-tiny")

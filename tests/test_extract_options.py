@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import featcache.extract as extract_module
+import featcache.extract.decode as extract_module
 from featcache.demo_data import make_demo_dataset
 from featcache.errors import FeatcacheError
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction

@@ -315,7 +315,7 @@ def test_a_bad_mask_is_recorded_for_its_image_not_a_crash(
     """Masks get the image decoder's refusals (the decompression-bomb limit included), so
     ``--on-bad-image skip`` records them with the file named instead of stopping the run."""
     from featcache.data import Record
-    from featcache.extract import _prepare
+    from featcache.extract.decode import _prepare
 
     image, mask = tmp_path / "a.png", tmp_path / "a_mask.png"
     _png(image)

@@ -38,6 +38,8 @@ holds anything else, or a Zarr group without a featcache claim, is never adopted
 Attributes (``featcache``): format, format_version, store_id, encoder (``Encoder.describe()``),
 dataset (source, split, manifest_hash, classes, order_seed, num_images), layers, tokens,
 dtype, logical_dtype, compression, shard_size, num_shards, id_width, codecs, arrays,
+mask_shape, precision, tool_version; after the first batch is measured, precision_error.
+
 Modules: ``spec`` (``StoreSpec``, what defines a store and its id), ``codec`` (value encodings:
 compression, bitround, bfloat16 bits, ids), ``layout`` (the arrays and their codecs),
 ``claims`` (what a path holds before it is adopted), ``markers`` (shard completion markers),
