@@ -152,7 +152,7 @@ def report(
 ) -> None:
     """Plots and tables of the paper's Figures 2-5 and Tables 1-4, 12 from sweep results."""
     from cli._progress import progress_display
-    from stitchtrain.studies.report import build_report
+    from stitchtrain.studies.report.page import build_report
 
     check_out_dir(out)
     with progress_display(console) as display:

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from cli.experiments_app import experiments_app
 from stitchtrain.studies.analysis import transfer_run
-from stitchtrain.studies.report import Table, build_report
+from stitchtrain.studies.report.page import build_report
+from stitchtrain.studies.report.render import Table
 from stitchtrain.studies.sweep import load_sweep_config, plan_sweep, run_sweep
 from stitchtrain.train.fit import FitConfig, fit
 
@@ -389,7 +390,7 @@ def test_every_figure_writes_the_data_it_plots_and_it_equals_the_tables(syntheti
 
 
 def test_cka_figure_shows_every_point_and_legend_hides_none(tmp_path):
-    from stitchtrain.studies.report import _cka_figure
+    from stitchtrain.studies.report.plots import _cka_figure
 
     accuracies = {"a→b": [1.0, 0.55, 0.0], "b→a": [0.98, 0.6, 0.02]}  # the metric's extremes
     cka = [0.2, 0.6, 1.0]
