@@ -17,7 +17,9 @@ from cli.experiments_app import experiments_app
 from stitchtrain.studies.analysis import transfer_run
 from stitchtrain.studies.report.page import build_report
 from stitchtrain.studies.report.render import Table
-from stitchtrain.studies.sweep import load_sweep_config, plan_sweep, run_sweep
+from stitchtrain.studies.sweep.config import load_sweep_config
+from stitchtrain.studies.sweep.grid import plan_sweep
+from stitchtrain.studies.sweep.run import run_sweep
 from stitchtrain.train.fit import FitConfig, fit
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from featcache.errors import FeatcacheError
-from stitchtrain.studies.sweep import read_results
+from stitchtrain.studies.sweep.results import read_results
 
 __all__ = ["OBJECTIVE_LABELS", "load_results"]
 
