@@ -262,7 +262,7 @@ def test_tree_bench_latency_has_a_median_and_a_spread():
     import torch
 
     from cli.tree_app import _latency_cell
-    from stitchtrain.tree.bench import _latency
+    from stitchtrain.tree.measure import _latency
 
     weights = torch.randn(256, 256)
     measured = _latency(lambda: weights @ weights, torch.device("cpu"), warmup=1, repeats=5)

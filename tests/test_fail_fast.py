@@ -364,16 +364,16 @@ def ffm_run(stores, tmp_path_factory):
 def counted_loads(monkeypatch):
     """Count every encoder load (the expensive work of tree build) inside the block."""
     import stitchtrain.train.fit
-    import stitchtrain.tree.vst
+    import stitchtrain.tree.runs
 
     loads = []
-    real = stitchtrain.tree.vst.load_encoder
+    real = stitchtrain.tree.runs.load_encoder
 
     def load(name, *args, **kwargs):
         loads.append(name)
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(stitchtrain.tree.vst, "load_encoder", load)
+    monkeypatch.setattr(stitchtrain.tree.runs, "load_encoder", load)
     monkeypatch.setattr(stitchtrain.train.fit, "load_encoder", load)
     yield loads
 

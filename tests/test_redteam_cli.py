@@ -307,7 +307,7 @@ def test_cli_choices_are_the_library_choices():
     from stitchtrain.model.stitches import STITCH_KINDS
     from stitchtrain.studies.cka import TOKEN_MODES as CKA_TOKENS
     from stitchtrain.train.fit import INITS, OBJECTIVES, STITCHES
-    from stitchtrain.tree.bench import PRECISIONS
+    from stitchtrain.tree.bench_config import PRECISIONS
 
     pairs = [
         (featcache.Tokens, TOKEN_MODES),
