@@ -300,7 +300,7 @@ def test_cli_choices_are_the_library_choices():
     from typing import get_args
 
     import cli.experiments_app as experiments
-    import cli.featcache_app as featcache
+    import cli.extract_app as featcache
     import cli.stitchtrain_app as stitchtrain
     import cli.tree_app as tree
     from featcache.store import DTYPES, TOKEN_MODES
