@@ -382,7 +382,8 @@ def _ffm_step(full_position: int) -> Callable[[Sizes, Path], dict[str, Any]]:
 
 def _tree_step(count: int) -> Callable[[Sizes, Path], dict[str, Any]]:
     def step(sizes: Sizes, scratch: Path) -> dict[str, Any]:
-        from stitchtrain.tree.bench import BenchConfig, run_bench
+        from stitchtrain.tree.bench import run_bench
+        from stitchtrain.tree.bench_config import BenchConfig
 
         names = sizes.pick(["dinov2-l", "clip-l", "siglip2-l", "dinov3-l"],
                            ["dinov2-tiny", "clip-tiny", "siglip2-tiny", "dinov3-tiny"])  # fmt: skip
@@ -416,7 +417,7 @@ STEPS: dict[str, tuple[Callable, float, float]] = {
 def _peaks_reset() -> None:
     import torch
 
-    from stitchtrain.tree.bench import _reset_peak_rss
+    from stitchtrain.tree.measure import _reset_peak_rss
 
     if torch.cuda.is_initialized():  # not before the first step that uses CUDA: decode forks
         torch.cuda.reset_peak_memory_stats()
@@ -426,7 +427,7 @@ def _peaks_reset() -> None:
 def _peaks() -> dict[str, float | None]:
     import torch
 
-    from stitchtrain.tree.bench import _rss_kib
+    from stitchtrain.tree.measure import _rss_kib
 
     host = _rss_kib("VmHWM")
     cuda = torch.cuda.is_initialized()

@@ -45,7 +45,7 @@ def _point_json(point, out) -> dict:
     """``sweep --dry-run --json``: a point with its FitPlan (``plan``, the object ``fit
     --dry-run --json`` prints; null for a probe point) or why fit refuses it (``refused``)."""
     from featcache.errors import FeatcacheError
-    from stitchtrain.studies.sweep import completed_row
+    from stitchtrain.studies.sweep.run import completed_row
 
     entry = {"id": point.id, "kind": point.kind, "done": completed_row(point, out) is not None}
     try:
@@ -78,7 +78,9 @@ def sweep(
     from rich.table import Table
 
     from cli._progress import FitProgress, progress_display
-    from stitchtrain.studies.sweep import completed_row, load_sweep_config, plan_sweep, run_sweep
+    from stitchtrain.studies.sweep.config import load_sweep_config
+    from stitchtrain.studies.sweep.grid import plan_sweep
+    from stitchtrain.studies.sweep.run import completed_row, run_sweep
 
     check_scheduler(scheduler, sequential=True)
     check_out_dir(out)
@@ -152,7 +154,7 @@ def report(
 ) -> None:
     """Plots and tables of the paper's Figures 2-5 and Tables 1-4, 12 from sweep results."""
     from cli._progress import progress_display
-    from stitchtrain.studies.report import build_report
+    from stitchtrain.studies.report.page import build_report
 
     check_out_dir(out)
     with progress_display(console) as display:

@@ -1,8 +1,12 @@
-"""``featcache``: list encoders and run the built-in demo. Parse, call the library, print."""
+"""``featcache``: list encoders and run the built-in demo. Parse, call the library, print.
+
+The app, ``models``, ``demo`` and the store commands (ls, info, verify, rm, show) are here;
+``extract`` is registered from ``cli.extract_app``, the ``dataset`` group from
+``cli.dataset_app``.
+"""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -19,19 +23,10 @@ from cli._console import (
     reports_errors,
     version_option,
 )
-from cli._parse import at_least, check_out_dir, check_scheduler, parse_ints, parse_weights
+from cli._parse import at_least, check_out_dir, parse_ints
+from cli.dataset_app import dataset_app
+from cli.extract_app import _extract_with_progress, extract_app
 from stitchtrain.data.sizes import format_size
-
-# The accepted values, checked by typer at parse time and listed in --help (the library's own
-# tuples: featcache.store.TOKEN_MODES and DTYPES; tests/test_redteam_cli.py keeps them equal).
-Tokens = Literal["all", "prefix", "pooled"]
-Dtype = Literal["float16", "bfloat16", "float32"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]  # "auto" + featcache.encoders.base.PRECISIONS
-OnBadImage = Literal["fail", "skip"]
-ResizeMode = Literal["shortest", "squash"]  # featcache.preprocess resize modes
-Crop = Literal["box", "whole", "banner"]  # featcache.data.DataOptions.crop
-Level = Literal["variant", "family", "manufacturer"]  # featcache.aircraft.AIRCRAFT_LEVELS
-ShortClasses = Literal["error", "drop"]
 
 app = typer.Typer(
     help="Run frozen vision foundation models once and cache their token features.",
@@ -92,221 +87,7 @@ def models() -> None:
     console.print(models_table())
 
 
-def _data_options_params():
-    """The dataset options shared by ``extract`` and ``dataset describe`` (DataOptions)."""
-    return {
-        "crop": typer.Option(
-            None,
-            help="fMoW-RGB / FGVC-Aircraft: crop to the annotated box or keep the whole "
-            "image; Aircraft: banner = all but its 20 px copyright banner (default: fMoW box, "
-            "Aircraft whole).",
-        ),
-        "select": typer.Option(
-            None,
-            help="iNaturalist 2021: keep categories by taxonomy, FIELD=V1,V2 (e.g. "
-            "family=Sphingidae,Pieridae,Pyralidae).",
-        ),
-        "level": typer.Option(None, help="FGVC-Aircraft class level (default: variant)."),
-        "image_root": typer.Option(
-            None, help="LLaVA-style JSON: folder its image paths are relative to (default: its)."
-        ),
-        "image_column": typer.Option(
-            None, help="Hugging Face parquet: image column (default: the Image feature)."
-        ),
-        "label_column": typer.Option(
-            None, help="Hugging Face parquet: label column (default: the ClassLabel feature)."
-        ),
-        "per_class": typer.Option(
-            None,
-            help="Class-balanced subset: N per class in every split, or SPLIT=N,SPLIT=N "
-            "drawn disjointly from --subset-from (e.g. train=230,test=26).",
-        ),
-        "subset_from": typer.Option(
-            None,
-            help="Splits the SPLIT=N subsets are drawn from, comma-separated (default: train).",
-        ),
-        "subset_seed": typer.Option(0, help="Seed of the class-balanced draw."),
-        "short_classes": typer.Option(
-            "error", help="A class too small for --per-class: error, or drop it."
-        ),
-    }
-
-
-_DATA = _data_options_params()
-
-
-def _data_options(params: dict):
-    """The ``_DATA`` options among a command's parameters (its ``locals()``) ->
-    ``featcache.data.DataOptions`` (bad values: one-line errors)."""
-    from featcache.data import DataOptions
-    from featcache.inat import parse_select
-
-    values = {name: params[name] for name in _DATA}
-    select = values.pop("select")
-    return DataOptions(select=None if select is None else parse_select(select), **values)
-
-
-def _extract_with_progress(config, display, *, parent=None, scheduler: str | None = None) -> dict:
-    """Plan (a spinner while the models load), print the planned stores, extract the missing
-    shards with a progress task (images k of N, img/s, MB/s, ETA) on ``display``
-    (``cli._progress``); stores already complete say so and write nothing."""
-    from rich.table import Table
-
-    from featcache.extract import images_to_extract, plan_extraction, run_extraction
-
-    with display.spinner(f"loading {', '.join(config.models)}", parent=parent):
-        plan = plan_extraction(config)
-    table = Table(title=f"planned stores ({plan.split}: {len(plan.records)} images)")
-    for column in ("encoder", "layers", "store", "estimated size"):
-        table.add_column(column)
-    for encoder, spec, url in zip(plan.encoders, plan.specs, plan.urls, strict=True):
-        layers = ",".join(map(str, spec.layers))
-        size = format_size(plan.estimated_bytes(spec))
-        table.add_row(encoder.name, layers, url, size)
-    display.log(table)
-    todo = images_to_extract(plan)
-    if todo == 0:  # the run below only reopens the stores (and checks --scheduler)
-        display.log(f"extract {plan.split}: complete, nothing to do ({len(plan.urls)} stores)")
-    task = display.task(f"extract {plan.split}", total=todo, parent=parent) if todo else None
-    started, written = time.perf_counter(), {"bytes": 0}
-
-    def advance(images: int, nbytes: int) -> None:  # called only when shards are written
-        written["bytes"] += nbytes
-        elapsed = max(time.perf_counter() - started, 1e-9)
-        done = task.completed + images
-        rate = f"{done / elapsed:.1f} img/s {written['bytes'] / elapsed / 1e6:.1f} MB/s"
-        task.advance(images, note=rate)
-
-    try:
-        if scheduler is None:
-            result = run_extraction(plan, progress=advance)
-        else:
-            from featcache.distributed import connect, extract_on_dask
-
-            with connect(scheduler) as client:
-                display.log(f"dask scheduler: {client.scheduler.address}")
-                result = extract_on_dask(plan, client, progress=advance)
-    finally:
-        if task is not None:
-            task.finish()
-    result["seconds"] = time.perf_counter() - started
-    return result
-
-
-@app.command()
-@reports_errors
-def extract(
-    model: list[str] = typer.Option(..., "--model", help="Encoder (repeat for several)."),
-    data: str = typer.Option(
-        ...,
-        help="Image folder (class subfolders; ADE20K, fMoW-RGB, iNat 2021, FGVC-Aircraft "
-        "layouts), CSV/JSONL manifest, LLaVA-style .json, parquet files or folder, or .tar "
-        "shards (brace pattern, glob, s3://).",
-    ),
-    out: str = typer.Option(..., help="Root for stores: local path or fsspec URL (s3://...)."),
-    layers: str = typer.Option(
-        "2,6,10,14,18,22,24", help="Layers to store: comma-separated integers 0..depth, e.g. 2,6."
-    ),
-    split: str | None = typer.Option(None, help="Dataset split (default: the first)."),
-    batch_size: int = typer.Option(
-        32, callback=at_least(1), help="Images per forward pass (>= 1)."
-    ),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
-    tokens: Tokens = typer.Option("all", help="Tokens to store (pooled: no layers)."),
-    compression: str = typer.Option(
-        "none", help="none, zstd or bitround:K (keep K of 10 float16 mantissa bits, 1 <= K <= 10)."
-    ),
-    dtype: Dtype = typer.Option("float16", help="Storage dtype (bfloat16 as uint16 bits)."),
-    precision: Precision = typer.Option(
-        "auto",
-        help="Compute precision (autocast): fp32, bf16 or fp16; auto = bf16 on CUDA, fp32 on "
-        "CPU. Recorded in the store and its id; info shows its error against fp32.",
-    ),
-    shard: str = typer.Option("0/1", help="I/N: process shards i with i % N == I."),
-    shard_size: int = typer.Option(
-        256, callback=at_least(1), help="Images per shard (unit of writing/resuming) (>= 1)."
-    ),
-    on_bad_image: OnBadImage = typer.Option("fail", help="skip: record unreadable images, go on."),
-    num_workers: int | None = typer.Option(
-        None, callback=at_least(0), help="Decoding threads (>= 0; default: the cores available)."
-    ),
-    weights: list[str] = typer.Option([], help="NAME=FILE.safetensors weights for a model."),
-    random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights."),
-    reduce_zero_label: bool | None = typer.Option(
-        None,
-        "--reduce-zero-label/--keep-zero-label",
-        help="Mask value 0 -> ignore, k -> k-1 (mmsegmentation's convention). Default: the "
-        "dataset layout's (on for ADE20K, off for folders and manifests).",
-    ),
-    crop_pct: float | None = typer.Option(
-        None,
-        help="Centre-crop fraction for every --model (0 < F <= 1; default: the model's, 1.0 "
-        "for presets).",
-    ),
-    resize_mode: ResizeMode | None = typer.Option(
-        None, help="shortest (keep aspect, crop) or squash, for every --model (default: model's)."
-    ),
-    scheduler: str | None = typer.Option(
-        None, help="Run shards as Dask tasks: local, local:N or tcp://HOST:PORT."
-    ),
-    crop: Crop | None = _DATA["crop"],
-    select: str | None = _DATA["select"],
-    level: Level | None = _DATA["level"],
-    per_class: str | None = _DATA["per_class"],
-    subset_from: str | None = _DATA["subset_from"],
-    subset_seed: int = _DATA["subset_seed"],
-    short_classes: ShortClasses = _DATA["short_classes"],
-    image_root: str | None = _DATA["image_root"],
-    image_column: str | None = _DATA["image_column"],
-    label_column: str | None = _DATA["label_column"],
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary at the end."),
-) -> None:
-    """Extract layer token features of one or more encoders into Zarr v3 stores."""
-    import json
-
-    from cli._progress import progress_display
-    from featcache.extract import ExtractConfig, parse_shard
-
-    check_scheduler(scheduler)
-    config = ExtractConfig(
-        models=model,
-        data=data,
-        out=out,
-        layers=list(parse_ints(layers, "--layers", empty=tokens == "pooled")),
-        split=split,
-        batch_size=batch_size,
-        device=device,
-        tokens=tokens,
-        compression=compression,
-        dtype=dtype,
-        shard=parse_shard(shard),
-        on_bad_image=on_bad_image,
-        num_workers=num_workers,
-        precision=precision,
-        shard_size=shard_size,
-        random_init=random_init,
-        reduce_zero_label=reduce_zero_label,
-        weights=parse_weights(weights),
-        crop_pct=crop_pct,
-        resize_mode=resize_mode,
-        data_options=_data_options(locals()),
-    )
-    out_console = err_console if as_json else console  # --json: stdout holds the JSON only
-    with progress_display(out_console) as display:
-        result = _extract_with_progress(config, display, scheduler=scheduler)
-    if as_json:
-        print(json.dumps(result, indent=2))
-        return
-    for summary in result["stores"]:
-        state = (
-            "complete"
-            if summary["complete"]
-            else (f"{summary['shards_done']}/{summary['num_shards']} shards")
-        )
-        line = f"[bold]{escape(summary['encoder'])}[/]: {escape(summary['url'])} ({state})"
-        console.print(line, markup=True)
-        for item in summary["skipped"]:
-            console.print(f"  skipped {item['id']}: {item['reason']}")
+app.registered_commands.extend(extract_app.registered_commands)  # extract
 
 
 def stores_table(root: str) -> Table:
@@ -532,83 +313,7 @@ def show(
             console.print(f"  row {row}: image not shown ({note})", highlight=False, markup=False)
 
 
-dataset_app = typer.Typer(help="Inspect datasets before extracting them.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
-
-
-@dataset_app.command()
-@reports_errors
-def describe(
-    data: str = typer.Argument(..., help="What --data of extract takes."),
-    crop: Crop | None = _DATA["crop"],
-    select: str | None = _DATA["select"],
-    level: Level | None = _DATA["level"],
-    per_class: str | None = _DATA["per_class"],
-    subset_from: str | None = _DATA["subset_from"],
-    subset_seed: int = _DATA["subset_seed"],
-    short_classes: ShortClasses = _DATA["short_classes"],
-    image_root: str | None = _DATA["image_root"],
-    image_column: str | None = _DATA["image_column"],
-    label_column: str | None = _DATA["label_column"],
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-) -> None:
-    """Classes, images per split and per class, and what a --per-class subset would hold,
-    without extracting."""
-    import dataclasses
-    import json
-
-    from rich.table import Table
-
-    from featcache.data import load_dataset
-    from featcache.subsets import describe as describe_dataset
-
-    options = _data_options(locals())
-    dataset = load_dataset(data, options=dataclasses.replace(options, per_class=None))
-    summary = describe_dataset(dataset, options)
-    if as_json:
-        print(json.dumps(summary, indent=2))
-        return
-    console.print(
-        f"[bold]{escape(summary['source'])}[/] ({summary['format']}): "
-        f"{len(summary['classes'])} classes {escape(summary['selection'] or '')}",
-        markup=True,
-        highlight=False,
-    )
-    table = Table(title="splits")
-    for column in ("split", "images", "classes present", "min / max per class"):
-        table.add_column(column)
-    for split, info in summary["splits"].items():
-        counts = list(info["per_class"].values()) or [0]
-        present = sum(c > 0 for c in counts)
-        table.add_row(split, str(info["images"]), str(present), f"{min(counts)} / {max(counts)}")
-    console.print(table)
-    shown = 40
-    classes = Table(title=f"images per class (first {shown})" if len(summary["classes"]) > shown
-                    else "images per class")  # fmt: skip
-    classes.add_column("class")
-    for split in summary["splits"]:
-        classes.add_column(split, justify="right")
-    for name in summary["classes"][:shown]:
-        counts = (str(i["per_class"][name]) for i in summary["splits"].values())
-        classes.add_row(escape(name), *counts)  # class names print as written
-    console.print(classes)
-    if "subset" in summary:
-        subset = summary["subset"]
-        holds = Table(title=f"--per-class {per_class} (seed {subset['seed']})")
-        for column in ("split", "from", "per class", "images", "classes"):
-            holds.add_column(column)
-        for split, count in subset["per_class"].items():
-            held = subset["holds"][split]
-            holds.add_row(split, ",".join(subset["from"][split]), str(count),
-                          str(held["images"]), str(held["classes"]))  # fmt: skip
-        console.print(holds)
-        for name, need in subset["short_classes"].items():
-            fate = "dropped" if short_classes == "drop" else "an error: --short-classes drop"
-            console.print(
-                f"  short: {name!r} has {need['have']} of {need['need']} ({fate})",
-                highlight=False,
-                markup=False,
-            )
 
 
 def main() -> None:

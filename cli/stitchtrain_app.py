@@ -418,7 +418,7 @@ class _DemoSteps:
         return None
 
     def extract(self, config) -> list[str]:
-        from cli.featcache_app import _extract_with_progress
+        from cli.extract_app import _extract_with_progress
 
         result = _extract_with_progress(config, self.display, parent=self.steps)
         return [store["url"] for store in result["stores"]]

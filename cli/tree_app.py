@@ -15,7 +15,7 @@ from cli._console import console, err_console, reports_errors
 from cli._parse import at_least, check_device, check_out_dir, parse_ints, parse_weights
 from featcache.errors import FeatcacheError
 
-Precision = Literal["fp32", "bf16", "amp-bf16"]  # stitchtrain.tree.bench.PRECISIONS
+Precision = Literal["fp32", "bf16", "amp-bf16"]  # stitchtrain.tree.bench_config.PRECISIONS
 Stitch = Literal["linear", "mlp", "lora"]  # stitchtrain.model.stitches.STITCH_KINDS
 
 tree_app = typer.Typer(
@@ -79,13 +79,9 @@ def build(
     from rich.table import Table
 
     from featcache.extract import resolve_device
-    from stitchtrain.tree.vst import (
-        VFMStitchTree,
-        check_readout_layer,
-        check_tree_dir,
-        load_trunk,
-        resolve_runs,
-    )
+    from stitchtrain.tree.model import VFMStitchTree, check_readout_layer
+    from stitchtrain.tree.runs import load_trunk, resolve_runs
+    from stitchtrain.tree.saved import check_tree_dir
 
     check_out_dir(out)
     if readout_layer is not None:  # before any run dir or encoder is read
@@ -178,7 +174,7 @@ def _systems_table(result: dict) -> Table:
 
 
 def _latency_cell(measured: dict) -> str:
-    """ "12.34 (0.56)": median latency and its interquartile range, ms (tree_bench._latency)."""
+    """ "12.34 (0.56)": median latency and its interquartile range, ms (tree.measure._latency)."""
     return f"{measured['latency_ms']:.2f} ({measured['latency_iqr_ms']:.2f})"
 
 
@@ -246,7 +242,8 @@ def bench(
     from cli._progress import progress_display
 
     check_device(device)
-    from stitchtrain.tree.bench import BenchConfig, run_bench  # torch: after the checks
+    from stitchtrain.tree.bench import run_bench  # torch: after the checks
+    from stitchtrain.tree.bench_config import BenchConfig
 
     if formula_depth is not None:  # the old name: L of the formula is now the readout layer
         if readout_layer not in (None, formula_depth):

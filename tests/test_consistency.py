@@ -23,7 +23,7 @@ from featcache.encoders import PRESETS, describe_preset, preset_summary
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.store import FeatureStore
 from stitchtrain.data.positions import PositionError, valid_positions
-from stitchtrain.studies.sweep import plan_sweep
+from stitchtrain.studies.sweep.grid import plan_sweep
 
 runner = CliRunner()
 MODELS = ("dinov2-tiny", "siglip2-tiny")  # both 6 blocks deep: positions 1..5
@@ -131,7 +131,7 @@ def test_positions_fit_and_sweep_agree_on_the_range(extracted, tmp_path):
 
 
 def _load(path: Path) -> dict:
-    from stitchtrain.studies.sweep import load_sweep_config
+    from stitchtrain.studies.sweep.config import load_sweep_config
 
     return load_sweep_config(path)
 
@@ -262,7 +262,7 @@ def test_tree_bench_latency_has_a_median_and_a_spread():
     import torch
 
     from cli.tree_app import _latency_cell
-    from stitchtrain.tree.bench import _latency
+    from stitchtrain.tree.measure import _latency
 
     weights = torch.randn(256, 256)
     measured = _latency(lambda: weights @ weights, torch.device("cpu"), warmup=1, repeats=5)

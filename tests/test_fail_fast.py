@@ -287,7 +287,8 @@ device = "cpu"
 
 def test_sweep_points_plan_with_fit_plan(stores, tmp_path):
     from cli.experiments_app import experiments_app
-    from stitchtrain.studies.sweep import load_sweep_config, plan_sweep
+    from stitchtrain.studies.sweep.config import load_sweep_config
+    from stitchtrain.studies.sweep.grid import plan_sweep
 
     _write_sweep_config(tmp_path / "sweep.toml", stores, probe=False)
     out = tmp_path / "sweep"
@@ -317,7 +318,8 @@ def test_sweep_points_plan_with_fit_plan(stores, tmp_path):
 def test_sweep_dry_run_json_prints_each_points_fit_plan(stores, tmp_path):
     """``sweep --dry-run --json``: per point the object ``fit --dry-run --json`` prints."""
     from cli.experiments_app import experiments_app
-    from stitchtrain.studies.sweep import load_sweep_config, plan_sweep
+    from stitchtrain.studies.sweep.config import load_sweep_config
+    from stitchtrain.studies.sweep.grid import plan_sweep
 
     _write_sweep_config(tmp_path / "sweep.toml", stores, probe=True, fit='memory_budget = "1GB"')
     out = tmp_path / "sweep"
@@ -362,16 +364,16 @@ def ffm_run(stores, tmp_path_factory):
 def counted_loads(monkeypatch):
     """Count every encoder load (the expensive work of tree build) inside the block."""
     import stitchtrain.train.fit
-    import stitchtrain.tree.vst
+    import stitchtrain.tree.runs
 
     loads = []
-    real = stitchtrain.tree.vst.load_encoder
+    real = stitchtrain.tree.runs.load_encoder
 
     def load(name, *args, **kwargs):
         loads.append(name)
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(stitchtrain.tree.vst, "load_encoder", load)
+    monkeypatch.setattr(stitchtrain.tree.runs, "load_encoder", load)
     monkeypatch.setattr(stitchtrain.train.fit, "load_encoder", load)
     yield loads
 

@@ -242,7 +242,7 @@ def test_cka_refuses_mismatch_unless_allowed(stores):
 
 
 def test_sweep_plan_refuses_mismatch_unless_allowed(stores):
-    from stitchtrain.studies.sweep import plan_sweep
+    from stitchtrain.studies.sweep.grid import plan_sweep
 
     config = {
         "stores": {

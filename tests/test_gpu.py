@@ -28,7 +28,7 @@ from featcache.images import decode_image
 from featcache.store import FeatureStore
 from stitchtrain.model.stitches import build_stitch
 from stitchtrain.train.fit import FitConfig, fit
-from stitchtrain.tree.vst import VFMStitchTree
+from stitchtrain.tree.model import VFMStitchTree
 
 pytestmark = [
     pytest.mark.gpu,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import featcache_app
+from cli import extract_app as featcache_app
 from cli.featcache_app import app
 from featcache.demo_data import make_demo_dataset
 from featcache.encoders.base import PRECISIONS

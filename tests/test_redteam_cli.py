@@ -300,14 +300,14 @@ def test_cli_choices_are_the_library_choices():
     from typing import get_args
 
     import cli.experiments_app as experiments
-    import cli.featcache_app as featcache
+    import cli.extract_app as featcache
     import cli.stitchtrain_app as stitchtrain
     import cli.tree_app as tree
     from featcache.store import DTYPES, TOKEN_MODES
     from stitchtrain.model.stitches import STITCH_KINDS
     from stitchtrain.studies.cka import TOKEN_MODES as CKA_TOKENS
     from stitchtrain.train.fit import INITS, OBJECTIVES, STITCHES
-    from stitchtrain.tree.bench import PRECISIONS
+    from stitchtrain.tree.bench_config import PRECISIONS
 
     pairs = [
         (featcache.Tokens, TOKEN_MODES),

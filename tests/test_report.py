@@ -15,8 +15,11 @@ from typer.testing import CliRunner
 
 from cli.experiments_app import experiments_app
 from stitchtrain.studies.analysis import transfer_run
-from stitchtrain.studies.report import Table, build_report
-from stitchtrain.studies.sweep import load_sweep_config, plan_sweep, run_sweep
+from stitchtrain.studies.report.page import build_report
+from stitchtrain.studies.report.render import Table
+from stitchtrain.studies.sweep.config import load_sweep_config
+from stitchtrain.studies.sweep.grid import plan_sweep
+from stitchtrain.studies.sweep.run import run_sweep
 from stitchtrain.train.fit import FitConfig, fit
 
 runner = CliRunner()
@@ -389,7 +392,7 @@ def test_every_figure_writes_the_data_it_plots_and_it_equals_the_tables(syntheti
 
 
 def test_cka_figure_shows_every_point_and_legend_hides_none(tmp_path):
-    from stitchtrain.studies.report import _cka_figure
+    from stitchtrain.studies.report.plots import _cka_figure
 
     accuracies = {"a→b": [1.0, 0.55, 0.0], "b→a": [0.98, 0.6, 0.02]}  # the metric's extremes
     cka = [0.2, 0.6, 1.0]

@@ -24,7 +24,7 @@ import pytest
 from conftest import extract_demo_stores
 from test_report import write_sweep_dir
 
-from stitchtrain.studies.report import build_report
+from stitchtrain.studies.report.page import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

@@ -215,7 +215,9 @@ def test_fit_cli_reuse(stores, runs, tmp_path):
 
 
 def test_a_sweep_shares_the_ffm_stage_between_its_ffm_and_ffm_tlt_points(stores, tmp_path):
-    from stitchtrain.studies.sweep import load_sweep_config, plan_sweep, run_sweep
+    from stitchtrain.studies.sweep.config import load_sweep_config
+    from stitchtrain.studies.sweep.grid import plan_sweep
+    from stitchtrain.studies.sweep.run import run_sweep
 
     (tmp_path / "sweep.toml").write_text(
         f"""

@@ -9,10 +9,13 @@ import pytest
 from conftest import extract_demo_stores
 from typer.testing import CliRunner
 
-import stitchtrain.studies.sweep as sweep_module
+import stitchtrain.studies.sweep.run as sweep_module
 from cli.experiments_app import experiments_app
 from featcache.errors import FeatcacheError
-from stitchtrain.studies.sweep import load_sweep_config, plan_sweep, read_results, run_sweep
+from stitchtrain.studies.sweep.config import load_sweep_config
+from stitchtrain.studies.sweep.grid import plan_sweep
+from stitchtrain.studies.sweep.results import read_results
+from stitchtrain.studies.sweep.run import run_sweep
 
 runner = CliRunner()
 MODELS = ["dinov2-tiny", "siglip2-tiny"]

@@ -17,8 +17,11 @@ from featcache.demo_data import make_demo_dataset
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from stitchtrain.model.stitches import build_stitch
 from stitchtrain.train.fit import FitConfig, fit
-from stitchtrain.tree.bench import BenchConfig, run_bench
-from stitchtrain.tree.vst import TreeError, VFMStitchTree, additional_cost
+from stitchtrain.tree.bench import run_bench
+from stitchtrain.tree.bench_config import BenchConfig
+from stitchtrain.tree.cost import additional_cost
+from stitchtrain.tree.errors import TreeError
+from stitchtrain.tree.model import VFMStitchTree
 
 TRUNK = "dinov2-tiny"
 POSITION = 2

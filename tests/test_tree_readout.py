@@ -19,8 +19,12 @@ import stitchtrain.tree.bench as tree_bench
 from cli.tree_app import tree_app
 from featcache.errors import FeatcacheError
 from stitchtrain.model.stitches import build_stitch
-from stitchtrain.tree.bench import BenchConfig, run_bench
-from stitchtrain.tree.vst import TreeBranch, TreeError, VFMStitchTree, additional_cost
+from stitchtrain.tree.bench import run_bench
+from stitchtrain.tree.bench_config import BenchConfig
+from stitchtrain.tree.branch import TreeBranch
+from stitchtrain.tree.cost import additional_cost
+from stitchtrain.tree.errors import TreeError
+from stitchtrain.tree.model import VFMStitchTree
 
 TRUNK = "dinov2-tiny"
 DEPTH = 6  # every tiny preset

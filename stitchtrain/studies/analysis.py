@@ -298,7 +298,7 @@ def transfer_run(
     the stitch fits the stores, the memory budget and the device.
     """
     from stitchtrain.evaluate.evaluation import Distances, evaluation_split, probe_accuracy
-    from stitchtrain.studies.sweep import dataset_label
+    from stitchtrain.studies.sweep.config import dataset_label
     from stitchtrain.train.fit import FitConfig, StitchRecipe
 
     run_dir, out = Path(run_dir), Path(out)

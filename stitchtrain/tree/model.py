@@ -53,60 +53,33 @@ the caller's encoder): its blocks R+1..N stay in memory, unused.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from featcache.encoders import Encoder, TokenLayout, load_encoder
-from featcache.errors import FeatcacheError
-from featcache.store import FeatureStore
-from stitchtrain.data.positions import describe_range, valid_positions
-from stitchtrain.model.stitches import Stitch, build_stitch
+from featcache.encoders import Encoder
+from stitchtrain.model.stitches import build_stitch
+from stitchtrain.tree.branch import TreeBranch, _run_blocks
+from stitchtrain.tree.errors import TreeError
+from stitchtrain.tree.runs import resolve_runs
+from stitchtrain.tree.saved import (
+    TREE_FILE,
+    TREE_FORMAT,
+    TREE_VERSION,
+    _build_from_args,
+    _describe_encoder,
+    _load_recorded,
+    _load_stitch_state,
+    _stitch_files,
+    check_tree_dir,
+    stitch_args,
+)
 
-__all__ = [
-    "TREE_FORMAT",
-    "TreeBranch",
-    "TreeError",
-    "VFMStitchTree",
-    "additional_cost",
-    "ResolvedRun",
-    "check_readout_layer",
-    "check_tree_dir",
-    "load_trunk",
-    "resolve_runs",
-    "stitch_args",
-]
-
-TREE_FORMAT = "vfm-stitch-tree"
-TREE_VERSION = 1
-TREE_FILE = "tree.json"
-
-
-class TreeError(FeatcacheError, ValueError):
-    """A tree that cannot be built or loaded: mismatched fingerprints, positions or files."""
-
-
-def additional_cost(num_encoders: int, position: int, depth: int) -> float:
-    """Paper Table 13: extra compute of a k-encoder tree relative to one encoder.
-
-    With k encoders read at layer L (the readout layer: every system runs blocks up to L)
-    sharing blocks 1..n, the tree runs n + k (L - n) blocks instead of one encoder's L, so the
-    additional cost is (k - 1)(L - n) / L. ``position=0`` is the naive system ("Full":
-    (k - 1) L / L = k - 1). The paper takes L = 23 (MLLMs read layer 23 of a 24-block ViT-L):
-    k=2 gives 9 / 23 = 39% (VST-14) and 1 / 23 = 4.3% (VST-22); k=4, n=14 gives 27 / 23 = 117%.
-    """
-    if num_encoders < 1 or not 0 <= position <= depth:
-        raise ValueError(
-            f"Expected num_encoders >= 1 and 0 <= position <= depth ({depth}). "
-            f"Got num_encoders={num_encoders}, position={position} instead."
-        )
-    return (num_encoders - 1) * (depth - position) / depth
+__all__ = ["VFMStitchTree", "check_readout_layer"]
 
 
 def check_readout_layer(
@@ -125,164 +98,6 @@ def check_readout_layer(
             f"up to the encoders' depth {upper}). Got {readout_layer!r} instead."
         )
     return readout_layer
-
-
-def _run_blocks(encoder: Encoder, tokens: Tensor, start: int, stop: int) -> Tensor:
-    """Layer-``start`` tokens ``(B, T, D)`` -> layer-``stop`` tokens through blocks
-    start+1..stop: the loop of ``Encoder.run_from`` (one block context, e.g. RoPE tables), without
-    the final norm and pool, which only follow block N."""
-    context = encoder._context(encoder.grid, tokens)
-    for index in range(start, stop):
-        tokens = encoder._block(index, tokens, context)
-    return tokens
-
-
-# -- describing encoders and stitches ------------------------------------------------------------
-def _describe_encoder(encoder: Encoder) -> dict[str, Any]:
-    """What tree.json records about an encoder (no forward pass, unlike ``describe()``)."""
-    return {
-        "name": encoder.name,
-        "spec": encoder.spec,
-        "fingerprint": encoder.fingerprint,
-        "depth": encoder.depth,
-        "width": encoder.width,
-        "layout": encoder.layout.to_dict(),
-        "image_size": list(encoder.image_size),
-    }
-
-
-def _layout(described: Mapping[str, Any]) -> TokenLayout:
-    return TokenLayout(tuple(described["prefix"]), tuple(described["grid"]))
-
-
-def stitch_args(stitch: Stitch) -> dict[str, Any]:
-    """The ``build_stitch`` arguments that rebuild ``stitch`` (JSON-ready, no weights)."""
-    args: dict[str, Any] = {
-        "kind": stitch.kind,
-        "source": stitch.source.to_dict(),
-        "target": stitch.target.to_dict(),
-        "source_width": stitch.source_width,
-        "target_width": stitch.target_width,
-        "mlp_hidden": None,
-        "lora_rank": None,
-        "lora_alpha": None,
-    }
-    if stitch.kind == "mlp":
-        args["mlp_hidden"] = stitch.map[0].out_features
-    elif stitch.kind == "lora":
-        delta = next(m for m in stitch.block.modules() if hasattr(m, "lora_A"))
-        rank = int(delta.lora_A.shape[0])
-        args["lora_rank"], args["lora_alpha"] = rank, float(delta.scale * rank)
-    return args
-
-
-def _build_from_args(args: Mapping[str, Any], trunk: Encoder, position: int) -> Stitch:
-    return build_stitch(
-        args["kind"],
-        source=_layout(args["source"]),
-        target=_layout(args["target"]),
-        source_width=int(args["source_width"]),
-        target_width=int(args["target_width"]),
-        mlp_hidden=args.get("mlp_hidden"),
-        source_encoder=trunk if args["kind"] == "lora" else None,
-        position=position,
-        lora_rank=int(args.get("lora_rank") or 8),
-        lora_alpha=args.get("lora_alpha"),
-    )
-
-
-def _free_blocks(encoder: Encoder, blocks: Sequence[int]) -> None:
-    """Release the weights of ``blocks`` (zero-size tensors keep the module structure).
-
-    Done in place, after the fingerprint is cached: the encoder can then only run the blocks
-    it still holds (blocks 1..n freed: ``run_from(tokens, m)`` for m >= n).
-    """
-    encoder.fingerprint  # noqa: B018  (computed and cached while the weights still exist)
-    for n in blocks:
-        for module in encoder.block(n).modules():
-            for key, tensor in module._parameters.items():
-                if tensor is not None and tensor.numel():
-                    module._parameters[key] = nn.Parameter(tensor.new_empty(0), False)
-            for key, tensor in module._buffers.items():
-                if tensor is not None and tensor.numel():
-                    module._buffers[key] = tensor.new_empty(0)
-
-
-# -- branches ---------------------------------------------------------------------------------
-class TreeBranch(nn.Module):
-    """One branch: a stitch into ``encoder`` at ``position``, then that encoder's tail.
-
-    ``forward(trunk_tokens, readout_layer=None)``: trunk tokens ``(B, T0, D0)`` (layer n;
-    layer n-1 for a LoRA stitch) -> ``(final (B, T, D), pooled (B, D'))`` of ``encoder``: the
-    stitch maps them to the encoder's layer-n layout ``(B, T, D)``, then blocks n+1..N, the
-    final norm and the pool run. With ``readout_layer`` R: blocks n+1..R only, and the layer-R
-    tokens ``(B, T, D)`` are returned.
-
-    Attributes:
-        name: the output key in the tree.
-        encoder: the branch encoder (frozen).
-        stitch: its stitch from the trunk (trainable when fine-tuned inside another model).
-        position: the stitch position n.
-        provenance: where it came from (run dir, stores), recorded in tree.json.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        encoder: Encoder,
-        stitch: Stitch,
-        position: int,
-        *,
-        provenance: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__()
-        if not name or not isinstance(name, str):
-            raise TreeError(f"Expected a non-empty branch name. Got {name!r} instead.")
-        if stitch.target != encoder.layout or stitch.target_width != encoder.width:
-            raise TreeError(
-                f"Branch {name!r}: the stitch produces prefix={stitch.target.prefix}, "
-                f"grid={stitch.target.grid}, width {stitch.target_width}, but {encoder.name} "
-                f"takes prefix={encoder.layout.prefix}, grid={encoder.grid}, width "
-                f"{encoder.width}."
-            )
-        # stitchtrain.data.positions' rule with this encoder as the target; the trunk's depth (the
-        # source side of the rule) is checked by StitchTree, which knows the trunk
-        allowed = valid_positions(source_depth=encoder.depth, target_depth=encoder.depth)
-        if position not in allowed:
-            raise TreeError(
-                f"Branch {name!r}: position {position} is outside {describe_range(allowed)} for "
-                f"{encoder.name} (at least one of its blocks must run after the stitch)."
-            )
-        self.name = name
-        self.encoder = encoder
-        self.stitch = stitch
-        self.position = int(position)
-        self.provenance = dict(provenance or {})
-        self.pruned = False
-
-    @property
-    def is_lora(self) -> bool:
-        """True when the stitch consumes trunk layer n-1 (and runs its own copy of block n)."""
-        return self.stitch.kind == "lora"
-
-    def forward(
-        self, trunk_tokens: Tensor, readout_layer: int | None = None
-    ) -> tuple[Tensor, Tensor] | Tensor:
-        stitched = self.stitch(trunk_tokens)  # (B, T, D), the encoder's layer n
-        if readout_layer is None:
-            return self.encoder.run_from(stitched, self.position)
-        return _run_blocks(self.encoder, stitched, self.position, readout_layer)
-
-    def prune(self, readout_layer: int | None = None) -> None:
-        """Free the encoder's blocks 1..n (and R+1..N with a readout layer R), which the tree
-        never runs."""
-        if not self.pruned:
-            tail = range(readout_layer + 1, self.encoder.depth + 1) if readout_layer else ()
-            _free_blocks(self.encoder, [*range(1, self.position + 1), *tail])
-            self.pruned = True
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, position={self.position}, kind={self.stitch.kind}"
 
 
 # -- the tree -------------------------------------------------------------------------------------
@@ -617,182 +432,6 @@ class VFMStitchTree(nn.Module):
         )
 
 
-# -- inputs, checked before any encoder loads ---------------------------------------------------
-@dataclass(frozen=True)
-class ResolvedRun:
-    """One branch's run dir with its config and opened stores (``resolve_runs``)."""
-
-    name: str | None  # the branch name given (None: the target encoder's name)
-    run_dir: Path
-    config: dict[str, Any]
-    source: FeatureStore
-    target: FeatureStore
-
-
-def resolve_runs(
-    position: int,
-    runs: Sequence[str | Path | tuple[str, str | Path]],
-    *,
-    allow_geometry_mismatch: bool = False,
-) -> list[ResolvedRun]:
-    """Check every run dir of a tree before any encoder is loaded: finished (config.json and
-    stitch.safetensors), stitched at ``position``, its source and target stores found, their
-    geometries paired (``pairing.check_geometry``, unless allowed here or by the run), and one
-    source encoder (fingerprint) across all runs: the trunk's. Raises ``TreeError`` /
-    ``PairingError`` naming the run dir."""
-    from stitchtrain.data.pairing import check_geometry
-
-    resolved = []
-    for item in runs:
-        name, run_dir = item if isinstance(item, tuple) else (None, item)
-        run_dir = Path(run_dir)
-        config = _run_config(run_dir)
-        if config["position"] != position:
-            raise TreeError(
-                f"Run dir {run_dir} stitches at position {config['position']}, but the tree "
-                f"shares trunk blocks 1..{position} (position {position}). Use runs trained "
-                f"at position {position}, or build the tree with --position "
-                f"{config['position']}."
-            )
-        source, target = (_open_run_store(config, role, run_dir) for role in ("source", "target"))
-        allowed = allow_geometry_mismatch or config.get("allow_geometry_mismatch", False)
-        check_geometry(source, target, allow_mismatch=allowed)
-        first = resolved[0] if resolved else None
-        if first is not None:
-            want, got = first.source.attrs["encoder"], source.attrs["encoder"]
-            if want["fingerprint"] != got["fingerprint"]:
-                raise TreeError(
-                    f"Run dirs {first.run_dir} and {run_dir} were trained on source features of "
-                    f"different encoders ({want['name']} fingerprint {want['fingerprint']}, "
-                    f"{got['name']} fingerprint {got['fingerprint']}): one tree has one trunk. "
-                    "Use runs whose source store was extracted with the trunk."
-                )
-        if config["stitch"] != "lora":  # LoRA stitches need the trunk's block: checked later
-            stitch = build_stitch(
-                config["stitch"],
-                source=_layout(source.attrs["encoder"]["layout"]),
-                target=_layout(target.attrs["encoder"]["layout"]),
-                source_width=source.attrs["encoder"]["width"],
-                target_width=target.attrs["encoder"]["width"],
-                mlp_hidden=config.get("mlp_hidden"),
-                position=position,
-            )
-            _load_stitch_state(stitch, run_dir / "stitch.safetensors", f"run dir {run_dir}")
-        resolved.append(ResolvedRun(name, run_dir, config, source, target))
-    return resolved
-
-
-def _open_run_store(config: dict[str, Any], role: str, run_dir: Path) -> FeatureStore:
-    try:
-        return FeatureStore.open(config[role])
-    except FeatcacheError as err:
-        raise TreeError(
-            f"Run dir {run_dir}: its {role} store {config[role]} cannot be opened "
-            f"({' '.join(str(err).split())}). Restore the store, or fit the run again."
-        ) from err
-
-
-def check_tree_dir(directory: str | Path, *, overwrite: bool = False) -> str:
-    """The state of a tree dir before building into it: "fresh" (no tree.json) or "replaced"
-    (a tree, and ``overwrite``). A file, or a tree without ``overwrite``, is refused."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise TreeError(
-            f"Expected --out to be a directory (or a new path). Got the file {directory} instead."
-        )
-    if not (directory / TREE_FILE).exists():
-        return "fresh"
-    if not overwrite:
-        raise TreeError(
-            f"{directory} already holds a tree ({TREE_FILE}). Choose another directory or "
-            "pass overwrite=True (CLI: --overwrite)."
-        )
-    return "replaced"
-
-
 # -- helpers ----------------------------------------------------------------------------------
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise TreeError(f"{run_dir} is not a stitchtrain run dir (no config.json).")
-    config = json.loads(path.read_text())
-    if not (run_dir / "stitch.safetensors").is_file():
-        raise TreeError(
-            f"Run dir {run_dir} has no stitch.safetensors: the run has not finished. "
-            "Finish it with the same stitchtrain fit command."
-        )
-    return config
-
-
-def _load_stitch_state(stitch: Stitch, path: Path, where: str) -> None:
-    if not path.is_file():
-        raise TreeError(f"Missing stitch weights {path} ({where}).")
-    try:
-        stitch.load_state_dict(load_file(str(path)))
-    except RuntimeError as err:
-        raise TreeError(
-            f"{path} does not fit a {stitch.kind} stitch {stitch.source_width} -> "
-            f"{stitch.target_width} ({where}): {str(err).splitlines()[0]}"
-        ) from err
-
-
-def _stitch_files(names: Sequence[str]) -> list[str]:
-    """``stitch-<name>.safetensors`` with file-safe names, made unique by an index if needed."""
-    safe = [re.sub(r"[^A-Za-z0-9._-]+", "_", name) for name in names]
-    if len(set(safe)) < len(safe):
-        safe = [f"{index}-{name}" for index, name in enumerate(safe)]
-    return [f"stitch-{name}.safetensors" for name in safe]
-
-
-def _load_recorded(
-    described: Mapping[str, Any],
-    weights: Mapping[str, str],
-    random_init: bool,
-    device: str | torch.device,
-    where: str,
-) -> Encoder:
-    """Load an encoder from a recorded spec and refuse it when the fingerprint differs."""
-    name = described["name"]
-    encoder = load_encoder(
-        name,
-        weights=weights.get(name),
-        random_init=random_init,
-        device=device,
-        **described["spec"]["overrides"],
-    )
-    if encoder.fingerprint != described["fingerprint"]:
-        raise TreeError(
-            f"Encoder {name} ({where}) loaded with fingerprint {encoder.fingerprint}, but the "
-            f"tree was built with fingerprint {described['fingerprint']}: different weights or "
-            f"preprocessing. Pass the weights it was built with (--weights {name}=FILE, or "
-            "--random-init for random-init encoders)."
-        )
-    return encoder
-
-
-def load_trunk(
-    name: str,
-    runs: Sequence[str | Path | tuple[str, str | Path]],
-    *,
-    weights: str | None = None,
-    random_init: bool = False,
-    device: str | torch.device = "cpu",
-) -> Encoder:
-    """Load the trunk encoder ``name`` for ``VFMStitchTree.from_runs``.
-
-    Architecture overrides recorded in the first run's source store are reused when that store
-    was written by an encoder of the same name (a ``timm:...`` name extracted with
-    ``img_size=...``); the fingerprint check in ``from_runs`` decides whether it fits.
-    """
-    overrides: dict[str, Any] = {}
-    if runs:
-        first = runs[0]
-        run_dir = Path(first[1] if isinstance(first, tuple) else first)
-        recorded = FeatureStore.open(_run_config(run_dir)["source"]).attrs["encoder"]
-        if recorded["name"] == name:
-            overrides = dict(recorded["spec"]["overrides"])
-    return load_encoder(name, weights=weights, random_init=random_init, device=device, **overrides)
