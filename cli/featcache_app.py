@@ -138,8 +138,8 @@ _DATA = _data_options_params()
 def _data_options(params: dict):
     """The ``_DATA`` options among a command's parameters (its ``locals()``) ->
     ``featcache.data.DataOptions`` (bad values: one-line errors)."""
-    from featcache.data import DataOptions
-    from featcache.inat import parse_select
+    from featcache.datasets.core import DataOptions
+    from featcache.datasets.inat import parse_select
 
     values = {name: params[name] for name in _DATA}
     select = values.pop("select")
@@ -559,8 +559,8 @@ def describe(
 
     from rich.table import Table
 
-    from featcache.data import load_dataset
-    from featcache.subsets import describe as describe_dataset
+    from featcache.datasets.core import load_dataset
+    from featcache.datasets.subsets import describe as describe_dataset
 
     options = _data_options(locals())
     dataset = load_dataset(data, options=dataclasses.replace(options, per_class=None))

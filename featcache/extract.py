@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.data import (
+from featcache.datasets.core import (
     DataOptions,
     Dataset,
     MaskLabelError,

@@ -274,7 +274,7 @@ class ModelInputs:
         self.records: dict[str, Any] = {}  # id -> featcache.data.Record
         self.problem: str | None = None
         try:
-            from featcache.data import reopen_dataset
+            from featcache.datasets.core import reopen_dataset
 
             dataset = reopen_dataset(recorded)
             self.records = {r.id: r for r in dataset.split(split)}

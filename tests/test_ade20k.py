@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.ade20k import ADE20K_CLASSES
-from featcache.data import (
+from featcache.datasets.ade20k import ADE20K_CLASSES
+from featcache.datasets.core import (
     MASK_IGNORE,
     ManifestError,
     MaskLabelError,

@@ -65,7 +65,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from featcache.ade20k import ADE20K_CLASSES, ADE20K_IGNORE_VALUE, ADE20K_OTHER, ADE20K_SPLITS
+from featcache.datasets.ade20k import (
+    ADE20K_CLASSES,
+    ADE20K_IGNORE_VALUE,
+    ADE20K_OTHER,
+    ADE20K_SPLITS,
+)
 from featcache.errors import FeatcacheError
 
 __all__ = [
@@ -397,7 +402,7 @@ def load_dataset(
     class-balanced subset ``options`` asks for. ``reduce_zero_label``
     None takes the layout's default (ADE20K: on; others: off); True / False sets
     ``Dataset.mask_labels.reduce_zero_label``."""
-    from featcache.subsets import class_balanced
+    from featcache.datasets.subsets import class_balanced
 
     options = options or DataOptions()
     dataset = _load_layout(os.fspath(path), reduce_zero_label, options)
@@ -414,7 +419,7 @@ def reopen_dataset(recorded: dict[str, Any]) -> Dataset:
 
 
 def _load_layout(path: str, reduce_zero_label: bool | None, options: DataOptions) -> Dataset:
-    from featcache import hf_parquet, llava, wds
+    from featcache.datasets import hf_parquet, llava, wds
 
     if reduce_zero_label is not None and not isinstance(reduce_zero_label, bool):
         raise ManifestError(
@@ -497,7 +502,7 @@ def _images_under(root: str, folder: str, resolve: _Resolve) -> list[str]:
 
 
 def _load_folder(root: str, reduce_zero_label: bool | None, options: DataOptions) -> Dataset:
-    from featcache import aircraft, fmow, inat
+    from featcache.datasets import aircraft, fmow, inat
 
     top = _visible_dirs(root)
     for layout in (fmow, inat, aircraft):

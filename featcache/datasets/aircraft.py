@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 
-from featcache.data import (
+from featcache.datasets.core import (
     DataOptions,
     Dataset,
     ManifestError,

@@ -40,7 +40,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any
 
-from featcache.data import (
+from featcache.datasets.core import (
     SPLIT_NAMES,
     DataOptions,
     Dataset,

@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from featcache.data import (
+from featcache.datasets.core import (
     ACCEPTED_DATA,
     SPLIT_NAMES,
     DataOptions,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 
-from featcache.data import (
+from featcache.datasets.core import (
     DataOptions,
     Dataset,
     ManifestError,

@@ -30,7 +30,7 @@ import json
 import os
 from typing import Any
 
-from featcache.data import (
+from featcache.datasets.core import (
     DataOptions,
     Dataset,
     ManifestError,
