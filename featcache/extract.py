@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.datasets.core import (
+from featcache.datasets import (
     DataOptions,
     Dataset,
     MaskLabelError,
@@ -753,7 +753,7 @@ def run_extraction(
 
 def _data_options(config: ExtractConfig) -> dict:
     """``{"options": ...}``: the reader and subset options a store's ``dataset`` attribute
-    records, so ``featcache.data.reopen_dataset`` reads the dataset as extraction did; {} for
+    records, so ``featcache.datasets.reopen_dataset`` reads the dataset as extraction did; {} for
     the defaults (stores made without options keep their attributes)."""
     options = config.data_options.to_dict() if config.data_options is not None else {}
     return {"options": options} if options else {}

@@ -20,7 +20,7 @@ from dataset_layouts import (
 )
 from test_datasets_paper import _error, _extract, _rows
 
-from featcache.datasets.core import DataOptions, load_dataset
+from featcache.datasets import DataOptions, load_dataset
 from featcache.datasets.wds import expand_braces
 
 IMAGES = corpus_images(7)

@@ -1,31 +1,10 @@
-"""Image datasets: a folder of class subfolders, the ADE20K layout, or a CSV / JSONL manifest.
+"""What every dataset reader shares: the record and dataset types, the reader options, the
+errors, the reader-table row (``Reader``) and the path-safety helpers.
 
-Rules (each tested in tests/test_data.py; the ADE20K layout and ``MaskLabels`` in
-tests/test_ade20k.py):
-  - A folder holds one subfolder per class; labels follow the sorted subfolder names, and images
-    (``IMAGE_EXTENSIONS``, any case) are found recursively in each. If every top-level subfolder is
-    a split name (``SPLIT_NAMES``), each is a split of class subfolders and the class list is the
-    sorted union over splits. Otherwise all images are split "train". Hidden entries are ignored.
-  - A manifest (``.csv`` with a header row, or ``.jsonl`` with one object a line) needs a ``path``
-    column; ``label``, ``split`` (default "train") and ``mask`` are optional, others ignored.
-    Paths are relative to the manifest's folder and may not leave it; they need not exist yet
-    (the extractor reports missing files at decode time).
+Rules (each tested in tests/test_data.py; ``MaskLabels`` in tests/test_ade20k.py):
   - The data root holds on resolved paths: symlinks are followed (image and mask files, and in a
     folder also split, class and nested folders, each folder walked once per class), and a path
     that resolves outside the root is an error (tested in tests/test_redteam_data.py).
-  - Labels are either all integers >= 0 (class indices, classes "0".."max") or all class names
-    (indexed by sorted name). Without a label column every label is -1 and there are no classes.
-    Integer labels must stay below min(100000, max(1000, 10 x rows)): every index up to the
-    largest becomes a class, so a stray huge index would make millions of empty classes
-    (tested in tests/test_redteam_data.py).
-  - A split has a mask on every row or on none.
-  - The ADE20K layout (ADEChallengeData2016): a folder whose subfolders include ``images`` and
-    ``annotations``, with ``training`` and/or ``validation`` under either. Splits "train"
-    (training) and "val" (validation); every image (``IMAGE_EXTENSIONS``, any case, found
-    recursively) has the ``.png`` annotation of the same relative path and stem, and every
-    ``.png`` annotation its image, else a ``ManifestError`` names the file. Labels are -1 and
-    the classes are ``featcache.ade20k.ADE20K_CLASSES``. Everything else (objectInfo150.txt,
-    sceneCategories.txt, other folders, also beside training / validation) is ignored.
   - ``Dataset.mask_labels`` (``MaskLabels``) says how raw mask values become training labels:
     ``reduce_zero_label`` (0 -> ignored, k -> k - 1) is on by default for ADE20K (150 classes;
     off: 151 classes, "other" first) and off for manifests and class folders;
@@ -36,23 +15,15 @@ tests/test_ade20k.py):
     never a new class.
     ``mask_labels`` enters ``manifest_hash`` of splits with masks (hashes of splits without
     masks are those of the original formula).
-  - fMoW-RGB, iNaturalist 2021 and FGVC-Aircraft folders are detected before ADE20K and
-    class folders and read by featcache/fmow.py, inat.py and aircraft.py (their rules are in
-    those modules); ``DataOptions`` carries their options (crop, select, level) and the
-    class-balanced subset (featcache/subsets.py) that ``load_dataset`` applies last. An option
-    that does not apply to the layout read is a ``ManifestError``.
-  - Corpus formats, each with its rules in its module: webdataset ``.tar`` shards (a path,
-    brace pattern or glob, local or fsspec URL: featcache/wds.py), Hugging Face parquet (a
-    ``.parquet`` file or glob, or a folder holding parquet files: featcache/hf_parquet.py) and
-    a LLaVA-style ``.json`` list of image paths (featcache/llava.py). Their records read the
-    image's bytes through ``Record.member``.
+  - ``DataOptions`` carries the reader options (crop, select, level, ...) and the
+    class-balanced subset (featcache/datasets/subsets.py) that ``load_dataset`` applies last. An
+    option that does not apply to the layout read is a ``ManifestError``.
 Every record's ``id`` is its normalised path relative to the data root, with ``/`` separators,
 so ``manifest_hash`` does not change when the dataset folder moves.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import json
@@ -61,19 +32,14 @@ import posixpath
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from featcache.datasets.ade20k import (
-    ADE20K_CLASSES,
-    ADE20K_IGNORE_VALUE,
-    ADE20K_OTHER,
-    ADE20K_SPLITS,
-)
 from featcache.errors import FeatcacheError
 
 __all__ = [
+    "ACCEPTED_DATA",
     "IMAGE_EXTENSIONS",
     "MASK_IGNORE",
     "SPLIT_NAMES",
@@ -83,18 +49,21 @@ __all__ = [
     "Member",
     "MaskLabelError",
     "MaskLabels",
+    "Reader",
     "Record",
-    "load_dataset",
+    "Resolve",
+    "absolute_path",
+    "images_under",
+    "relative_id",
+    "relative_path",
+    "resolver",
+    "visible_dirs",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLIT_NAMES = frozenset({"train", "val", "valid", "validation", "test"})
 
-_INTEGER = re.compile(r"[+-]?\d+")
 _DRIVE = re.compile(r"[A-Za-z]:")  # a Windows drive (UNC paths start with a separator)
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-_ACCEPTED_LABELS = "labels that are all integers >= 0 (class indices) or all class names"
-_MAX_CLASSES = 100_000
 # an ignored mask pixel: stitchtrain.model.losses.IGNORE_INDEX and the store's fill
 MASK_IGNORE = -1
 _MASK_LIMIT = int(np.iinfo(np.int16).max) + 1  # stores keep masks as int16
@@ -103,7 +72,7 @@ ACCEPTED_DATA = (
     "a directory of class folders (or a dataset layout), a .csv or .jsonl manifest, a "
     "LLaVA-style .json, parquet files or webdataset .tar shards"
 )
-_Resolve = Callable[[str, str, str], str]  # (path, expected, got) -> resolved path; see _resolver
+Resolve = Callable[[str, str, str], str]  # (path, expected, got) -> resolved path; see resolver
 
 
 class ManifestError(FeatcacheError, ValueError):
@@ -288,7 +257,7 @@ class Dataset:
         box enters a row only when it has one, the rest only when present, so hashes of
         datasets without them are those of the original formula)."""
         rows = [
-            [r.id, r.label, None if r.mask is None else _relative_id(self.root, r.mask)]
+            [r.id, r.label, None if r.mask is None else relative_id(self.root, r.mask)]
             + ([] if r.box is None else [list(r.box)])
             for r in self.split(name)
         ]
@@ -324,8 +293,9 @@ class DataOptions:
         image_column, label_column: Hugging Face parquet: the columns holding the image
             ({bytes, path}) and the label (default: from the dataset's features metadata).
         per_class, subset_from, subset_seed, short_classes: a class-balanced subset
-            (``featcache.subsets``): "N" or "SPLIT=N,SPLIT=N", drawn from the splits named by
-            subset_from (default "train"), seeded; "error" or "drop" for classes too small.
+            (``featcache.datasets.subsets``): "N" or "SPLIT=N,SPLIT=N", drawn from the splits
+            named by subset_from (default "train"), seeded; "error" or "drop" for classes too
+            small.
     """
 
     crop: str | None = None
@@ -391,71 +361,48 @@ _READER_OPTIONS = {
 }
 
 
-def load_dataset(
-    path: str | os.PathLike,
-    reduce_zero_label: bool | None = None,
-    options: DataOptions | None = None,
-) -> Dataset:
-    """Read a class-folder tree, the ADE20K, fMoW-RGB, iNaturalist 2021 or FGVC-Aircraft
-    layout, a ``.csv`` or ``.jsonl`` manifest, a LLaVA-style ``.json``, Hugging Face parquet or
-    webdataset tar shards (rules in the module doc and the layout's module), then take the
-    class-balanced subset ``options`` asks for. ``reduce_zero_label``
-    None takes the layout's default (ADE20K: on; others: off); True / False sets
-    ``Dataset.mask_labels.reduce_zero_label``."""
-    from featcache.datasets.subsets import class_balanced
+@dataclass(frozen=True)
+class Reader:
+    """One row of the reader table (``featcache.datasets.loading.READERS``): how a reader
+    detects the ``--data`` it reads, and how it reads it. ``load_dataset`` asks the rows in
+    table order and reads with the first whose ``detect`` says yes.
 
-    options = options or DataOptions()
-    dataset = _load_layout(os.fspath(path), reduce_zero_label, options)
-    return class_balanced(dataset, options) if options.per_class is not None else dataset
+    Attributes:
+        format: the ``Dataset.format`` it reads.
+        scope: what ``detect`` is asked: "path" (``detect(path)``, the value as given, before
+            it is resolved: patterns and URLs too), "folder" (``detect(root, top)``, for an
+            existing folder: its absolute path and its visible subfolders, ``visible_dirs``) or
+            "file" (``detect(file)``, the absolute path of anything that is not a folder).
+        detect: see ``scope``.
+        load: ``load(path, options)``, the path being the one ``detect`` saw; also
+            ``reduce_zero_label=`` when ``mask_labels``.
+        mask_labels: whether ``load`` takes ``reduce_zero_label`` (None: the layout's default)
+            and sets ``Dataset.mask_labels`` from it.
+    """
 
+    format: str
+    scope: Literal["path", "folder", "file"]
+    detect: Callable[..., bool]
+    load: Callable[..., Dataset]
+    mask_labels: bool = False
 
-def reopen_dataset(recorded: dict[str, Any]) -> Dataset:
-    """The dataset a store was extracted from, read as it was: ``recorded`` is the store's
-    ``dataset`` attribute (its ``source``, ``mask_labels.reduce_zero_label`` and the reader and
-    subset ``options``). Callers compare ``manifest_hash`` to know the rows are the same."""
-    reduce = (recorded.get("mask_labels") or {}).get("reduce_zero_label")
-    options = DataOptions.from_dict(recorded.get("options") or {})
-    return load_dataset(recorded["source"], reduce_zero_label=reduce, options=options)
-
-
-def _load_layout(path: str, reduce_zero_label: bool | None, options: DataOptions) -> Dataset:
-    from featcache.datasets import hf_parquet, llava, wds
-
-    if reduce_zero_label is not None and not isinstance(reduce_zero_label, bool):
-        raise ManifestError(
-            f"Expected reduce_zero_label True, False or None. Got {reduce_zero_label!r} instead."
-        )
-    if wds.detect(path):
-        return wds.load(path, options)
-    if hf_parquet.detect(path):
-        return hf_parquet.load(path, options)
-    source = os.path.abspath(path)
-    if os.path.isdir(source):
-        return _load_folder(source, reduce_zero_label, options)
-    if source.lower().endswith(".json"):
-        return llava.load(source, options)
-    options.check("a manifest", (), source)
-    suffix = os.path.splitext(source)[1].lower()
-    accepted = ACCEPTED_DATA
-    if suffix not in (".csv", ".jsonl"):
-        raise ManifestError(f"Expected {accepted} as --data. Got {source} instead.")
-    if not os.path.isfile(source):
-        raise ManifestError(
-            f"Expected {accepted} as --data. Got {source}, which does not exist, instead."
-        )
-    rows = _read_csv(source) if suffix == ".csv" else _read_jsonl(source)
-    return _load_rows(source, rows, MaskLabels(reduce_zero_label=bool(reduce_zero_label)))
+    def __post_init__(self) -> None:
+        if self.scope not in ("path", "folder", "file"):
+            raise ValueError(f"Expected scope path, folder or file. Got {self.scope!r}.")
 
 
-def _relative_id(root: str, path: str) -> str:
+def relative_id(root: str, path: str) -> str:
+    """``path`` relative to ``root``, posix separators: a record id."""
     return os.path.relpath(path, root).replace(os.sep, "/")
 
 
-def _absolute(root: str, rid: str) -> str:
+def absolute_path(root: str, rid: str) -> str:
+    """The path under ``root`` of the record id ``rid`` (the inverse of ``relative_id``)."""
     return os.path.join(root, *rid.split("/"))
 
 
-def _visible_dirs(folder: str) -> list[str]:
+def visible_dirs(folder: str) -> list[str]:
+    """The sorted names of the subfolders of ``folder``, hidden ones left out."""
     return sorted(
         entry.name
         for entry in os.scandir(folder)
@@ -463,7 +410,7 @@ def _visible_dirs(folder: str) -> list[str]:
     )
 
 
-def _resolver(root: str) -> _Resolve:
+def resolver(root: str) -> Resolve:
     """``resolve(path, expected, got)``: where ``path`` resolves, symlinks followed, or a
     ``ManifestError`` when that is outside ``root`` (folder resolutions are cached)."""
     real_root = os.path.realpath(root)
@@ -483,7 +430,10 @@ def _resolver(root: str) -> _Resolve:
     return resolve
 
 
-def _images_under(root: str, folder: str, resolve: _Resolve) -> list[str]:
+def images_under(root: str, folder: str, resolve: Resolve) -> list[str]:
+    """The ids of the image files (``IMAGE_EXTENSIONS``, any case) under ``root/folder``,
+    recursively, hidden entries left out, each folder walked once; every folder and file must
+    ``resolve`` inside ``root``."""
     expected = f"folders and image files that resolve inside the data root {root}"
     found, walked = [], set()
     for current, dirs, files in os.walk(os.path.join(root, folder), followlinks=True):
@@ -497,147 +447,11 @@ def _images_under(root: str, folder: str, resolve: _Resolve) -> list[str]:
             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
                 path = os.path.join(current, name)
                 resolve(path, expected, path)
-                found.append(_relative_id(root, path))
+                found.append(relative_id(root, path))
     return found
 
 
-def _load_folder(root: str, reduce_zero_label: bool | None, options: DataOptions) -> Dataset:
-    from featcache.datasets import aircraft, fmow, inat
-
-    top = _visible_dirs(root)
-    for layout in (fmow, inat, aircraft):
-        if layout.detect(root, top):
-            return layout.load(root, options)
-    if _is_ade20k(root, top):
-        options.check("the ADE20K layout", (), root)
-        return _load_ade20k(root, True if reduce_zero_label is None else reduce_zero_label)
-    options.check("a class-folder tree", (), root)
-    if top and all(name in SPLIT_NAMES for name in top):
-        layout = {split: (f"{split}/", _visible_dirs(os.path.join(root, split))) for split in top}
-    else:
-        layout = {"train": ("", top)}
-    classes = tuple(sorted({c for _, names in layout.values() for c in names}))
-    index = {name: label for label, name in enumerate(classes)}
-    resolve = _resolver(root)
-    records = [
-        Record(rid, _absolute(root, rid), index[name], split, None)
-        for split, (prefix, names) in layout.items()
-        for name in names
-        for rid in _images_under(root, prefix + name, resolve)
-    ]
-    if not records:
-        raise ManifestError(
-            f"Expected image files ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders of "
-            f"{root}. Got none instead."
-        )
-    mask_labels = MaskLabels(reduce_zero_label=bool(reduce_zero_label))
-    return Dataset(root, root, classes, tuple(sorted(records, key=lambda r: r.id)), mask_labels)
-
-
-def _is_ade20k(root: str, top: list[str]) -> bool:
-    """``images/`` and ``annotations/`` with a training or validation folder under either."""
-    return {"images", "annotations"} <= set(top) and any(
-        os.path.isdir(os.path.join(root, kind, folder))
-        for kind in ("images", "annotations")
-        for folder in ADE20K_SPLITS
-    )
-
-
-def _by_stem(root: str, folder: str, resolve: _Resolve, suffixes: tuple[str, ...]) -> dict:
-    """Files under ``root/folder`` ending in ``suffixes``: path below it without extension ->
-    id; two files of one stem are a ``ManifestError`` naming both."""
-    found: dict[str, str] = {}
-    for rid in sorted(_images_under(root, folder, resolve)):
-        if not rid.lower().endswith(suffixes):
-            continue
-        stem = posixpath.splitext(rid[len(folder) + 1 :])[0]
-        if stem in found:
-            raise ManifestError(
-                f"Expected one file per name in {folder} of the ADE20K layout under {root}. "
-                f"Got {found[stem]!r} and {rid!r} instead."
-            )
-        found[stem] = rid
-    return found
-
-
-def _load_ade20k(root: str, reduce_zero_label: bool) -> Dataset:
-    resolve = _resolver(root)
-    records, problems = [], []
-    for folder, split in ADE20K_SPLITS.items():
-        images = _by_stem(root, f"images/{folder}", resolve, IMAGE_EXTENSIONS)
-        annotations = _by_stem(root, f"annotations/{folder}", resolve, (".png",))
-        for stem in sorted(images.keys() | annotations.keys()):
-            image, annotation = images.get(stem), annotations.get(stem)
-            if annotation is None:
-                problems.append(f"the image {image} without annotations/{folder}/{stem}.png")
-            elif image is None:
-                problems.append(
-                    f"the annotation {annotation} with no image images/{folder}/{stem}.*"
-                )
-            else:
-                records.append(
-                    Record(image, _absolute(root, image), -1, split, _absolute(root, annotation))
-                )
-    if problems:
-        more = f" (and {len(problems) - 1} more unpaired files)" if len(problems) > 1 else ""
-        raise ManifestError(
-            f"Expected each image under images/ of the ADE20K layout under {root} to have its "
-            f".png annotation of the same name under annotations/, and each annotation its "
-            f"image. Got {problems[0]}{more} instead."
-        )
-    if not records:
-        folders = " or ".join(f"images/{folder}" for folder in ADE20K_SPLITS)
-        raise ManifestError(
-            f"Expected image files ({', '.join(IMAGE_EXTENSIONS)}) in {folders} of the ADE20K "
-            f"layout under {root}. Got none instead."
-        )
-    classes = ADE20K_CLASSES if reduce_zero_label else (ADE20K_OTHER, *ADE20K_CLASSES)
-    mask_labels = MaskLabels(reduce_zero_label, ADE20K_IGNORE_VALUE, len(classes))
-    records = tuple(sorted(records, key=lambda r: r.id))
-    return Dataset(root, root, classes, records, mask_labels, format="ade20k")
-
-
-def _read_csv(file: str) -> list[tuple[int, dict[str, Any]]]:
-    """Data rows as (line number, column -> value), the header being line 1."""
-    with open(file, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        columns = [column.strip() for column in header or []]
-        if "path" not in columns:
-            raise ManifestError(
-                f"Expected a header row with a 'path' column in {file}. "
-                f"Got columns {columns} instead."
-            )
-        return [
-            (reader.line_num, dict(zip(columns, (field.strip() for field in fields), strict=False)))
-            for fields in reader
-            if any(field.strip() for field in fields)
-        ]
-
-
-def _read_jsonl(file: str) -> list[tuple[int, dict[str, Any]]]:
-    """Objects as (line number, key -> value); blank lines skipped but counted."""
-    rows = []
-    with open(file, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                row, got = None, f"invalid JSON ({err})"
-            else:
-                got = f"keys {sorted(row)}" if isinstance(row, dict) else f"{line.strip()!r}"
-            if not isinstance(row, dict) or "path" not in row:
-                raise ManifestError(
-                    f"Expected a JSON object with a 'path' key on line {number} of {file}. "
-                    f"Got {got} instead."
-                )
-            rows.append((number, row))
-    return rows
-
-
-def _relative_path(value: Any, column: str, where: str, root: str, resolve: _Resolve) -> str:
+def relative_path(value: Any, column: str, where: str, root: str, resolve: Resolve) -> str:
     """The normalised posix path of ``value`` under ``root``, or a ``ManifestError`` (also when
     it resolves, through symlinks, outside ``root``)."""
     text = "" if value is None else str(value).strip()
@@ -650,116 +464,8 @@ def _relative_path(value: Any, column: str, where: str, root: str, resolve: _Res
         got = f"{text!r}, which is {'the root itself' if posix == '.' else 'outside it'},"
     else:
         expected = f"a {column} that resolves inside the data root {root} on {where}"
-        resolve(_absolute(root, posix), expected, repr(text))
+        resolve(absolute_path(root, posix), expected, repr(text))
         return posix
     raise ManifestError(
         f"Expected a {column} relative to the data root {root} on {where}. Got {got} instead."
     )
-
-
-def _label_kind(value: Any) -> str:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return "empty"
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return "other"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    text = value.strip()
-    return (
-        "integer" if _INTEGER.fullmatch(text) else "number" if _NUMBER.fullmatch(text) else "name"
-    )
-
-
-def _labels_if_any(entries: list[tuple[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
-    """``_labels`` when any value is not None, else every entry unlabelled (-1, no classes):
-    the rule of corpora whose samples may carry no label (webdataset, parquet)."""
-    if any(value is not None for _, value in entries):
-        return _labels(entries)
-    return [-1] * len(entries), ()
-
-
-def _labels(entries: list[tuple[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
-    """Label indices and class names for (where, value) pairs, or a ``ManifestError``."""
-    kinds = [_label_kind(value) for _, value in entries]
-    count = {"integer": kinds.count("integer"), "name": kinds.count("name")}
-    expected = max(count, key=lambda kind: (count[kind], kinds[0] == kind))
-    for (where, value), kind in zip(entries, kinds, strict=True):
-        if kind == expected and not (kind == "integer" and int(value) < 0):
-            continue
-        reason = {
-            "number": "not a whole number",
-            "empty": "empty",
-            "other": "neither a number nor a string",
-        }.get(kind, "negative" if kind == expected else f"mixed with {count[expected]} {expected}s")
-        raise ManifestError(
-            f"Expected {_ACCEPTED_LABELS}. Got {value!r} on {where} ({reason}) instead."
-        )
-    if expected == "integer":
-        labels = [int(value) for _, value in entries]
-        _check_class_count(entries, labels)
-        return labels, tuple(str(i) for i in range(max(labels) + 1))
-    names = [value.strip() for _, value in entries]
-    classes = tuple(sorted(set(names)))
-    index = {name: label for label, name in enumerate(classes)}
-    return [index[name] for name in names], classes
-
-
-def _check_class_count(entries: list[tuple[str, Any]], labels: list[int]) -> None:
-    """Refuse integer labels that would make far more classes than the dataset holds."""
-    limit = min(_MAX_CLASSES, max(1000, 10 * len(labels)))
-    top = max(labels)
-    if top < limit:
-        return
-    where, value = entries[labels.index(top)]
-    raise ManifestError(
-        f"Expected integer labels (class indices) below {limit}, that is below "
-        f"max(1000, 10 x {len(labels)} rows) and below {_MAX_CLASSES}, or class names that are "
-        f"not numbers (indexed by sorted name). Got {value!r} on {where}, which would make "
-        f"classes 0..{top} for a dataset holding {len(set(labels))} distinct labels, instead."
-    )
-
-
-def _load_rows(
-    source: str, rows: list[tuple[int, dict[str, Any]]], mask_labels: MaskLabels
-) -> Dataset:
-    root = os.path.dirname(source)
-    if not rows:
-        raise ManifestError(f"Expected at least one data row in {source}. Got none instead.")
-    seen: dict[str, int] = {}
-    resolve = _resolver(root)
-    parsed = []  # (line, id, split, mask id or None, label value); no strings per row kept
-    for line, row in rows:
-        where = f"line {line} of {source}"
-        rid = _relative_path(row.get("path"), "path", where, root, resolve)
-        if rid in seen:
-            raise ManifestError(
-                f"Expected each path once in {source}. Got {rid!r} on line {seen[rid]} "
-                f"and again on line {line} instead."
-            )
-        seen[rid] = line
-        mask = row.get("mask")
-        mask = None if mask in (None, "") else _relative_path(mask, "mask", where, root, resolve)
-        split = "train" if row.get("split") is None else str(row["split"]).strip() or "train"
-        parsed.append((line, rid, split, mask, row.get("label")))
-    del seen
-    if any("label" in row for _, row in rows):
-        labels, classes = _labels([(f"line {p[0]} of {source}", p[4]) for p in parsed])
-    else:
-        labels, classes = [-1] * len(parsed), ()
-    for split in sorted({p[2] for p in parsed}):
-        # has a mask -> first such row in file order (reversed: the earliest row is kept)
-        masked = {p[3] is not None: p[0] for p in reversed(parsed) if p[2] == split}
-        if len(masked) == 2:
-            raise ManifestError(
-                f"Expected a mask on every row of split {split!r} or on none (line "
-                f"{masked[True]} of {source} has one). Got no mask on line {masked[False]} of "
-                f"{source} instead."
-            )
-    records = [
-        Record(rid, _absolute(root, rid), label, split, mask and _absolute(root, mask))
-        for (_, rid, split, mask, _), label in zip(parsed, labels, strict=True)
-    ]
-    records = tuple(sorted(records, key=lambda r: r.id))
-    return Dataset(source, root, classes, records, mask_labels, format="manifest")
