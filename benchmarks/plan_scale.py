@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def plan(data: str, per_class: str) -> dict:
     """One plan, timed by phase (runs in the child interpreter)."""
-    from featcache.data import DataOptions, load_dataset
+    from featcache.datasets import DataOptions, load_dataset
 
     phases = {}
     started = time.perf_counter()

@@ -34,8 +34,8 @@ def describe(
 
     from rich.table import Table
 
-    from featcache.data import load_dataset
-    from featcache.subsets import describe as describe_dataset
+    from featcache.datasets import load_dataset
+    from featcache.datasets.subsets import describe as describe_dataset
 
     options = _data_options(locals())
     dataset = load_dataset(data, options=dataclasses.replace(options, per_class=None))

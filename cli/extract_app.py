@@ -20,8 +20,8 @@ Dtype = Literal["float16", "bfloat16", "float32"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # "auto" + featcache.encoders.base.PRECISIONS
 OnBadImage = Literal["fail", "skip"]
 ResizeMode = Literal["shortest", "squash"]  # featcache.preprocess resize modes
-Crop = Literal["box", "whole", "banner"]  # featcache.data.DataOptions.crop
-Level = Literal["variant", "family", "manufacturer"]  # featcache.aircraft.AIRCRAFT_LEVELS
+Crop = Literal["box", "whole", "banner"]  # featcache.datasets.DataOptions.crop
+Level = Literal["variant", "family", "manufacturer"]  # featcache.datasets.aircraft.AIRCRAFT_LEVELS
 ShortClasses = Literal["error", "drop"]
 
 extract_app = typer.Typer(
@@ -76,9 +76,9 @@ _DATA = _data_options_params()
 
 def _data_options(params: dict):
     """The ``_DATA`` options among a command's parameters (its ``locals()``) ->
-    ``featcache.data.DataOptions`` (bad values: one-line errors)."""
-    from featcache.data import DataOptions
-    from featcache.inat import parse_select
+    ``featcache.datasets.DataOptions`` (bad values: one-line errors)."""
+    from featcache.datasets import DataOptions
+    from featcache.datasets.inat import parse_select
 
     values = {name: params[name] for name in _DATA}
     select = values.pop("select")

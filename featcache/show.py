@@ -271,10 +271,10 @@ class ModelInputs:
         self.ids = store.read("ids")
         recorded = store.attrs["dataset"]
         source, split = recorded["source"], recorded["split"]
-        self.records: dict[str, Any] = {}  # id -> featcache.data.Record
+        self.records: dict[str, Any] = {}  # id -> featcache.datasets.Record
         self.problem: str | None = None
         try:
-            from featcache.data import reopen_dataset
+            from featcache.datasets import reopen_dataset
 
             dataset = reopen_dataset(recorded)
             self.records = {r.id: r for r in dataset.split(split)}

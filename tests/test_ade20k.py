@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.ade20k import ADE20K_CLASSES
-from featcache.data import (
+from featcache.datasets import (
     MASK_IGNORE,
     ManifestError,
     MaskLabelError,
     MaskLabels,
     load_dataset,
 )
+from featcache.datasets.ade20k import ADE20K_CLASSES
 from featcache.images import decode_mask
 from featcache.preprocess import Preprocessing
 from stitchtrain.model.losses import IGNORE_INDEX

@@ -20,8 +20,8 @@ from dataset_layouts import (
 )
 from test_datasets_paper import _error, _extract, _rows
 
-from featcache.data import DataOptions, load_dataset
-from featcache.wds import expand_braces
+from featcache.datasets import DataOptions, load_dataset
+from featcache.datasets.wds import expand_braces
 
 IMAGES = corpus_images(7)
 NAMES = {name: CORPUS_CLASSES[label] for name, _, label in IMAGES}

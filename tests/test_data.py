@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.data import Dataset, ManifestError, MaskLabels, Record, load_dataset
+from featcache.datasets import Dataset, ManifestError, MaskLabels, Record, load_dataset
 from featcache.demo_data import make_demo_dataset
 from featcache.errors import FeatcacheError
 

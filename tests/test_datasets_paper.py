@@ -22,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.featcache_app import app
-from featcache.data import DataOptions, ManifestError, load_dataset
+from featcache.datasets import DataOptions, ManifestError, load_dataset
 from featcache.errors import BadImageError
 from featcache.images import decode_image
 
@@ -453,7 +453,7 @@ def test_extract_cli_builds_the_subset_store(inat, tmp_path):
     assert store.attrs["dataset"]["manifest_hash"] == expected.manifest_hash("test")
     assert sorted(store.read("ids")) == [r.id for r in expected.split("test")]
     # the store records the options, so its dataset reopens as extraction read it (show, scoring)
-    from featcache.data import reopen_dataset
+    from featcache.datasets import reopen_dataset
 
     recorded = store.attrs["dataset"]
     assert recorded["options"]["per_class"] == "train=2,test=1"

@@ -178,7 +178,7 @@ def test_ffm_from_stores_equals_live(stores, tmp_path):
 
 def plan_records(stores):
     source = FeatureStore.open(stores["dinov2-tiny", "train", "float32"])
-    from featcache.data import load_dataset
+    from featcache.datasets import load_dataset
 
     return load_dataset(source.attrs["dataset"]["source"]).records
 

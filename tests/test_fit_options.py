@@ -325,7 +325,7 @@ def test_mask_classes_are_declared_or_counted_never_the_ignore_value():
 @pytest.fixture(scope="module")
 def stores_255(tmp_path_factory):
     """Like ``stores`` (4 images a class), but every mask PNG has a 255 ("no label") band of 8
-    rows; extraction stores it as -1 (``featcache.data.MaskLabels``)."""
+    rows; extraction stores it as -1 (``featcache.datasets.MaskLabels``)."""
     from featcache.demo_data import make_demo_dataset
     from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 

@@ -16,7 +16,7 @@ from test_data import _csv, _png
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from featcache.data import ManifestError, load_dataset
+from featcache.datasets import ManifestError, load_dataset
 from featcache.images import decode_image, to_rgb
 from featcache.preprocess import Preprocessing
 
@@ -314,7 +314,7 @@ def test_a_bad_mask_is_recorded_for_its_image_not_a_crash(
 ):
     """Masks get the image decoder's refusals (the decompression-bomb limit included), so
     ``--on-bad-image skip`` records them with the file named instead of stopping the run."""
-    from featcache.data import Record
+    from featcache.datasets import Record
     from featcache.extract.decode import _prepare
 
     image, mask = tmp_path / "a.png", tmp_path / "a_mask.png"

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from test_ade20k import make_ade20k
 
-from featcache.data import load_dataset
+from featcache.datasets import load_dataset
 from featcache.errors import FeatcacheError
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.images import decode_mask

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from featcache.data import DataOptions
+from featcache.datasets import DataOptions
 from featcache.devices import check_device_name
 from featcache.encoders.base import PRECISIONS
 from featcache.errors import FeatcacheError

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from featcache.data import MaskLabelError, MaskLabels, Record
+from featcache.datasets import MaskLabelError, MaskLabels, Record
 from featcache.encoders import Encoder
 from featcache.errors import BadImageError
 from featcache.images import decode_image, decode_mask

@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from featcache.data import Dataset, Record, load_dataset
+from featcache.datasets import Dataset, Record, load_dataset
 from featcache.encoders import Encoder, load_encoder
 from featcache.errors import FeatcacheError
 from featcache.extract.config import ExtractConfig, resolve_device, resolve_precision
@@ -147,7 +147,7 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
 
 def _data_options(config: ExtractConfig) -> dict:
     """``{"options": ...}``: the reader and subset options a store's ``dataset`` attribute
-    records, so ``featcache.data.reopen_dataset`` reads the dataset as extraction did; {} for
+    records, so ``featcache.datasets.reopen_dataset`` reads the dataset as extraction did; {} for
     the defaults (stores made without options keep their attributes)."""
     options = config.data_options.to_dict() if config.data_options is not None else {}
     return {"options": options} if options else {}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featcache.data import MaskLabels, reopen_dataset
+from featcache.datasets import MaskLabels, reopen_dataset
 from featcache.errors import FeatcacheError
 from featcache.images import decode_mask
 from featcache.preprocess import Geometry

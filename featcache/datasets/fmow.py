@@ -26,18 +26,19 @@ from __future__ import annotations
 import json
 import os
 
-from featcache.data import (
+from featcache.datasets.core import (
     DataOptions,
     Dataset,
     ManifestError,
+    Reader,
     Record,
-    _absolute,
-    _relative_id,
-    _resolver,
-    _visible_dirs,
+    absolute_path,
+    relative_id,
+    resolver,
+    visible_dirs,
 )
 
-__all__ = ["FMOW_SPLITS", "detect", "load"]
+__all__ = ["FMOW_SPLITS", "READER", "detect", "load"]
 
 FMOW_SPLITS = ("train", "val", "test")
 _SUFFIX = "_rgb.jpg"
@@ -49,11 +50,11 @@ def detect(root: str, top: list[str]) -> bool:
     for split in ("train", "val"):
         if split not in top:
             continue
-        categories = _visible_dirs(os.path.join(root, split))
+        categories = visible_dirs(os.path.join(root, split))
         if not categories:
             continue
         folder = os.path.join(root, split, categories[0])
-        locations = _visible_dirs(folder)
+        locations = visible_dirs(folder)
         if locations and any(
             name.endswith(_SUFFIX) for name in os.listdir(os.path.join(folder, locations[0]))
         ):
@@ -100,14 +101,14 @@ def load(root: str, options: DataOptions) -> Dataset:
             f"Expected --crop box or whole for fMoW-RGB ({root}). Got --crop {crop} (an "
             "FGVC-Aircraft option) instead."
         )
-    resolve = _resolver(root)
+    resolve = resolver(root)
     expected = f"fMoW images that resolve inside the data root {root}"
     found = []  # (id, category, split)
     for split in FMOW_SPLITS:
         if not os.path.isdir(os.path.join(root, split)):
             continue
-        for category in _visible_dirs(os.path.join(root, split)):
-            for location in _visible_dirs(os.path.join(root, split, category)):
+        for category in visible_dirs(os.path.join(root, split)):
+            for location in visible_dirs(os.path.join(root, split, category)):
                 if not location.startswith(category + "_"):
                     continue
                 folder = os.path.join(root, split, category, location)
@@ -116,7 +117,7 @@ def load(root: str, options: DataOptions) -> Dataset:
                     if name.startswith(location + "_") and name.endswith(_SUFFIX):
                         path = os.path.join(folder, name)
                         resolve(path, expected, path)
-                        found.append((_relative_id(root, path), category, split))
+                        found.append((relative_id(root, path), category, split))
     if not found:
         raise ManifestError(
             f"Expected fMoW-RGB images <split>/<category>/<category>_<loc>/*{_SUFFIX} under "
@@ -126,7 +127,7 @@ def load(root: str, options: DataOptions) -> Dataset:
     index = {name: label for label, name in enumerate(classes)}
     records = []
     for rid, category, split in found:
-        path = _absolute(root, rid)
+        path = absolute_path(root, rid)
         box = None
         if crop == "box":
             json_path = path[: -len(".jpg")] + ".json"
@@ -135,3 +136,6 @@ def load(root: str, options: DataOptions) -> Dataset:
         records.append(Record(rid, path, index[category], split, None, box=box))
     records.sort(key=lambda r: r.id)
     return Dataset(root, root, classes, tuple(records), selection={"crop": crop}, format="fmow-rgb")
+
+
+READER = Reader("fmow-rgb", "folder", detect, load)

@@ -40,17 +40,18 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any
 
-from featcache.data import (
+from featcache.datasets.core import (
     SPLIT_NAMES,
     DataOptions,
     Dataset,
     ManifestError,
+    Reader,
     Record,
-    _labels_if_any,
 )
+from featcache.datasets.labels import parse_labels_if_any
 from featcache.errors import BadImageError
 
-__all__ = ["IMAGE_KEYS", "TarMember", "detect", "expand_braces", "list_shards", "load"]
+__all__ = ["IMAGE_KEYS", "READER", "TarMember", "detect", "expand_braces", "list_shards", "load"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -211,7 +212,7 @@ def load(pattern: str, options: DataOptions) -> Dataset:
         raise ManifestError(
             f"Expected samples with a {', '.join(IMAGE_KEYS)} member in {pattern}. Got none."
         )
-    labels, classes = _labels_if_any([(entry[0], entry[4]) for entry in entries])
+    labels, classes = parse_labels_if_any([(entry[0], entry[4]) for entry in entries])
     records = [
         Record(rid, member.url, label, split, None, member=member)
         for (_, rid, split, member, _), label in zip(entries, labels, strict=True)
@@ -219,3 +220,6 @@ def load(pattern: str, options: DataOptions) -> Dataset:
     records.sort(key=lambda r: r.id)
     source = pattern if "://" in pattern else os.path.abspath(pattern)
     return Dataset(source, root, classes, tuple(records), format="webdataset")
+
+
+READER = Reader("webdataset", "path", detect, load)

@@ -17,17 +17,23 @@ from __future__ import annotations
 import json
 import os
 
-from featcache.data import (
+from featcache.datasets.core import (
     DataOptions,
     Dataset,
     ManifestError,
+    Reader,
     Record,
-    _absolute,
-    _relative_path,
-    _resolver,
+    absolute_path,
+    relative_path,
+    resolver,
 )
 
-__all__ = ["load"]
+__all__ = ["READER", "detect", "load"]
+
+
+def detect(file: str) -> bool:
+    """A ``.json`` file (any case): a LLaVA-style list (a folder is never one)."""
+    return file.lower().endswith(".json")
 
 
 def load(file: str, options: DataOptions) -> Dataset:
@@ -51,7 +57,7 @@ def load(file: str, options: DataOptions) -> Dataset:
             f"Expected a JSON list of records with an 'image' path in {file}. Got a "
             f"{type(entries).__name__} instead."
         )
-    resolve = _resolver(root)
+    resolve = resolver(root)
     ids: dict[str, None] = {}
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
@@ -61,8 +67,11 @@ def load(file: str, options: DataOptions) -> Dataset:
         if entry.get("image") is None:
             continue
         where = f"record {index} of {file}"
-        ids.setdefault(_relative_path(entry["image"], "image", where, root, resolve))
+        ids.setdefault(relative_path(entry["image"], "image", where, root, resolve))
     if not ids:
         raise ManifestError(f"Expected records with an 'image' path in {file}. Got none.")
-    records = tuple(Record(rid, _absolute(root, rid), -1, "train", None) for rid in sorted(ids))
+    records = tuple(Record(rid, absolute_path(root, rid), -1, "train", None) for rid in sorted(ids))
     return Dataset(file, root, (), records, format="llava-json")
+
+
+READER = Reader("llava-json", "file", detect, load)

@@ -31,17 +31,18 @@ from __future__ import annotations
 
 import os
 
-from featcache.data import (
+from featcache.datasets.core import (
     DataOptions,
     Dataset,
     ManifestError,
+    Reader,
     Record,
-    _absolute,
-    _relative_id,
-    _resolver,
+    absolute_path,
+    relative_id,
+    resolver,
 )
 
-__all__ = ["AIRCRAFT_LEVELS", "BANNER_HEIGHT", "detect", "load"]
+__all__ = ["AIRCRAFT_LEVELS", "BANNER_HEIGHT", "READER", "detect", "load"]
 
 AIRCRAFT_LEVELS = {"variant": "variants", "family": "families", "manufacturer": "manufacturers"}
 _SPLITS = ("train", "val", "test")
@@ -123,7 +124,7 @@ def load(root: str, options: DataOptions) -> Dataset:
         )
     names_file = os.path.join(folder, f"{AIRCRAFT_LEVELS[level]}.txt")
     declared = [line for _, line in _lines(names_file)] if os.path.isfile(names_file) else None
-    resolve = _resolver(root)
+    resolve = resolver(root)
     entries, seen = [], {}  # (id, name, split)
     for split, file in lists.items():
         for number, line in _lines(file):
@@ -160,10 +161,13 @@ def load(root: str, options: DataOptions) -> Dataset:
                 f"Expected a box for image {image_id} in images_box.txt of {folder} for "
                 "--crop box. Got none instead."
             )
-        rid = _relative_id(root, path)
+        rid = relative_id(root, path)
         records.append(
-            Record(rid, _absolute(root, rid), index[name], split, None, box=boxes.get(image_id))
+            Record(rid, absolute_path(root, rid), index[name], split, None, box=boxes.get(image_id))
         )
     records.sort(key=lambda r: r.id)
     selection = {"level": level, "crop": crop}
     return Dataset(root, root, classes, tuple(records), selection=selection, format="fgvc-aircraft")
+
+
+READER = Reader("fgvc-aircraft", "folder", detect, load)

@@ -30,17 +30,18 @@ import json
 import os
 from typing import Any
 
-from featcache.data import (
+from featcache.datasets.core import (
     DataOptions,
     Dataset,
     ManifestError,
+    Reader,
     Record,
-    _absolute,
-    _relative_path,
-    _resolver,
+    absolute_path,
+    relative_path,
+    resolver,
 )
 
-__all__ = ["INAT_SPLITS", "detect", "load", "parse_select"]
+__all__ = ["INAT_SPLITS", "READER", "detect", "load", "parse_select"]
 
 INAT_SPLITS = ("train", "train_mini", "val")
 
@@ -129,7 +130,7 @@ def load(root: str, options: DataOptions) -> Dataset:
         kept = _select(categories, options.select, ", ".join(files.values()))
     ordered = sorted(kept)
     label_of = {cid: label for label, cid in enumerate(ordered)}
-    resolve = _resolver(root)
+    resolve = resolver(root)
     records, seen = [], {}
     for split, content in contents.items():
         file = files[split]
@@ -155,13 +156,13 @@ def load(root: str, options: DataOptions) -> Dataset:
             if cid not in label_of:
                 continue
             where = f"image id {image_id} of {file}"
-            rid = _relative_path(image.get("file_name"), "file_name", where, root, resolve)
+            rid = relative_path(image.get("file_name"), "file_name", where, root, resolve)
             if rid in seen:
                 raise ManifestError(
                     f"Expected each file_name once. Got {rid!r} for {seen[rid]} and {where}."
                 )
             seen[rid] = where
-            records.append(Record(rid, _absolute(root, rid), label_of[cid], split, None))
+            records.append(Record(rid, absolute_path(root, rid), label_of[cid], split, None))
         if category_of:
             raise ManifestError(
                 f"Expected every annotation in {file} to name an image. Got image_id "
@@ -175,3 +176,6 @@ def load(root: str, options: DataOptions) -> Dataset:
         selection["select"] = {options.select[0]: sorted(options.select[1])}
     records.sort(key=lambda r: r.id)
     return Dataset(root, root, classes, tuple(records), selection=selection, format="inat2021")
+
+
+READER = Reader("inat2021", "folder", detect, load)

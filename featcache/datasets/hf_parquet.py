@@ -34,19 +34,20 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from featcache.data import (
+from featcache.datasets.core import (
     ACCEPTED_DATA,
     SPLIT_NAMES,
     DataOptions,
     Dataset,
     ManifestError,
+    Reader,
     Record,
-    _labels_if_any,
-    _relative_id,
+    relative_id,
 )
+from featcache.datasets.labels import parse_labels_if_any
 from featcache.errors import BadImageError
 
-__all__ = ["ParquetCell", "detect", "load"]
+__all__ = ["READER", "ParquetCell", "detect", "load"]
 
 _HUB_NAME = re.compile(r"(?P<split>\w+?)-\d{5}-of-\d{5}\.parquet")
 
@@ -192,7 +193,7 @@ def load(path: str, options: DataOptions) -> Dataset:
             raise ManifestError(f"Expected a readable parquet file {file}. Got {err}.") from None
         image, label, names = _columns(file, handle.schema_arrow, options)
         declared = names if names is not None else declared
-        relative, split, row = _relative_id(root, file), _split_of(root, file), 0
+        relative, split, row = relative_id(root, file), _split_of(root, file), 0
         for group in range(handle.num_row_groups):
             count = handle.metadata.row_group(group).num_rows
             values = (
@@ -217,10 +218,13 @@ def load(path: str, options: DataOptions) -> Dataset:
                 )
         labels = [entry[4] for entry in entries]
     else:
-        labels, classes = _labels_if_any([(entry[0], entry[4]) for entry in entries])
+        labels, classes = parse_labels_if_any([(entry[0], entry[4]) for entry in entries])
     records = [
         Record(rid, cell.file, label, split, None, member=cell)
         for (_, rid, split, cell, _), label in zip(entries, labels, strict=True)
     ]
     records.sort(key=lambda r: r.id)
     return Dataset(os.path.abspath(path), root, classes, tuple(records), format="hf-parquet")
+
+
+READER = Reader("hf-parquet", "path", detect, load)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.data import DataOptions, Dataset, ManifestError, Record
+from featcache.datasets.core import DataOptions, Dataset, ManifestError, Record
 
 __all__ = ["SubsetPlan", "class_balanced", "describe", "parse_per_class", "plan_subset"]
 
