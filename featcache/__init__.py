@@ -17,12 +17,11 @@ from featcache.errors import (
     UnknownModelError,
     WeightsUnavailableError,
 )
+from featcache.version import __version__
 
 if TYPE_CHECKING:
     from featcache.encoders import PRESETS, Encoder, TokenLayout, load_encoder
     from featcache.preprocess import Preprocessing
-
-__version__ = "0.1.0"
 
 # Attribute -> the module it is imported from on first access (that module imports torch).
 _LAZY = {

@@ -345,6 +345,6 @@ class FeatureStore(ShardMarkers, ShardFiles, StoreVerification):
 
 
 def _tool_version() -> str:
-    from featcache import __version__
+    from featcache.version import __version__
 
     return __version__
