@@ -14,10 +14,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.experiments_app import experiments_app
+from stitchtrain.pipeline.fit import fit
 from stitchtrain.studies.analysis import transfer_run
 from stitchtrain.studies.report import Table, build_report
 from stitchtrain.studies.sweep import load_sweep_config, plan_sweep, run_sweep
-from stitchtrain.train.fit import FitConfig, fit
+from stitchtrain.train.config import FitConfig
 
 runner = CliRunner()
 MODELS = ["dinov2-tiny", "siglip2-tiny"]

@@ -53,8 +53,9 @@ from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
 from stitchtrain.data.pairing import check_geometry
 from stitchtrain.data.positions import check_position
+from stitchtrain.pipeline.fit import fit
 from stitchtrain.scoring.probe import probe_store
-from stitchtrain.train.fit import OBJECTIVES, STITCHES, FitConfig, FitStopped, fit
+from stitchtrain.train.config import OBJECTIVES, STITCHES, FitConfig, FitStopped
 
 __all__ = [
     "SweepPoint",
