@@ -3,7 +3,7 @@ learning rate, and the stage records that let runs share a finished stage (``Sha
 part of ``StitchTrainer``).
 
 Shared stages: an LFM or FFM stage is the same computation in every run whose config agrees on
-what decides it (``StitchRecipe.stage_key``: the config without the later stages, the test
+what decides it (``SharedStages.stage_key``: the config without the later stages, the test
 stores and the scoring options; the stages up to it; the stores' ids, the train / validation
 rows, the device and the torch version), e.g. the FFM stage of ``ffm`` and of ``ffm+tlt`` at
 one position. ``stage-<stage>.json`` records that key, the stage's result and history rows and
