@@ -66,7 +66,8 @@ from featcache.encoders import Encoder, load_encoder  # noqa: E402
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction  # noqa: E402
 from featcache.images import decode_image  # noqa: E402
 from stitchtrain.data.loader import FeatureLoader  # noqa: E402
-from stitchtrain.train.fit import FitConfig, StitchRecipe  # noqa: E402
+from stitchtrain.pipeline.fit import StitchRecipe  # noqa: E402
+from stitchtrain.train.config import FitConfig  # noqa: E402
 
 
 def _as_raw(formula):

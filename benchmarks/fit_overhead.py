@@ -116,8 +116,9 @@ def make_stores(root: Path, case: dict) -> dict[str, str]:
 def timed_fit(case: dict, work: Path) -> dict:
     """Fit the case once with the ``stitchtrain`` importable here; the phase times."""
     import featcache._compat  # noqa: F401
-    import stitchtrain.evaluate.evaluation as evaluate_module
-    from stitchtrain.train.fit import FitConfig, StitchRecipe
+    import stitchtrain.pipeline.fit as fit_module  # where StitchRecipe.run looks up evaluate_run
+    from stitchtrain.pipeline.fit import StitchRecipe
+    from stitchtrain.train.config import FitConfig
 
     urls = make_stores(work / case["name"], case)
     out = work / case["name"] / f"run-{os.getpid()}-{time.time_ns()}"
@@ -154,7 +155,7 @@ def timed_fit(case: dict, work: Path) -> dict:
             finally:
                 spent["checkpoint"] += time.perf_counter() - start
 
-    evaluate_run = evaluate_module.evaluate_run
+    evaluate_run = fit_module.evaluate_run
 
     def timed_evaluate(*args, **kwargs):
         start = time.perf_counter()
@@ -163,7 +164,7 @@ def timed_fit(case: dict, work: Path) -> dict:
         finally:
             spent["evaluation"] += time.perf_counter() - start
 
-    evaluate_module.evaluate_run = timed_evaluate
+    fit_module.evaluate_run = timed_evaluate
     try:
         start = time.perf_counter()
         recipe = Timed(config)
@@ -171,7 +172,7 @@ def timed_fit(case: dict, work: Path) -> dict:
         recipe.run()
         total = time.perf_counter() - start
     finally:
-        evaluate_module.evaluate_run = evaluate_run
+        fit_module.evaluate_run = evaluate_run
     history = recipe.history
     steps = sum(row["compute_s"] for row in history)
     val_forwards = sum(row.get("val_compute_s", 0.0) for row in history)

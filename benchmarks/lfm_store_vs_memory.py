@@ -59,7 +59,8 @@ from _synthetic import synthetic_dataset, synthetic_encoder  # noqa: E402
 
 from featcache.store import FeatureStore, StoreSpec  # noqa: E402
 from stitchtrain.data.loader import FeatureLoader, parse_size  # noqa: E402
-from stitchtrain.train.fit import FitConfig, StitchRecipe  # noqa: E402
+from stitchtrain.pipeline.fit import StitchRecipe  # noqa: E402
+from stitchtrain.train.config import FitConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

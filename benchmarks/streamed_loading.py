@@ -86,7 +86,8 @@ from featcache.encoders import load_encoder  # noqa: E402
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction  # noqa: E402
 from featcache.store import FeatureStore, StoreSpec  # noqa: E402
 from stitchtrain.data.loader import FeatureLoader, Field, default_read_workers, parse_size  # noqa: E402
-from stitchtrain.train.fit import FitConfig, StitchRecipe  # noqa: E402
+from stitchtrain.pipeline.fit import StitchRecipe  # noqa: E402
+from stitchtrain.train.config import FitConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

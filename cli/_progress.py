@@ -312,9 +312,9 @@ def progress_display(console: Console, *, plain: bool | None = None) -> Iterator
 
 
 class FitProgress:
-    """``stitchtrain.train.fit`` progress events -> tasks: a spinner until training starts, one task
-    per stage (learning rates k of N, echoed), one per learning rate (epochs k of the maximum,
-    1-based), a spinner for the test evaluation (the spinners: live mode only).
+    """``stitchtrain.pipeline.fit`` progress events -> tasks: a spinner until training starts,
+    one task per stage (learning rates k of N, echoed), one per learning rate (epochs k of the
+    maximum, 1-based), a spinner for the test evaluation (the spinners: live mode only).
 
     The events (dicts; ``event`` says which): "lr_start" (stage, stage_index, stages, lr,
     lr_index, lrs, epoch: epochs already done, epochs: the maximum), "epoch" (a history row,

@@ -20,12 +20,12 @@ from cli._parse import (
     parse_lrs,
 )
 
-# Accepted values (stitchtrain.train.fit.STITCHES, OBJECTIVES, INITS; tests keep them equal).
+# Accepted values (stitchtrain.train.config.STITCHES, OBJECTIVES, INITS; tests keep them equal).
 Stitch = Literal["linear", "mlp", "lora"]
 Objective = Literal["lfm", "ffm", "tlt", "ffm+tlt", "lfm+tlt"]
 Task = Literal["cls", "seg"]
 Init = Literal["random", "lstsq", "identity"]
-Head = Literal["fresh", "probe"]  # stitchtrain.train.fit.HEADS, LR_SCHEDULES, SEG_DECODERS
+Head = Literal["fresh", "probe"]  # stitchtrain.train.config.HEADS, LR_SCHEDULES, SEG_DECODERS
 LrSchedule = Literal["constant", "cosine"]
 SegDecoder = Literal["grid", "fixed"]
 Miou = Literal["mmseg", "gt-present"]  # stitchtrain.scoring.metrics.MIOU_DEFINITIONS
@@ -237,8 +237,9 @@ def fit(
     check_device(device)
     check_size(memory_budget)
     check_dirs(reuse, "--reuse")
-    from stitchtrain.train.fit import FitConfig  # torch: after the checks, so bad values exit fast
-    from stitchtrain.train.fit import fit as run_fit
+    # torch: after the checks, so bad values exit fast
+    from stitchtrain.pipeline.fit import fit as run_fit
+    from stitchtrain.train.config import FitConfig
 
     config = FitConfig(
         source=source,

@@ -182,7 +182,7 @@ def history_without_timing(run_dir) -> list[dict]:
 def pair_fit_config(stores, out, **overrides):
     """A FitConfig for dinov2-tiny -> clip-tiny train stores of ``extract_demo_stores`` at
     position 2: FFM+TLT, lrs 1e-3 and 5e-3, 3 epochs, patience 2, batch 8; ``overrides``."""
-    from stitchtrain.train.fit import FitConfig
+    from stitchtrain.train.config import FitConfig
 
     defaults = dict(
         source=stores["dinov2-tiny", "train"],

@@ -16,9 +16,10 @@ from cli.experiments_app import experiments_app
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
 from stitchtrain.evaluate.evaluation import load_run
+from stitchtrain.pipeline.fit import fit
 from stitchtrain.scoring.probe import probe_store
 from stitchtrain.studies.analysis import count_scenarios, run_predictions, transfer_run
-from stitchtrain.train.fit import FitConfig, fit
+from stitchtrain.train.config import FitConfig
 
 runner = CliRunner()
 MODELS = ["dinov2-tiny", "siglip2-tiny"]

@@ -25,8 +25,9 @@ from cli.stitchtrain_app import app
 from featcache.errors import FeatcacheError
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.store import FeatureStore
+from stitchtrain.pipeline.fit import fit
 from stitchtrain.pipeline.plan import FitPlan, plan_fit
-from stitchtrain.train.fit import FitConfig, fit
+from stitchtrain.train.config import FitConfig
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +364,7 @@ def ffm_run(stores, tmp_path_factory):
 @contextlib.contextmanager
 def counted_loads(monkeypatch):
     """Count every encoder load (the expensive work of tree build) inside the block."""
-    import stitchtrain.train.fit
+    import stitchtrain.train.encoders
     import stitchtrain.tree.runs
 
     loads = []
@@ -374,7 +375,7 @@ def counted_loads(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(stitchtrain.tree.runs, "load_encoder", load)
-    monkeypatch.setattr(stitchtrain.train.fit, "load_encoder", load)
+    monkeypatch.setattr(stitchtrain.train.encoders, "load_encoder", load)
     yield loads
 
 
@@ -644,8 +645,8 @@ def test_tail_activation_estimate_is_within_a_factor_of_the_measured_peak():
 
 
 def test_plan_memory_counts_activations_and_optimiser_state(stores, tmp_path):
+    from stitchtrain.pipeline.fit import StitchRecipe
     from stitchtrain.pipeline.plan import step_memory, tail_activation_bytes
-    from stitchtrain.train.fit import StitchRecipe
 
     config = _config(stores, tmp_path / "run", batch_size=16)
     plan = plan_fit(config)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import featcache
-import stitchtrain.train.fit as fit_module
+import stitchtrain.train.encoders as fit_module
 from cli.stitchtrain_app import app
 from featcache.demo_data import make_demo_dataset
 from featcache.errors import FeatcacheError
@@ -21,7 +21,8 @@ from featcache.store import FeatureStore, StoreSpec
 from stitchtrain.data.loader import FeatureLoader
 from stitchtrain.data.pairing import PairingError
 from stitchtrain.data.positions import PositionError
-from stitchtrain.train.fit import FitConfig, StitchRecipe, fit
+from stitchtrain.pipeline.fit import StitchRecipe, fit
+from stitchtrain.train.config import FitConfig
 
 runner = CliRunner()
 MODELS = ["dinov2-tiny", "clip-tiny", "siglip2-tiny"]

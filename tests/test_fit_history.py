@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 from conftest import extract_demo_stores
 
-from stitchtrain.train.fit import FitConfig, fit
+from stitchtrain.pipeline.fit import fit
+from stitchtrain.train.config import FitConfig
 
 # (stage, lr, epoch, train_loss, val_loss, val_metric) per history row; per stage (chosen lr,
 # [(lr, best epoch)]); test metrics. Early stopping ends TLT at lr 0.05 after epoch 3.

@@ -27,15 +27,10 @@ from cli.stitchtrain_app import app
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
 from stitchtrain.model.losses import IGNORE_INDEX, segmentation_targets
+from stitchtrain.pipeline.fit import StitchRecipe, fit
 from stitchtrain.scoring.probe import fit_linear_decoder, fit_linear_probe
-from stitchtrain.train.fit import (
-    FitConfig,
-    StitchRecipe,
-    fit,
-    mask_ignore_value,
-    mask_num_classes,
-    scheduled_lr,
-)
+from stitchtrain.train.config import FitConfig, scheduled_lr
+from stitchtrain.train.heads import mask_ignore_value, mask_num_classes
 
 runner = CliRunner()
 
@@ -448,7 +443,7 @@ def test_cli_choices_are_the_library_choices():
 
     import cli.stitchtrain_app as cli
     from stitchtrain.scoring.metrics import MIOU_DEFINITIONS
-    from stitchtrain.train.fit import HEADS, LR_SCHEDULES, SEG_DECODERS
+    from stitchtrain.train.config import HEADS, LR_SCHEDULES, SEG_DECODERS
 
     assert get_args(cli.Head) == HEADS and get_args(cli.LrSchedule) == LR_SCHEDULES
     assert get_args(cli.SegDecoder) == SEG_DECODERS and get_args(cli.Miou) == MIOU_DEFINITIONS

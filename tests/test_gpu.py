@@ -27,7 +27,8 @@ from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.images import decode_image
 from featcache.store import FeatureStore
 from stitchtrain.model.stitches import build_stitch
-from stitchtrain.train.fit import FitConfig, fit
+from stitchtrain.pipeline.fit import fit
+from stitchtrain.train.config import FitConfig
 from stitchtrain.tree.model import VFMStitchTree
 
 pytestmark = [

@@ -278,7 +278,7 @@ def test_help_shows_accepted_values():
 
 
 def test_fit_passes_allow_incomplete(tmp_path, monkeypatch):
-    import stitchtrain.train.fit as fit_module
+    import stitchtrain.pipeline.fit as fit_module
 
     if "allow_incomplete" not in {f.name for f in dataclasses.fields(fit_module.FitConfig)}:
         pytest.skip("FitConfig has no allow_incomplete field yet")
@@ -306,7 +306,7 @@ def test_cli_choices_are_the_library_choices():
     from featcache.store import DTYPES, TOKEN_MODES
     from stitchtrain.model.stitches import STITCH_KINDS
     from stitchtrain.studies.cka import TOKEN_MODES as CKA_TOKENS
-    from stitchtrain.train.fit import INITS, OBJECTIVES, STITCHES
+    from stitchtrain.train.config import INITS, OBJECTIVES, STITCHES
     from stitchtrain.tree.bench_config import PRECISIONS
 
     pairs = [

@@ -32,7 +32,8 @@ from cli.stitchtrain_app import app
 from featcache.errors import FeatcacheError
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.store import FeatureStore, StoreError
-from stitchtrain.train.fit import FitConfig, StitchRecipe, fit
+from stitchtrain.pipeline.fit import StitchRecipe, fit
+from stitchtrain.train.config import FitConfig
 
 MODES = {"staged": None, "streamed": "1"}  # memory_budget: default (fits) or one byte
 
@@ -378,7 +379,8 @@ def test_checkpoint_interval_must_be_non_negative(reference):
 _KILLED = """
 import json, os, signal, sys
 import torch
-from stitchtrain.train.fit import FitConfig, StitchRecipe
+from stitchtrain.pipeline.fit import StitchRecipe
+from stitchtrain.train.config import FitConfig
 torch.set_num_threads(int(sys.argv[3]))  # as in the reference run: the same float reductions
 class Killed(StitchRecipe):
     writes = 0
@@ -420,7 +422,8 @@ def test_resume_after_a_real_sigkill_is_exact(reference, tmp_path):
 _TERMINATED = """
 import json, os, signal, sys
 import torch
-from stitchtrain.train.fit import FitConfig, FitStopped, StitchRecipe
+from stitchtrain.pipeline.fit import StitchRecipe
+from stitchtrain.train.config import FitConfig, FitStopped
 torch.set_num_threads(int(sys.argv[3]))
 class Terminated(StitchRecipe):
     epochs = 0
@@ -453,8 +456,8 @@ def test_sigterm_checkpoints_the_epoch_in_progress_and_resume_is_exact(reference
 
 
 def test_fit_stopped_exits_143_from_the_cli(monkeypatch, tmp_path):
-    import stitchtrain.train.fit as fit_module
-    from stitchtrain.train.fit import FitStopped
+    import stitchtrain.pipeline.fit as fit_module
+    from stitchtrain.train.config import FitStopped
 
     def stopped(*args, **kwargs):
         raise FitStopped("Stopped by SIGTERM after epoch 1 of stage ffm, lr 0.001: ...")

@@ -14,13 +14,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.experiments_app import experiments_app
+from stitchtrain.pipeline.fit import fit
 from stitchtrain.studies.analysis import transfer_run
 from stitchtrain.studies.report.page import build_report
 from stitchtrain.studies.report.render import Table
 from stitchtrain.studies.sweep.config import load_sweep_config
 from stitchtrain.studies.sweep.grid import plan_sweep
 from stitchtrain.studies.sweep.run import run_sweep
-from stitchtrain.train.fit import FitConfig, fit
+from stitchtrain.train.config import FitConfig
 
 runner = CliRunner()
 MODELS = ["dinov2-tiny", "siglip2-tiny"]

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cli.stitchtrain_app import app
-from stitchtrain.train.fit import FitConfig, StitchRecipe, fit
+from stitchtrain.pipeline.fit import StitchRecipe, fit
+from stitchtrain.train.config import FitConfig
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def stores(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(stores, tmp_path_factory):
     """A finished one-epoch FFM linear stitch dinov2-tiny -> clip-tiny at position 2."""
-    from stitchtrain.train.fit import fit
+    from stitchtrain.pipeline.fit import fit
 
     out = tmp_path_factory.mktemp("show-run") / "run"
     overrides = dict(stitch="linear", objective="ffm", lrs=(5e-3,), epochs=1, patience=1)

@@ -193,7 +193,7 @@ def test_cli_dry_run_lists_points_and_bad_scheduler(root, sequential):
 def test_a_sigterm_stopping_a_fit_stops_the_sweep(root, monkeypatch):
     """``FitStopped`` (SIGTERM: checkpoint written) is not a failed point: the sweep stops,
     and its re-run resumes that point."""
-    from stitchtrain.train.fit import FitStopped
+    from stitchtrain.train.config import FitStopped
 
     plan = plan_sweep(load_sweep_config(root / "sweep.toml"), base=root)
     calls = []

@@ -16,7 +16,8 @@ from cli.tree_app import tree_app
 from featcache.demo_data import make_demo_dataset
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from stitchtrain.model.stitches import build_stitch
-from stitchtrain.train.fit import FitConfig, fit
+from stitchtrain.pipeline.fit import fit
+from stitchtrain.train.config import FitConfig
 from stitchtrain.tree.bench import run_bench
 from stitchtrain.tree.bench_config import BenchConfig
 from stitchtrain.tree.cost import additional_cost

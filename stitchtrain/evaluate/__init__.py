@@ -1,0 +1,1 @@
+"""Evaluating a trained run: test-split accuracy / mIoU and the feature distances."""

@@ -40,6 +40,9 @@ from stitchtrain.model.losses import segmentation_logits, segmentation_loss, seg
 from stitchtrain.scoring.metrics import ConfusionMatrix, token_distance
 from stitchtrain.scoring.probe import evaluate_probe, fit_linear_decoder, fit_linear_probe
 from stitchtrain.scoring.segscore import OriginalMasks
+from stitchtrain.train.config import FitConfig
+from stitchtrain.train.encoders import load_run_encoder
+from stitchtrain.train.trainer import StitchTrainer
 
 __all__ = [
     "evaluate_run",
@@ -278,17 +281,15 @@ class Distances:
 
 @torch.no_grad()
 def load_run(run_dir: str | Path, **overrides):
-    """A finished run's ``StitchRecipe`` with its trained stitch (and head) and the target
+    """A finished run's ``StitchTrainer`` with its trained stitch (and head) and the target
     encoder loaded; ``overrides`` replace config fields (e.g. other test stores)."""
-    from stitchtrain.train.fit import FitConfig, StitchRecipe, load_run_encoder
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise FeatcacheError(f"No config.json in {run_dir}: not a stitchtrain run dir.")
     if not (run_dir / "stitch.safetensors").is_file():
         raise FeatcacheError(f"{run_dir} has no stitch.safetensors: the run has not finished.")
     config = json.loads((run_dir / "config.json").read_text())
-    recipe = StitchRecipe(FitConfig(**{**config, **overrides}))
+    recipe = StitchTrainer(FitConfig(**{**config, **overrides}))
     recipe.stitch.load_state_dict(load_file(str(run_dir / "stitch.safetensors")))
     if (run_dir / "head.safetensors").is_file():
         recipe.head.load_state_dict(load_file(str(run_dir / "head.safetensors")))
@@ -302,8 +303,6 @@ def load_run(run_dir: str | Path, **overrides):
 def evaluate_run(run_dir: str | Path, recipe=None, split: EvaluationSplit | None = None) -> dict:
     """Test metrics of a finished run (``recipe`` reuses a live one; else rebuilt from disk;
     ``split``: its checked ``evaluation_split``, else found and checked here)."""
-    from stitchtrain.train.fit import load_run_encoder
-
     if recipe is None:
         recipe = load_run(run_dir)
     if recipe.target_encoder is None:

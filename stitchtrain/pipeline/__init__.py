@@ -1,0 +1,1 @@
+"""Fits end to end: ``fit`` (train, evaluate, save) and its ``--dry-run`` plan."""

@@ -41,7 +41,10 @@ from typing import Any
 from stitchtrain.data.loader import FeatureLoader, Field, _default_budget, parse_size
 from stitchtrain.data.pairing import source_array
 from stitchtrain.data.sizes import format_size
-from stitchtrain.train.fit import FitConfig, StitchRecipe, check_run_dir
+from stitchtrain.evaluate.evaluation import evaluation_split
+from stitchtrain.pipeline.fit import StitchRecipe
+from stitchtrain.train.config import FitConfig
+from stitchtrain.train.rundir import check_run_dir
 
 __all__ = ["FitPlan", "plan_fit", "step_memory", "tail_activation_bytes"]
 
@@ -54,7 +57,7 @@ class FitPlan:
     """The plan of one fit (JSON-able through ``to_dict``)."""
 
     out: str
-    run_dir: str  # fresh | started | resumable | finished (fit.check_run_dir)
+    run_dir: str  # fresh | started | resumable | finished (rundir.check_run_dir)
     device: str
     stages: list[str]
     lrs: list[float]
@@ -185,8 +188,6 @@ def step_memory(recipe: StitchRecipe, stage: str) -> tuple[int, int]:
 def plan_fit(config: FitConfig, reuse: Sequence[str | Path] = ()) -> FitPlan:
     """Check every input of ``fit(config, reuse=reuse)`` as fit does before its first step
     and return its plan; raises fit's errors. Writes nothing (the run dir is not created)."""
-    from stitchtrain.evaluate.evaluation import evaluation_split
-
     state = check_run_dir(Path(config.out), config)
     recipe = StitchRecipe(config, reuse=reuse)
     reused = {}

@@ -298,8 +298,9 @@ def transfer_run(
     the stitch fits the stores, the memory budget and the device.
     """
     from stitchtrain.evaluate.evaluation import Distances, evaluation_split, probe_accuracy
+    from stitchtrain.pipeline.fit import StitchRecipe
     from stitchtrain.studies.sweep.config import dataset_label
-    from stitchtrain.train.fit import FitConfig, StitchRecipe
+    from stitchtrain.train.config import FitConfig
 
     run_dir, out = Path(run_dir), Path(out)
     check_transfer_out(out)

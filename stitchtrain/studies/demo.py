@@ -7,14 +7,14 @@
   4. self-stitch (FFM+TLT) of each encoder at the same positions (paper section 4.1)
 
 A cross-model FFM+TLT fit takes its FFM stage from the FFM fit of the same pair and position
-(``stitchtrain.train.fit``'s shared stages: the same computation, trained once).
+(``stitchtrain.train.stages``' shared stages: the same computation, trained once).
 
 One learning rate and few epochs keep it under a few minutes on two CPU cores; the numbers
 are toy numbers (random-init encoders), the protocol is the real one.
 
 Progress: ``on_step(kind, name, index, total)`` as each of the ``total`` steps starts (kind
 "extract", "probe" or "fit"; a callable it returns gets that fit's progress events, see
-``stitchtrain.train.fit.StitchRecipe.run``), ``log(line)`` as each ends, with its result.
+``stitchtrain.pipeline.fit.StitchRecipe.run``), ``log(line)`` as each ends, with its result.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from pathlib import Path
 
 from featcache.demo_data import DEMO_MODELS, demo_extract_configs
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
+from stitchtrain.pipeline.fit import fit
 from stitchtrain.scoring.probe import probe_store
-from stitchtrain.train.fit import FitConfig, fit
+from stitchtrain.train.config import FitConfig
 
 __all__ = ["DemoResult", "run_demo", "DEMO_MODELS", "DEMO_POSITIONS"]
 

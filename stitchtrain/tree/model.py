@@ -271,7 +271,7 @@ class VFMStitchTree(nn.Module):
         (``pairing.check_geometry``) unless ``allow_geometry_mismatch`` or the run was fit
         with it.
         """
-        from stitchtrain.train.fit import load_run_encoder
+        from stitchtrain.train.encoders import load_run_encoder
 
         if readout_layer is not None:  # refused before any run dir is read
             check_readout_layer(readout_layer, position, trunk.depth)

@@ -24,7 +24,7 @@ from stitchtrain.studies.sweep.config import (
     _unknown,
     dataset_label,
 )
-from stitchtrain.train.fit import OBJECTIVES, STITCHES, FitConfig
+from stitchtrain.train.config import OBJECTIVES, STITCHES, FitConfig
 
 __all__ = ["SweepPlan", "SweepPoint", "plan_sweep"]
 

@@ -15,11 +15,12 @@ from typing import Any
 import pandas as pd
 
 from featcache.errors import FeatcacheError
+from stitchtrain.pipeline.fit import fit
 from stitchtrain.scoring.probe import probe_store
 from stitchtrain.studies.sweep.config import _PROBE_FIELDS
 from stitchtrain.studies.sweep.grid import SweepPlan, SweepPoint
 from stitchtrain.studies.sweep.results import _row, _write_table
-from stitchtrain.train.fit import FitConfig, FitStopped, fit
+from stitchtrain.train.config import FitConfig, FitStopped
 
 __all__ = ["completed_row", "run_point", "run_sweep"]
 
@@ -75,8 +76,9 @@ def _write_marker(run_dir: Path, point: SweepPoint, row: dict) -> None:
 def run_point(point: SweepPoint, out: str, fit_progress=None) -> dict[str, Any]:
     """Run one grid point in ``OUT/runs/<id>``; return its table row (never raises on a
     failed run: the row says "failed" and carries the error). ``fit_progress``: fit's
-    progress callback (``stitchtrain.train.fit.fit``) for a stitch point, which takes an LFM / FFM
-    stage another point of the sweep finished when it is the same (fit's shared stages)."""
+    progress callback (``stitchtrain.pipeline.fit.fit``) for a stitch point, which takes an
+    LFM / FFM stage another point of the sweep finished when it is the same (fit's shared
+    stages)."""
     run_dir = point.run_dir(out)
     started = time.perf_counter()
     try:

@@ -1,0 +1,94 @@
+"""``stitchtrain fit``: one readable training recipe for a stitch layer (paper sections 3-5), the
+composition of training (``stitchtrain.train``) and evaluation (``stitchtrain.evaluate``).
+
+    setup     ``StitchTrainer``: open and check the stores, pair them, split train rows into
+              train / validation, load the frozen target encoder and check its fingerprint;
+              then find and check the test stores (``evaluation.evaluation_split``)
+    stages    the objective's stages in order (``StitchTrainer.train``)
+    evaluate  test-split accuracy / mIoU and the Figure 2 feature distances
+              (``stitchtrain.evaluate.evaluation``)
+    save      config.json, stitch.safetensors, head.safetensors, history.csv, metrics.json,
+              and per LFM / FFM stage stitch-<stage>.safetensors + stage-<stage>.json
+
+Resume guarantee: the same command on the same run dir continues from the last checkpoint
+(replaying the epochs run since, at most ``checkpoint_every`` seconds of work) and ends with
+the run an uninterrupted one writes, bitwise (stitch.safetensors, head.safetensors,
+history.csv apart from its timing columns, metrics.json), wherever it was killed: inside a
+learning rate, at a learning-rate or stage boundary, or during evaluation. Every random choice
+is seeded from (seed, stage, learning rate, epoch) or restored from the checkpoint. A run dir
+whose metrics.json exists is finished: ``fit`` returns those metrics at once, without opening
+the stores, loading an encoder or training. A run dir made with a different config is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stitchtrain.evaluate.evaluation import evaluate_run, evaluation_split
+from stitchtrain.train.checkpoint import CHECKPOINT_EVERY_S, checkpoint_interval
+from stitchtrain.train.config import FitConfig
+from stitchtrain.train.rundir import check_run_dir, finished_metrics, remove_checkpoint, write_file
+from stitchtrain.train.trainer import StitchTrainer
+
+__all__ = ["StitchRecipe", "fit"]
+
+_log = logging.getLogger(__name__)
+
+
+class StitchRecipe(StitchTrainer):
+    """Setup, the stage loop, evaluation and saving for one ``FitConfig``: the
+    ``StitchTrainer`` with ``run``, which composes its training with the test evaluation."""
+
+    def run(self, progress=None, log=None) -> dict[str, Any]:
+        """Train every stage (resuming from the checkpoint if there is one), evaluate, save;
+        return the metrics (a finished run dir: its metrics.json, at once). ``progress`` gets
+        event dicts: "lr_start", "epoch" (a history row), "lr_done", "evaluate" (the keys:
+        cli._progress.FitProgress). ``log`` gets one
+        line per incomplete store used (``allow_incomplete``); default: warnings of this
+        module's logger."""
+        finished = finished_metrics(self.out, self.config)
+        if finished is not None:
+            return finished
+        split = evaluation_split(self)  # test stores are refused here, before any training step
+        incomplete = {**self.incomplete, **split.incomplete}
+        for url, note in incomplete.items():
+            (log or _log.warning)(
+                f"{url}: {len(note['unmarked_shards'])} of {note['num_shards']} shards have no "
+                f"completion marker; using the marked shards only, {note['rows_used']} of "
+                f"{note['num_rows']} rows."
+            )
+        self.train(progress)
+        final_stage = self.stages[-1]
+        if progress is not None:
+            progress({"event": "evaluate"})
+        metrics = evaluate_run(self.out, recipe=self, split=split)
+        metrics["train_rows"], metrics["val_rows"] = len(self.train_rows), len(self.val_rows)
+        if incomplete:
+            metrics["incomplete_stores"] = incomplete
+        metrics["stages"] = self.stage_results
+        metrics["final_stage"] = final_stage
+        metrics["protocol"] = self.protocol()
+        write_file(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        remove_checkpoint(self.out)
+        return metrics
+
+
+def fit(
+    config: FitConfig,
+    progress=None,
+    log=None,
+    checkpoint_every: float = CHECKPOINT_EVERY_S,
+    reuse: Sequence[str | Path] = (),
+) -> dict[str, Any]:
+    """The API behind ``stitchtrain fit``: a finished run dir's metrics at once, else
+    ``StitchRecipe(config, checkpoint_every, reuse).run(progress, log)``."""
+    checkpoint_interval(checkpoint_every)
+    finished = finished_metrics(Path(config.out), config)
+    if finished is not None:
+        return finished
+    check_run_dir(Path(config.out), config)  # before opening a store or loading an encoder
+    return StitchRecipe(config, checkpoint_every, reuse).run(progress, log)

@@ -1,0 +1,184 @@
+"""Checkpoint and resume: the training state of a fit in progress, written to its run dir and read
+back (``Checkpoints``, a part of ``StitchTrainer``), the epoch-checkpoint interval, SIGTERM's stop
+at an epoch's end, and the tensor copies and (de)serialisation it uses.
+
+Checkpoints: after an epoch once ``checkpoint_every`` seconds (default ``CHECKPOINT_EVERY_S``;
+0: every epoch) have passed since the last one, always when a learning rate finishes, and after
+a SIGTERM at the end of the epoch in progress (then the fit stops: ``FitStopped``, exit status
+143), the training state is written to the run dir as two files:
+    checkpoint-<sha256[:16]>.safetensors   every tensor: the stitch, head and AdamW state of the
+                                           learning rate in progress (after an epoch only), the
+                                           best snapshots (current: this lr; overall: the
+                                           finished lrs), the torch RNG state(s)
+    checkpoint.json                        the rest: stage index, early-stopping and schedule
+                                           state (optimiser steps taken at the lr), finished
+                                           learning rates, stage results, history, the non-tensor
+                                           snapshot fields, and the tensors file's name and hash
+Each file is written to a temp file and renamed into place, tensors first: a kill between the
+two leaves the previous checkpoint.json naming the previous tensors file, which is still there
+(older tensors files are deleted only after the new JSON is in place); a tensors file whose
+SHA-256 is not the one the JSON names is refused. The checkpoint files are removed once
+metrics.json is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import signal
+import threading
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load, save
+from torch import nn
+
+from featcache.errors import FeatcacheError
+from stitchtrain.train.rundir import CHECKPOINT, write_file
+
+if TYPE_CHECKING:
+    from stitchtrain.train.stages import _StageState
+
+__all__ = ["CHECKPOINT_EVERY_S", "Checkpoints", "checkpoint_interval"]
+
+# An epoch checkpoint costs 15-20 ms (a few MB hashed, written, fsynced): on a GPU, where an
+# epoch of a small stitch can take less, one per epoch would be most of the fit.
+CHECKPOINT_EVERY_S = 60.0
+
+
+def checkpoint_interval(seconds: Any) -> float:
+    """``seconds`` as the epoch-checkpoint interval (a number >= 0; inf: lr boundaries only)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+        raise FeatcacheError(f"Expected --checkpoint-every >= 0 seconds. Got {seconds!r} instead.")
+    return float(seconds)
+
+
+class Checkpoints:
+    """The checkpoint methods of ``StitchTrainer`` (module docstring). They read the trainer's
+    ``out``, ``device``, ``stitch``, ``head``, ``stage_results`` and ``history``, and keep its
+    epoch-checkpoint clock (``_last_checkpoint``) and stop request (``_stop_signal``)."""
+
+    _stop_signal: str | None
+    _last_checkpoint: float
+
+    def _save_checkpoint(self, stage_index, state: _StageState, optimizer, current, overall):
+        """Write the training state as checkpoint.json + its tensors file (module docstring).
+
+        ``optimizer`` is that of the learning rate in progress (after one of its epochs), or
+        None at a learning-rate boundary, where nothing is in progress: the next learning rate
+        starts from the stage's initial stitch, a fresh head and a fresh optimiser.
+        """
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        training = None
+        if optimizer is not None:
+            training = {
+                "stitch": self.stitch.state_dict(),
+                "head": self.head.state_dict(),
+                "optimizer": optimizer.state_dict()["state"],  # param_groups: from the config
+            }
+        tensors: dict[str, torch.Tensor] = {}
+        record = {
+            "stage_index": stage_index,
+            "state": asdict(state),
+            "training": _split_tensors(training, "training", tensors),
+            "current": _split_tensors(current, "current", tensors),  # best epoch, lr in progress
+            "overall": _split_tensors(overall, "overall", tensors),  # best over finished lrs
+            "rng": _split_tensors(rng, "rng", tensors),
+            "stage_results": self.stage_results,
+            "history": self.history,
+        }
+        payload = save(tensors)
+        digest = hashlib.sha256(payload).hexdigest()
+        name = f"checkpoint-{digest[:16]}.safetensors"
+        write_file(self.out / name, payload)
+        record["tensors"] = {"file": name, "sha256": digest}
+        write_file(self.out / CHECKPOINT, json.dumps(record).encode())
+        for old in self.out.glob("checkpoint-*.safetensors"):
+            if old.name != name:
+                old.unlink()
+        self._last_checkpoint = time.monotonic()
+
+    def _load_checkpoint(self) -> dict | None:
+        """The checkpoint's record with its tensors in place, or None when there is none."""
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+            name, digest = record["tensors"]["file"], record["tensors"]["sha256"]
+            payload = (self.out / name).read_bytes()
+            got = hashlib.sha256(payload).hexdigest()
+            problem = None if got == digest else f"{name} has SHA-256 {got}, it names {digest}"
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            problem = " ".join(f"{type(err).__name__}: {err}".split())
+        if problem:
+            raise FeatcacheError(
+                f"Cannot resume from {path}: {problem} (changed outside stitchtrain). Remove "
+                f"{path.name} and the checkpoint-*.safetensors files in {self.out} to restart "
+                "the run from scratch."
+            )
+        resume = _join_tensors(record, load(payload))
+        if resume["training"] is not None:  # JSON keys are strings; AdamW's are parameter ids
+            state = resume["training"]["optimizer"]
+            resume["training"]["optimizer"] = {int(k): v for k, v in state.items()}
+        return resume
+
+    @contextlib.contextmanager
+    def _stop_at_epoch_end_on_sigterm(self):
+        """While training: a SIGTERM (a batch scheduler preempting the job) lets the epoch in
+        progress finish, then the stage loop checkpoints and raises ``FitStopped``. Only in the
+        main thread (signal handlers live there; a Dask worker's fit keeps the default)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame) -> None:
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _restore_rng(self, resume: dict) -> None:
+        torch.set_rng_state(resume["rng"]["torch"])
+        if "cuda" in resume["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(resume["rng"]["cuda"], self.device)
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _split_tensors(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON-able copy of ``value`` (nested dicts / lists), each tensor moved into
+    ``tensors[key/...]`` (a CPU copy) and replaced by ``{"__tensor__": key/...}``."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {str(k): _split_tensors(v, f"{key}/{k}", tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split_tensors(v, f"{key}/{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of ``_split_tensors``."""
+    if isinstance(value, dict):
+        if value.keys() == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_tensors(v, tensors) for v in value]
+    return value
