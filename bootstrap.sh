@@ -26,6 +26,8 @@ case "$command" in
     demo) exec "$venv/bin/stitchtrain" demo "$@" ;;
     # one worker per core (at most 4; pytest-xdist), each test file on one worker so its
     # module fixtures are built once; a later -n in "$@" wins (-n 0: one process)
-    test) exec "$venv/bin/python" -m pytest -n auto --maxprocesses 4 --dist loadfile "$@" ;;
+    # the layering contract first (pyproject.toml [tool.importlinter]; docs/design.md's map)
+    test) "$venv/bin/lint-imports" --no-cache
+        exec "$venv/bin/python" -m pytest -n auto --maxprocesses 4 --dist loadfile "$@" ;;
     *) echo "usage: bash bootstrap.sh demo|test [options]" >&2; exit 2 ;;
 esac
