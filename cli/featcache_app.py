@@ -293,9 +293,13 @@ def show(
         "percentile", help="Components to [0, 1]: 1st-99th percentile or min-max."
     ),
     out: Path = typer.Option(Path("maps.png"), help="Image file to write (.png, .pdf, ...)."),
+    data: str | None = typer.Option(
+        None, help="Where the store's dataset is now, if moved (must match its manifest hash)."
+    ),
 ) -> None:
-    """PCA-to-RGB maps of stored patch tokens: per image row, the image as the model saw it,
-    then each layer's map (3 components fitted per layer over the shown images)."""
+    """PCA-to-RGB maps of stored patch tokens: per image row (labelled with its class and id),
+    the image as the model saw it, then each layer's map (3 components fitted per layer over
+    the shown images)."""
     from featcache.show import check_image_path, show_store
 
     check_image_path(out)
@@ -306,8 +310,12 @@ def show(
         images=images,
         rows=parse_ints(rows, "--rows", example="0,5,9") if rows is not None else None,
         scale=scale,
+        data=data,
     )
     console.print(f"wrote {figure.save(out)}: {figure.summary()}", highlight=False, markup=False)
+    if figure.dataset_note:
+        line = f"  input images not shown: {figure.dataset_note}"
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     for row, note in zip(figure.rows.tolist(), figure.notes, strict=True):
         if note:
             console.print(f"  row {row}: image not shown ({note})", highlight=False, markup=False)

@@ -449,11 +449,15 @@ def show(
     ),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     out: Path = typer.Option(Path("stitch.png"), help="Image file to write (.png, .pdf, ...)."),
+    data: str | None = typer.Option(
+        None, help="Where the stores' dataset is now, if moved (must match its manifest hash)."
+    ),
 ) -> None:
     """Per test image (train when the run has no test stores): source layer-n tokens, the
     stitched tokens after the target tail and the target's own final tokens as PCA-to-RGB
     maps (stitched and target share the target's basis), and the per-patch cosine similarity
-    of stitched vs target final (-1..1). Read from the stores; no image runs an encoder."""
+    of stitched vs target final (-1..1); rows labelled with class, id and mean cosine. Read
+    from the stores; no image runs an encoder."""
     from cli._parse import parse_ints
     from featcache.show import check_image_path
     from stitchtrain.studies.show import show_run
@@ -466,9 +470,13 @@ def show(
         rows=parse_ints(rows, "--rows", example="0,5,9") if rows is not None else None,
         scale=scale,
         device=device,
+        data=data,
     )
     line = f"wrote {figure.save(out)}: {figure.summary()}, {figure.extra['split']} split"
     console.print(line, highlight=False, markup=False)
+    if figure.dataset_note:
+        line = f"  input images not shown: {figure.dataset_note}"
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     for row, note in zip(figure.rows.tolist(), figure.notes, strict=True):
         if note:
             console.print(f"  row {row}: image not shown ({note})", highlight=False, markup=False)

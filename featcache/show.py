@@ -21,18 +21,26 @@ feature space in every row of a column. ``PcaBasis`` keeps (mu, V, lo, hi), so t
 same width can be coloured with a basis fitted on others (``stitchtrain.studies.show`` colours
 stitched tokens with the target's own basis).
 
-The figure (``FeatureFigure``): one row per image; first panel the image as the model saw it,
-re-created from the store's dataset record (``dataset.source`` reloaded, the row's id looked
-up) and the store's recorded preprocessing (input size, resize mode, crop, interpolation;
-``Preprocessing`` applied, then its normalisation undone), or a blank panel with a note when
-the image cannot be read; then one PCA map per chosen array, on the token grid, upsampled
-nearest-neighbour to the image panel's size. Panels are ``PANEL_PX`` pixels square at
-``DPI``; ``panel_grid`` fixes every margin in pixels, so the PNG's size follows from the
-grid (``GridLayout.size_px``).
+The figure (``FeatureFigure``): one row per image, labelled with its row, class name and id
+(the image's path relative to the dataset root: two ``04.jpg`` of different folders differ;
+``row_label``); first panel the image as the model saw it, re-created from the store's
+dataset record (``dataset.source`` reloaded, or ``data`` where the dataset has moved, the
+row's id looked up) and the store's recorded preprocessing (input size, resize mode, crop,
+interpolation; ``Preprocessing`` applied, then its normalisation undone), or a grey panel
+with a note when that one image cannot be read; then one PCA map per chosen array, on the
+token grid, upsampled nearest-neighbour to the image panel's size. When the dataset as a
+whole cannot be read (moved: "dataset no longer at PATH"; changed: another manifest hash)
+the maps, which need only the store, are still drawn, every input panel is grey without
+text, and the figure title says why once (``FeatureFigure.dataset_note``, which the CLIs
+print once). A ``data`` whose manifest hash is not the store's is refused (``ModelInputs``).
+Panels are ``PANEL_PX`` pixels square at ``DPI``; ``panel_grid`` fixes every margin in
+pixels, the title wrapped to the width, so the PNG's size follows from the grid and the
+title's lines (``GridLayout.size_px``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +63,8 @@ __all__ = [
     "upsample_nearest",
     "panel_grid",
     "check_image_path",
+    "dataset_title",
+    "row_label",
     "show_store",
 ]
 
@@ -62,7 +72,9 @@ SCALES = ("percentile", "minmax")
 PERCENTILES = (1.0, 99.0)
 DEFAULT_MAX_LAYERS = 4  # default columns: all stored layers up to this many, else spread out
 PANEL_PX, GAP_PX, LABEL_PX, TITLE_PX, MARGIN_PX, COLORBAR_PX = 200, 8, 30, 44, 10, 110
+TITLE_LINE_PX, TITLE_CHAR_PX = 12, 6  # per extra line of the figure title; per character
 DPI = 100
+ID_CHARS = 44  # characters of an image id that fit beside a panel in a row label
 
 
 class ShowError(FeatcacheError, ValueError):
@@ -242,18 +254,29 @@ def grid_of(store: FeatureStore) -> tuple[int, int]:
 
 
 class ModelInputs:
-    """The images of a store's rows as its encoder saw them (``(H, W, 3)`` floats in [0, 1]).
+    """The images of a store's rows as its encoder saw them (``(H, W, 3)`` floats in [0, 1]),
+    and the rows' captions (``caption``: row, class name, id).
 
-    The dataset is reloaded from ``dataset.source`` with its recorded mask-label convention
-    and must hash to the recorded ``manifest_hash`` (else every image is "not shown", with
-    why: the pixels could differ from those the model saw); a row's image is the record of
-    the store's split with the row's id, read as extraction reads it (``Record.decode``).
-    Its pixels are the store's recorded preprocessing (``encoder.preprocessing``, with the
-    geometry record's resize mode and crop) applied to the decoded image, with the
-    normalisation undone (``x * std + mean``).
+    The dataset is reloaded from ``dataset.source`` (or from ``data``, where it has moved) with
+    its recorded reader options and mask-label convention; a row's image is the record of the
+    store's split with the row's id, read as extraction reads it (``Record.decode``). Its pixels
+    are the store's recorded preprocessing (``encoder.preprocessing``, with the geometry
+    record's resize mode and crop) applied to the decoded image, with the normalisation undone
+    (``x * std + mean``).
+
+    Ids are paths relative to the dataset root, so a moved dataset still serves every row once
+    found. Which dataset is read, and what happens when it cannot be:
+      - ``data`` given: it must read as a dataset whose split hashes to the recorded
+        ``manifest_hash`` (the same images, ids and labels), else ``ShowError`` naming both
+        hashes (or the reader's own error when it does not read at all).
+      - ``data`` None: ``dataset.source`` is read. When it cannot be, or hashes differently,
+        no image is shown and ``problem`` says why in one line, once for all rows: "dataset no
+        longer at SOURCE" when nothing is at that local path any more (a pattern's folder
+        gone, for shard and parquet patterns), else that it is unreadable or changed. The
+        pictures of the features need only the store, so they are still drawn.
     """
 
-    def __init__(self, store: FeatureStore) -> None:
+    def __init__(self, store: FeatureStore, data: str | None = None) -> None:
         from featcache.preprocess import Geometry, Preprocessing
 
         described = store.attrs["encoder"]
@@ -269,29 +292,59 @@ class ModelInputs:
         )
         self.size = tuple(int(v) for v in pp["image_size"])
         self.ids = store.read("ids")
+        self.labels = np.asarray(store.read("labels"))
         recorded = store.attrs["dataset"]
-        source, split = recorded["source"], recorded["split"]
+        self.classes: list[str] = list(recorded.get("classes") or [])
         self.records: dict[str, Any] = {}  # id -> featcache.datasets.Record
-        self.problem: str | None = None
-        try:
-            from featcache.datasets import reopen_dataset
+        # why no row's image is shown (one line), or None; ``records`` filled when None
+        self.problem: str | None = self._read(
+            store.url, recorded, None if data is None else str(data)
+        )
 
-            dataset = reopen_dataset(recorded)
-            self.records = {r.id: r for r in dataset.split(split)}
-            same = dataset.manifest_hash(split) == recorded["manifest_hash"]
+    def _read(self, url: str, recorded: dict, data: str | None) -> str | None:
+        """Fill ``records`` from the dataset at ``data`` (None: ``dataset.source``); what is
+        wrong with it, or None. ``data`` that does not read, or hashes differently, raises."""
+        from featcache.datasets import reopen_dataset
+
+        split, expected = recorded["split"], recorded["manifest_hash"]
+        given = data is not None
+        source = data if given else recorded["source"]
+        try:
+            dataset = reopen_dataset({**recorded, "source": source})
+            found, records = dataset.manifest_hash(split), dataset.split(split)
         except FeatcacheError as err:
-            self.problem = f"dataset {source} unreadable: {err}"
-            return
-        if not same:
-            self.problem = (
+            if given:
+                raise
+            if _gone(source):
+                return f"dataset no longer at {source}; give --data NEW_PATH where it moved"
+            return f"dataset {source} unreadable: {err}"
+        if found != expected:
+            if given:
+                raise ShowError(
+                    f"Expected --data to hold the dataset {url} was extracted from (split "
+                    f"{split}, manifest hash {expected}). Got {source}, manifest hash {found}, "
+                    "instead."
+                )
+            return (
                 f"dataset {source} (split {split}) is not the one the store was extracted from "
-                "(manifest hash differs: changed, or read with other options)"
+                f"(manifest hash {expected} recorded, {found} now: changed, or read with other "
+                "options)"
             )
+        self.records = {r.id: r for r in records}
+        return None
+
+    def caption(self, row: int, detail: str = "") -> str:
+        """``row_label`` of store row ``row``: its class name (from the store) and id."""
+        label = int(self.labels[row])
+        known = 0 <= label < len(self.classes)
+        name = self.classes[label] if known else ("unlabelled" if label < 0 else str(label))
+        return row_label(row, str(self.ids[row]), name, detail)
 
     def image(self, row: int) -> tuple[np.ndarray | None, str | None]:
-        """(``(H, W, 3)`` float32 in [0, 1], None), or (None, why the image is not shown)."""
+        """(``(H, W, 3)`` float32 in [0, 1], None), or (None, why this row's image is not
+        shown), or (None, None) when no image is shown at all (``problem`` says why)."""
         if self.problem:
-            return None, self.problem
+            return None, None
         image_id = str(self.ids[row])
         record = self.records.get(image_id)
         if record is None:
@@ -306,36 +359,65 @@ class ModelInputs:
         return np.clip(pixels.transpose(1, 2, 0), 0.0, 1.0), None
 
 
+def _gone(source: str) -> bool:
+    """True when ``source`` is a local path with nothing there: the path itself, or for a
+    pattern (``*``, ``?``, ``[``, ``{``) the folder holding it. Remote sources are never gone
+    (their errors are shown as they are)."""
+    if "://" in source:
+        return False
+    if any(c in source for c in "*?[{"):
+        return not os.path.isdir(os.path.dirname(os.path.abspath(source)))
+    return not os.path.exists(source)
+
+
 # -- the figure -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GridLayout:
     """Where the panels go: ``rows`` x ``len(columns)`` panels of ``PANEL_PX`` square pixels,
-    ``GAP_PX`` apart, below a ``TITLE_PX`` band of column titles and right of a ``LABEL_PX``
-    band of row labels, with ``MARGIN_PX`` round the rest and, with a colour bar, a
-    ``COLORBAR_PX`` band on the right. ``size_px`` is the PNG's (width, height)."""
+    ``GAP_PX`` apart, below a band for the figure title and the column titles (``TITLE_PX``
+    for a one-line title, ``TITLE_LINE_PX`` more per further line: ``top_px``) and right of a
+    ``LABEL_PX`` band of row labels, with ``MARGIN_PX`` round the rest and, with a colour bar,
+    a ``COLORBAR_PX`` band on the right. ``size_px`` is the PNG's (width, height). ``title``
+    is wrapped to the width (``title_lines``; a newline starts a new line)."""
 
     rows: int
     columns: tuple[str, ...]
     colorbar: bool = False
+    title: str = ""
+
+    @property
+    def width_px(self) -> int:
+        cols = len(self.columns)
+        right = COLORBAR_PX if self.colorbar else MARGIN_PX
+        return LABEL_PX + cols * PANEL_PX + (cols - 1) * GAP_PX + right
+
+    @property
+    def title_lines(self) -> list[str]:
+        """``title`` in lines of at most (width - 2 margins) / ``TITLE_CHAR_PX`` characters."""
+        import textwrap
+
+        chars = (self.width_px - 2 * MARGIN_PX) // TITLE_CHAR_PX
+        return [line for part in self.title.split("\n") for line in textwrap.wrap(part, chars)]
+
+    @property
+    def top_px(self) -> int:
+        return TITLE_PX + max(0, len(self.title_lines) - 1) * TITLE_LINE_PX
 
     @property
     def size_px(self) -> tuple[int, int]:
-        cols = len(self.columns)
-        right = COLORBAR_PX if self.colorbar else MARGIN_PX
-        width = LABEL_PX + cols * PANEL_PX + (cols - 1) * GAP_PX + right
-        height = TITLE_PX + self.rows * PANEL_PX + (self.rows - 1) * GAP_PX + MARGIN_PX
-        return width, height
+        height = self.top_px + self.rows * PANEL_PX + (self.rows - 1) * GAP_PX + MARGIN_PX
+        return self.width_px, height
 
     def panel_box_px(self, row: int, column: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of panel (row, column) in PNG pixels."""
         left = LABEL_PX + column * (PANEL_PX + GAP_PX)
-        top = TITLE_PX + row * (PANEL_PX + GAP_PX)
+        top = self.top_px + row * (PANEL_PX + GAP_PX)
         return left, top, left + PANEL_PX, top + PANEL_PX
 
 
 def panel_grid(layout: GridLayout):
-    """(matplotlib ``Figure``, ``(rows, cols)`` array of panel axes, colour-bar axes labelled
-    "colorbar", or None)."""
+    """(matplotlib ``Figure`` titled with ``layout.title_lines``, ``(rows, cols)`` array of
+    panel axes, colour-bar axes labelled "colorbar", or None)."""
     from matplotlib.figure import Figure
 
     width, height = layout.size_px
@@ -351,20 +433,25 @@ def panel_grid(layout: GridLayout):
     colorbar = None
     if layout.colorbar:
         left = layout.panel_box_px(0, len(layout.columns) - 1)[2] + 2 * GAP_PX
-        top, bottom = TITLE_PX, height - MARGIN_PX
+        top, bottom = layout.top_px, height - MARGIN_PX
         colorbar = figure.add_axes(
             [left / width, MARGIN_PX / height, 12 / width, (bottom - top) / height],
             label="colorbar",
         )
     for column, title in enumerate(layout.columns):
         axes[0, column].set_title(title, fontsize=8, pad=4)
+    if layout.title:
+        lines = "\n".join(layout.title_lines)
+        figure.suptitle(lines, fontsize=7, y=1 - 4 / height, va="top")
     return figure, axes, colorbar
 
 
 def draw_image(ax, image: np.ndarray | None, note: str | None, size: Sequence[int]) -> None:
-    """The model-input panel: the image, or a blank panel of ``size`` with ``note``."""
+    """The model-input panel: the image, or a light grey panel of ``size`` with ``note`` (none
+    when no image is shown at all: the figure's title says why, once)."""
     if image is None:
-        ax.imshow(np.ones((*size, 3), np.float32), interpolation="nearest")
+        ax.imshow(np.full((*size, 3), 0.9, np.float32), interpolation="nearest")
+    if image is None and note:
         ax.text(
             0.5,
             0.5,
@@ -374,7 +461,7 @@ def draw_image(ax, image: np.ndarray | None, note: str | None, size: Sequence[in
             va="center",
             fontsize=6,
         )
-    else:
+    if image is not None:
         ax.imshow(image, interpolation="nearest")
 
 
@@ -385,6 +472,7 @@ def _wrap(text: str, width: int = 34, lines: int = 6) -> str:
 
 
 def label_row(ax, text: str) -> None:
+    """``text`` (``row_label``'s two lines) upright along the left edge of panel ``ax``."""
     ax.text(
         -0.04,
         0.5,
@@ -393,13 +481,19 @@ def label_row(ax, text: str) -> None:
         rotation=90,
         ha="right",
         va="center",
-        fontsize=7,
+        fontsize=6,
+        linespacing=1.1,
     )
 
 
-def row_label(row: int, ids: np.ndarray) -> str:
-    name = str(ids[row]).rsplit("/", 1)[-1]
-    return f"row {row}: {name if len(name) <= 24 else name[:21] + '...'}"
+def row_label(row: int, image_id: str, class_name: str, detail: str = "") -> str:
+    """A figure row's label, two lines: "row R, class C[, detail]", then the image's id (its
+    path relative to the dataset root, so two ``04.jpg`` of different folders differ); an id
+    longer than ``ID_CHARS`` keeps its end (the file name) after "..."."""
+    first = f"row {row}, class {class_name}" + (f", {detail}" if detail else "")
+    if len(image_id) > ID_CHARS:
+        image_id = "..." + image_id[-(ID_CHARS - 3) :]
+    return f"{first}\n{image_id}"
 
 
 @dataclass
@@ -413,8 +507,12 @@ class FeatureFigure:
         maps: column title -> ``(I, rows, cols, 3)`` RGB maps on the token grid (before
             upsampling), or ``(I, rows, cols)`` for a scalar map.
         images: per figure row, the model-input image or None.
-        notes: per figure row, why its image is not shown (None when it is).
+        notes: per figure row, why that row's image is not shown (None when it is, or when
+            no image is shown at all).
         extra: anything else a caller wants to keep (bases, arrays' names, ...).
+        dataset_note: why no image is shown at all (``ModelInputs.problem``: the dataset
+            moved or changed), said once, in the figure title (``dataset_title``); None
+            when the dataset was read.
     """
 
     figure: Any
@@ -424,23 +522,23 @@ class FeatureFigure:
     images: list[np.ndarray | None]
     notes: list[str | None]
     extra: dict[str, Any] = field(default_factory=dict)
+    dataset_note: str | None = None
 
     @classmethod
-    def titled(
+    def drawn(
         cls,
         figure: Any,
         layout: GridLayout,
-        title: str,
         rows: np.ndarray,
         maps: dict[str, np.ndarray],
         pictures: list[tuple[np.ndarray | None, str | None]],
         extra: dict[str, Any],
+        dataset_note: str | None = None,
     ) -> FeatureFigure:
-        """``figure`` with ``title`` above its panels, and its data; ``pictures``: per figure
-        row, (model-input image or None, why it is not shown or None)."""
-        figure.suptitle(title, fontsize=7, y=1 - 4 / layout.size_px[1], va="top")
+        """The figure and its data; ``pictures``: per figure row, (model-input image or None,
+        why it is not shown or None)."""
         images, notes = [p[0] for p in pictures], [p[1] for p in pictures]
-        return cls(figure, layout, rows, maps, images, notes, extra)
+        return cls(figure, layout, rows, maps, images, notes, extra, dataset_note)
 
     def summary(self) -> str:
         """One line: the grid and its columns."""
@@ -453,6 +551,11 @@ class FeatureFigure:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.figure.savefig(path, dpi=DPI)
         return path
+
+
+def dataset_title(title: str, dataset_note: str | None) -> str:
+    """A figure title, and on its own line "input images not shown: ``dataset_note``"."""
+    return f"{title}\ninput images not shown: {dataset_note}" if dataset_note else title
 
 
 def check_image_path(path: str | Path) -> Path:
@@ -480,13 +583,16 @@ def show_store(
     rows: Sequence[int] | None = None,
     scale: str = "percentile",
     storage_options: dict | None = None,
+    data: str | None = None,
 ) -> FeatureFigure:
     """PCA-to-RGB maps of a store's stored patch tokens (module doc), one row per image.
 
     ``layers``: stored layer numbers or "final" (default ``default_layers``); ``rows``: store
     rows to show (default: the first ``images`` valid rows of marked shards); ``scale``: how
-    the three components map to [0, 1] (``SCALES``). Columns: the model-input image, then one
-    PCA map per layer, each with its own basis fitted over the shown images.
+    the three components map to [0, 1] (``SCALES``); ``data``: where the store's dataset is
+    now, when it has moved (``ModelInputs``: checked against the recorded manifest hash).
+    Columns: the model-input image, then one PCA map per layer, each with its own basis fitted
+    over the shown images.
     """
     if scale not in SCALES:
         raise ShowError(f"Expected --scale in {SCALES}. Got {scale!r} instead.")
@@ -501,23 +607,24 @@ def show_store(
         maps[layer_title(name)], bases[name] = pca_maps(
             patch_tokens(store, name, chosen), grid, scale
         )
-    inputs = ModelInputs(store)
+    inputs = ModelInputs(store, data)
     pictures = [inputs.image(int(row)) for row in chosen]
     encoder = store.attrs["encoder"]["name"]
-    layout = GridLayout(len(chosen), (f"{encoder} input", *maps))
-    figure, axes, _ = panel_grid(layout)
-    for index, row in enumerate(chosen.tolist()):
-        image, note = pictures[index]
-        draw_image(axes[index, 0], image, note, inputs.size)
-        label_row(axes[index, 0], row_label(row, inputs.ids))
-        for column, grid_maps in enumerate(maps.values(), start=1):
-            axes[index, column].imshow(
-                upsample_nearest(grid_maps[index], inputs.size), interpolation="nearest"
-            )
     name = store.url.rstrip("/").rsplit("/", 1)[-1]
     title = (
         f"{name}: PCA of patch tokens -> RGB, fitted per column over these "
         f"{len(chosen)} images ({scale} scaled)"
     )
+    title = dataset_title(title, inputs.problem)
+    layout = GridLayout(len(chosen), (f"{encoder} input", *maps), title=title)
+    figure, axes, _ = panel_grid(layout)
+    for index, row in enumerate(chosen.tolist()):
+        image, note = pictures[index]
+        draw_image(axes[index, 0], image, note, inputs.size)
+        label_row(axes[index, 0], inputs.caption(row))
+        for column, grid_maps in enumerate(maps.values(), start=1):
+            axes[index, column].imshow(
+                upsample_nearest(grid_maps[index], inputs.size), interpolation="nearest"
+            )
     extra = {"arrays": names, "bases": bases, "scale": scale}
-    return FeatureFigure.titled(figure, layout, title, chosen, maps, pictures, extra)
+    return FeatureFigure.drawn(figure, layout, chosen, maps, pictures, extra, inputs.problem)

@@ -36,13 +36,13 @@ from featcache.show import (
     GridLayout,
     ModelInputs,
     ShowError,
+    dataset_title,
     draw_image,
     grid_of,
     label_row,
     panel_grid,
     pca_maps,
     require_tokens,
-    row_label,
     select_rows,
     upsample_nearest,
 )
@@ -96,11 +96,15 @@ def show_run(
     rows: Sequence[int] | None = None,
     scale: str = "percentile",
     device: str = "auto",
+    data: str | None = None,
 ) -> FeatureFigure:
     """The figure of the module doc for a finished run dir (``evaluate.load_run`` reopens it:
     stitch weights and the frozen target encoder, whose tail alone runs).
 
-    ``rows``: store rows to show (default: the first ``images`` rows valid in both stores).
+    ``rows``: store rows to show (default: the first ``images`` rows valid in both stores);
+    ``data``: where the stores' dataset is now, when it has moved (``featcache.show.
+    ModelInputs``: checked against the target store's manifest hash; the paired stores share
+    it). Rows are labelled with their class, image id and mean cosine.
     The returned ``FeatureFigure.maps`` holds each column's maps, ``extra["cosine"]`` the
     ``(I, rows, cols)`` cosine map and ``extra["basis"]`` the shared target basis.
     """
@@ -142,16 +146,24 @@ def show_run(
         f"{target_name} final": target_maps,
         "cosine(stitched, target)": cosine,
     }
-    inputs = ModelInputs(target)
+    inputs = ModelInputs(target, data)
     pictures = [inputs.image(int(row)) for row in chosen]
-    layout = GridLayout(len(chosen), (f"{target_name} input", *maps), colorbar=True)
+    title = (
+        f"{Path(run_dir).name}: {source_name} -> {target_name} at position {config.position} "
+        f"({config.stitch}, {config.objective}), {split} split; stitched and target final "
+        f"share the target's PCA basis ({scale} scaled)"
+    )
+    columns = (f"{target_name} input", *maps)
+    layout = GridLayout(
+        len(chosen), columns, colorbar=True, title=dataset_title(title, inputs.problem)
+    )
     figure, axes, colorbar_axes = panel_grid(layout)
     low, high = COSINE_RANGE
     for index, row in enumerate(chosen.tolist()):
         image, note = pictures[index]
         draw_image(axes[index, 0], image, note, inputs.size)
         mean_cosine = float(cosine[index].mean())
-        label_row(axes[index, 0], f"{row_label(row, inputs.ids)}, cos {mean_cosine:.2f}")
+        label_row(axes[index, 0], inputs.caption(row, f"cos {mean_cosine:.2f}"))
         for column, grid_maps in enumerate(list(maps.values())[:3], start=1):
             axes[index, column].imshow(
                 upsample_nearest(grid_maps[index], inputs.size), interpolation="nearest"
@@ -167,15 +179,9 @@ def show_run(
         "cosine similarity per patch, stitched vs target final (range -1..1)", fontsize=7
     )
     colorbar_axes.tick_params(labelsize=7)
-    title = (
-        f"{Path(run_dir).name}: {source_name} -> {target_name} at position {config.position} "
-        f"({config.stitch}, {config.objective}), {split} split; stitched and target final "
-        f"share the target's PCA basis ({scale} scaled)"
-    )
-    return FeatureFigure.titled(
+    return FeatureFigure.drawn(
         figure,
         layout,
-        title,
         chosen,
         maps,
         pictures,
@@ -188,4 +194,5 @@ def show_run(
             "target_store": target.url,
             "source_array": array,
         },
+        inputs.problem,
     )
