@@ -19,6 +19,7 @@ Tokens = Literal["all", "prefix", "pooled"]
 Dtype = Literal["float16", "bfloat16", "float32"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # "auto" + featcache.encoders.base.PRECISIONS
 OnBadImage = Literal["fail", "skip"]
+OnChangedData = Literal["error", "reextract"]  # featcache.extract.ExtractConfig.on_changed_data
 ResizeMode = Literal["shortest", "squash"]  # featcache.preprocess resize modes
 Crop = Literal["box", "whole", "banner"]  # featcache.datasets.DataOptions.crop
 Level = Literal["variant", "family", "manufacturer"]  # featcache.datasets.aircraft.AIRCRAFT_LEVELS
@@ -166,6 +167,11 @@ def extract(
         256, callback=at_least(1), help="Images per shard (unit of writing/resuming) (>= 1)."
     ),
     on_bad_image: OnBadImage = typer.Option("fail", help="skip: record unreadable images, go on."),
+    on_changed_data: OnChangedData = typer.Option(
+        "error",
+        help="A done shard whose files changed (size or mtime) since: error (name the first "
+        "changed file) or reextract (extract that shard again).",
+    ),
     num_workers: int | None = typer.Option(
         None, callback=at_least(0), help="Decoding threads (>= 0; default: the cores available)."
     ),
@@ -220,6 +226,7 @@ def extract(
         dtype=dtype,
         shard=parse_shard(shard),
         on_bad_image=on_bad_image,
+        on_changed_data=on_changed_data,
         num_workers=num_workers,
         precision=precision,
         shard_size=shard_size,

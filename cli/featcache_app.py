@@ -253,13 +253,18 @@ def verify(
 
     from featcache.store import FeatureStore, StoreError
 
+    notes = []  # what the store lacks that is not a fault (a format-2 store: row digests)
     try:
-        faults = FeatureStore.open(store).verify(expected_fingerprint=fingerprint)
+        opened = FeatureStore.open(store)
+        notes = opened.notes()
+        faults = opened.verify(expected_fingerprint=fingerprint)
     except StoreError as err:  # missing, unreadable or not a featcache store
         faults = [str(err)]
     if as_json:
-        print(json.dumps({"store": store, "ok": not faults, "faults": faults}))
+        print(json.dumps({"store": store, "ok": not faults, "faults": faults, "notes": notes}))
     else:
+        for note in notes:
+            console.print(f"[yellow]note:[/] {escape(note)}", markup=True, highlight=False)
         for fault in faults:
             err_console.print(f"[red]fault:[/] {escape(fault)}", markup=True, highlight=False)
         if not faults:

@@ -27,7 +27,13 @@ from dataclasses import asdict
 from typing import Any
 
 from featcache.errors import FeatcacheError
-from featcache.extract import ExtractConfig, ExtractPlan, plan_extraction, run_extraction
+from featcache.extract import (
+    ExtractConfig,
+    ExtractPlan,
+    plan_extraction,
+    refresh_changed,
+    run_extraction,
+)
 from featcache.store import FeatureStore
 
 __all__ = ["connect", "extract_on_dask"]
@@ -94,12 +100,9 @@ def extract_on_dask(
         for url, spec in zip(plan.urls, plan.specs, strict=True)
     ]
     index, count = config.shard
-    marked = [store.marked_shards() for store in stores]
-    todo = [
-        shard
-        for shard in range(index, stores[0].num_shards, count)
-        if any(shard not in done for done in marked)
-    ]
+    mine = range(index, stores[0].num_shards, count)
+    marked = [refresh_changed(plan, store, mine) for store in stores]  # changed data: unmarked
+    todo = [shard for shard in mine if any(shard not in done for done in marked)]
     futures = [
         client.submit(
             _extract_shard,

@@ -15,6 +15,14 @@ Rules (each tested in tests/test_data.py; ``MaskLabels`` in tests/test_ade20k.py
     never a new class.
     ``mask_labels`` enters ``manifest_hash`` of splits with masks (hashes of splits without
     masks are those of the original formula).
+  - A record's content identity (``Record.load``): the bytes actually decoded (the file, or a
+    container's member: a tar member, a parquet cell; then the mask file, when there is one) are
+    read once, hashed as they are read (``content_digest``: blake2b, 16 bytes) and decoded from
+    memory: the row digest is ``content_digest(image bytes)``, or, with a mask,
+    ``content_digest(content_digest(image bytes) + content_digest(mask bytes))``; an unreadable
+    image's row has ``NO_DIGEST`` (16 zero bytes). ``Record.stamp`` is the cheap change check:
+    (size, mtime_ns) of the file read (the container of a member; then the mask), taken before
+    it is read; (-1, -1) for a missing file, None for a remote (URL) container.
   - ``DataOptions`` carries the reader options (crop, select, level, ...) and the
     class-balanced subset (featcache/datasets/subsets.py) that ``load_dataset`` applies last. An
     option that does not apply to the layout read is a ``ManifestError``.
@@ -36,15 +44,18 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from featcache.errors import FeatcacheError
+from featcache.errors import BadImageError, FeatcacheError
 
 __all__ = [
     "ACCEPTED_DATA",
+    "DIGEST_SIZE",
     "IMAGE_EXTENSIONS",
     "MASK_IGNORE",
+    "NO_DIGEST",
     "SPLIT_NAMES",
     "DataOptions",
     "Dataset",
+    "Loaded",
     "ManifestError",
     "Member",
     "MaskLabelError",
@@ -53,7 +64,10 @@ __all__ = [
     "Record",
     "Resolve",
     "absolute_path",
+    "content_digest",
+    "file_stamp",
     "images_under",
+    "read_file",
     "relative_id",
     "relative_path",
     "resolver",
@@ -73,6 +87,8 @@ ACCEPTED_DATA = (
     "LLaVA-style .json, parquet files or webdataset .tar shards"
 )
 Resolve = Callable[[str, str, str], str]  # (path, expected, got) -> resolved path; see resolver
+DIGEST_SIZE = 16  # bytes of a row digest (featcache.store.DIGEST_BYTES, the digests row width)
+NO_DIGEST = bytes(DIGEST_SIZE)  # the digest of a row whose image could not be read
 
 
 class ManifestError(FeatcacheError, ValueError):
@@ -215,6 +231,73 @@ class Record:
         source = self.path if self.member is None else self.member.read()
         image = (decoder or decode_image)(source, name=self.id)
         return image if self.box is None else crop_box(image, self.box, name=self.id)
+
+    def load(
+        self,
+        decoder: Callable[..., Any] | None = None,
+        mask_decoder: Callable[..., Any] | None = None,
+    ) -> Loaded:
+        """``decode``, reading the bytes once and hashing them as read: the image (cropped to
+        ``box``), its mask (``mask_decoder(bytes, name=mask path)``, when the record has one and
+        a mask decoder is given) and the row digest of every byte decoded (the module rules).
+        ``BadImageError`` as ``decode``; for the mask, its reason is "mask <path>: why"."""
+        from featcache.images import crop_box, decode_image
+
+        data = read_file(self.path, self.id) if self.member is None else self.member.read()
+        digest = content_digest(data)
+        image = (decoder or decode_image)(data, name=self.id)
+        image = image if self.box is None else crop_box(image, self.box, name=self.id)
+        mask = None
+        if self.mask is not None and mask_decoder is not None:
+            try:
+                mask_data = read_file(self.mask, self.mask)
+                mask = mask_decoder(mask_data, name=self.mask)
+            except BadImageError as err:  # the image is unreadable for its mask
+                raise BadImageError(self.id, f"mask {err}") from err
+            digest = content_digest(digest + content_digest(mask_data))
+        return Loaded(image, mask, digest)
+
+    def stamp(self) -> list[int] | None:
+        """[size, mtime_ns] of the file read (a member's container), then of the mask when
+        there is one; [-1, -1] for a missing file; None for a remote (URL) container."""
+        if "://" in self.path:
+            return None
+        return [*file_stamp(self.path), *([] if self.mask is None else file_stamp(self.mask))]
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """What ``Record.load`` read: the image, its raw mask (or None) and the row digest."""
+
+    image: Any
+    mask: Any
+    digest: bytes
+
+
+def content_digest(data: bytes) -> bytes:
+    """The 16-byte blake2b digest of ``data``: the content identity of the bytes decoded."""
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+def read_file(path: str, name: str) -> bytes:
+    """Every byte of the local file ``path`` (one read); ``BadImageError`` naming ``name`` when
+    it is missing or cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise BadImageError(name, "file not found") from None
+    except OSError as err:
+        raise BadImageError(name, f"cannot read: {err}") from err
+
+
+def file_stamp(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of ``path`` (symlinks followed); (-1, -1) when it does not exist."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return -1, -1
+    return stat.st_size, stat.st_mtime_ns
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ The writes of one shard run on a writer thread while the next shard (or encoder)
 the next write starts only once the previous one, marker included, has finished, and a failed
 write stops the run before anything after it is written.
 
+Every row records its content identity: the blake2b digest of the bytes decoded (the
+``digests`` array) and its files' stamps (size, mtime_ns, in the shard's marker). Planning
+compares the stamps of marked shards with the files now: a changed file is an error naming it
+(``--on-changed-data error``, the default) or its shard is unmarked and extracted again
+(``reextract``).
+
 Batches never cross shard boundaries, so a resumed run computes exactly the batches an
 uninterrupted run would and writes identical bytes. Unreadable images either stop the run
 before their shard is marked (``fail``) or become invalid rows (NaN features, ``valid`` False)
@@ -31,7 +37,7 @@ preprocessed per encoder), ``forward`` (a shard through an encoder, down to host
 
 from featcache.extract.config import ExtractConfig, parse_shard, resolve_device
 from featcache.extract.plan import ExtractPlan, images_to_extract, plan_extraction
-from featcache.extract.run import run_extraction
+from featcache.extract.run import refresh_changed, run_extraction
 
 __all__ = [
     "ExtractConfig",
@@ -39,6 +45,7 @@ __all__ = [
     "images_to_extract",
     "parse_shard",
     "plan_extraction",
+    "refresh_changed",
     "resolve_device",
     "run_extraction",
 ]

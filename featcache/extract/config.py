@@ -42,6 +42,9 @@ class ExtractConfig:
     crop_pct: float | None = None
     resize_mode: str | None = None
     precision: str = "auto"  # fp32 | bf16 | fp16 autocast; auto: bf16 on CUDA, fp32 on CPU
+    # a marked shard whose files changed (size or mtime) since it was written: refuse, naming
+    # the first changed file ("error"), or extract it again ("reextract")
+    on_changed_data: str = "error"
 
     def __post_init__(self) -> None:
         import os
@@ -51,6 +54,11 @@ class ExtractConfig:
         if self.on_bad_image not in ("fail", "skip"):
             raise FeatcacheError(
                 f"Expected --on-bad-image fail or skip. Got {self.on_bad_image!r} instead."
+            )
+        if self.on_changed_data not in ("error", "reextract"):
+            raise FeatcacheError(
+                "Expected --on-changed-data error or reextract. "
+                f"Got {self.on_changed_data!r} instead."
             )
         index, count = self.shard
         if not (count >= 1 and 0 <= index < count):

@@ -153,6 +153,54 @@ def _data_options(config: ExtractConfig) -> dict:
     return {"options": options} if options else {}
 
 
+def _changed_file(plan: ExtractPlan, shard: int, marker: dict) -> str | None:
+    """The first file of ``shard`` (in row order; an image, then its mask) whose stamp (size,
+    mtime_ns) differs from the one its marker records, with the change; None when none does.
+    A remote container (no stamp) is not checked; a marker without stamps checks nothing."""
+    recorded = marker.get("stamps")
+    if recorded is None:
+        return None
+    start = shard * plan.config.shard_size
+    for record, was in zip(plan.records[start : start + len(recorded)], recorded, strict=True):
+        now = record.stamp()
+        if now is None or was is None or list(now) == list(was):
+            continue
+        files = [record.path] if record.mask is None else [record.path, record.mask]
+        for index, path in enumerate(files):
+            old, new = was[2 * index : 2 * index + 2], now[2 * index : 2 * index + 2]
+            if old != new:
+                return (
+                    f"{path} (image {record.id}: size {old[0]} -> {new[0]} bytes, mtime_ns "
+                    f"{old[1]} -> {new[1]}; -1: missing)"
+                )
+    return None
+
+
+def current_shards(plan: ExtractPlan, store: FeatureStore, shards: Iterable[int]) -> set[int]:
+    """The marked shards of ``shards`` whose files are unchanged since they were written.
+
+    Each marked shard's recorded file stamps are compared with the files now (one ``stat`` per
+    row). A changed shard is an error naming the first changed file under
+    ``--on-changed-data error`` (the default); under ``reextract`` it is left out, so the run
+    extracts it again. Stamps equal in size and mtime hide a change: only a forced re-extract
+    sees it. Nothing is written here."""
+    markers = store.valid_markers()
+    current = set()
+    for shard in shards:
+        if shard not in markers:
+            continue
+        changed = _changed_file(plan, shard, markers[shard])
+        if changed is None:
+            current.add(shard)
+        elif plan.config.on_changed_data == "error":
+            raise FeatcacheError(
+                f"Expected the files shard {shard} of {store.url} was extracted from. Got "
+                f"{changed} changed since, instead. Re-run with --on-changed-data reextract "
+                "to extract the changed shards again."
+            )
+    return current
+
+
 def _pending(shards: Iterable[int], marked: list[set[int]]) -> list[int]:
     """The ``shards`` that some store (its marked shards in ``marked``) still lacks."""
     return [shard for shard in shards if any(shard not in done for done in marked)]
@@ -161,17 +209,20 @@ def _pending(shards: Iterable[int], marked: list[set[int]]) -> list[int]:
 def images_to_extract(plan: ExtractPlan) -> int:
     """Images of this ``--shard I/N`` slice's shards that some planned store still lacks, as
     ``run_extraction`` will choose them (a store not created yet lacks every shard); 0 when
-    every store is complete. Reads each store's markers; creates nothing."""
+    every store is complete. Reads each store's markers; creates nothing. Shards whose files
+    changed count as pending under ``--on-changed-data reextract``, else are an error
+    (``current_shards``)."""
     config = plan.config
+    index, count = config.shard
+    size, total = config.shard_size, len(plan.records)
+    mine = range(index, math.ceil(total / size), count)
     marked = []
     for url in plan.urls:
         try:
-            marked.append(
-                FeatureStore.open(url, storage_options=config.storage_options).marked_shards()
-            )
+            store = FeatureStore.open(url, storage_options=config.storage_options)
         except StoreError:  # not created yet
             marked.append(set())
-    index, count = config.shard
-    size, total = config.shard_size, len(plan.records)
-    pending = _pending(range(index, math.ceil(total / size), count), marked)
+            continue
+        marked.append(current_shards(plan, store, mine))
+    pending = _pending(mine, marked)
     return sum(min(size, total - shard * size) for shard in pending)

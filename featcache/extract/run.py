@@ -13,7 +13,7 @@ import numpy as np
 from featcache.errors import BadImageError
 from featcache.extract.decode import _Item, _prepare
 from featcache.extract.forward import _encode_shard, _HostCopies, _precision_error
-from featcache.extract.plan import ExtractPlan, _pending
+from featcache.extract.plan import ExtractPlan, _pending, current_shards
 from featcache.extract.writer import ProgressFn, _ShardProgress, _ShardWriter
 from featcache.store import FeatureStore
 
@@ -49,6 +49,16 @@ def _record_precision_errors(
         stores[which].update_attrs({"precision_error": error})
 
 
+def refresh_changed(plan: ExtractPlan, store: FeatureStore, shards) -> set[int]:
+    """The marked shards of ``shards`` whose files are unchanged (``current_shards``: a changed
+    one is an error under ``--on-changed-data error``); under ``reextract`` each changed
+    shard's marker is removed first, so a crash while it is rewritten leaves it unmarked."""
+    current = current_shards(plan, store, shards)
+    for shard in store.marked_shards() & set(shards) - current:
+        store.unmark(shard)
+    return current
+
+
 def run_extraction(
     plan: ExtractPlan, *, progress: ProgressFn | None = None, shards: list[int] | None = None
 ) -> dict[str, Any]:
@@ -69,7 +79,7 @@ def run_extraction(
     ]
     index, count = config.shard
     mine = shards if shards is not None else range(index, stores[0].num_shards, count)
-    marked = [store.marked_shards() for store in stores]
+    marked = [refresh_changed(plan, store, mine) for store in stores]
     todo = _pending(mine, marked)
     for store in stores:
         store.remove_stale_partials(todo)
@@ -112,7 +122,11 @@ def run_extraction(
                 "ids": np.array([item.record.id for item in items], dtype=object),
                 "labels": np.array([item.record.label for item in items], np.int64),
                 "valid": np.array([item.error is None for item in items], bool),
+                "digests": np.frombuffer(b"".join(i.digest for i in items), np.uint8).reshape(
+                    len(items), -1
+                ),
             }
+            stamps = [item.stamp for item in items]
             needed = [which for which in range(len(stores)) if shard not in marked[which]]
             written = _ShardProgress(len(items), len(needed), progress)
             for which in needed:
@@ -123,7 +137,11 @@ def run_extraction(
                 )
                 arrays.update(common)
                 timings["compute_s"] += time.perf_counter() - started
-                info = {"rows": list(store.shard_rows(shard)), "skipped": skipped}
+                info = {
+                    "rows": list(store.shard_rows(shard)),
+                    "skipped": skipped,
+                    "stamps": stamps,
+                }
                 writer.submit(store, shard, arrays, info, written)
         writer.finish()
     return {

@@ -1,7 +1,7 @@
 """Feature stores: one Zarr v3 group per (dataset split, encoder fingerprint, extraction settings).
 
-The only package that imports zarr. Layout of a store, format version 2 (``docs/design.md`` has
-the full contract):
+The only package that imports zarr. Layout of a store, format version 3 (``docs/design.md`` has
+the full contract; format 2 stores, without ``digests`` and stamps, are read, never written):
 
   zarr.json                      group; attrs below (deterministic: no timestamps)
   layers/<n>   (image, token, channel)  layer-n tokens, n a plain integer ("layers/6")
@@ -11,9 +11,11 @@ the full contract):
                                         UTF-8, NUL-padded to the longest id of the split
   labels       (image,)  int64          class index (-1: unlabelled)
   valid        (image,)  bool           False for images skipped as unreadable (rows stay NaN)
+  digests      (image, 16)  uint8       blake2b of the bytes decoded (0: not read; format 3)
   masks        (image, y, x) int16      segmentation label maps at the encoder's input size
   markers/shard-<i>/zarr.json           a Zarr group per completed shard, written last; its
-                                        attribute ``featcache_marker`` is the marker
+                                        attribute ``featcache_marker`` is the marker; it
+                                        holds each row's file stamps (size, mtime_ns)
 
 Every array uses only core Zarr v3 data types and codecs (bytes, zstd, crc32c, sharding), so
 independent readers (TensorStore, zarr-python, xarray) read every array. Crc32c is last in every
@@ -60,13 +62,23 @@ from featcache.store.codec import (
 from featcache.store.errors import StoreError, StoreMismatchError
 from featcache.store.feature_store import FeatureStore
 from featcache.store.layout import inner_chunk_images
-from featcache.store.spec import DTYPES, FORMAT_VERSION, PRECISIONS, TOKEN_MODES, StoreSpec
+from featcache.store.spec import (
+    DIGEST_BYTES,
+    DTYPES,
+    FORMAT_VERSION,
+    PRECISIONS,
+    READABLE_FORMAT_VERSIONS,
+    TOKEN_MODES,
+    StoreSpec,
+)
 from featcache.store.storage import write_atomic
 
 __all__ = [
+    "DIGEST_BYTES",
     "DTYPES",
     "FORMAT_VERSION",
     "PRECISIONS",
+    "READABLE_FORMAT_VERSIONS",
     "TOKEN_MODES",
     "FeatureStore",
     "StoreError",

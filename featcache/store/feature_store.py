@@ -22,7 +22,12 @@ from featcache.store.errors import StoreError, StoreMismatchError
 from featcache.store.layout import _array_names, _create_arrays, _feature_storage_dtype
 from featcache.store.markers import ShardMarkers, _metadata_dirs
 from featcache.store.shard_files import ShardFiles
-from featcache.store.spec import FORMAT_VERSION, StoreSpec
+from featcache.store.spec import (
+    DIGEST_BYTES,
+    FORMAT_VERSION,
+    READABLE_FORMAT_VERSIONS,
+    StoreSpec,
+)
 from featcache.store.storage import (
     fs_and_path,
     is_local,
@@ -93,6 +98,13 @@ class FeatureStore(ShardMarkers, ShardFiles, StoreVerification):
                 )
         elif claim.get("state") != "creating":
             store = cls.open(url, storage_options=storage_options, mode="r+")
+            if store.format_version != FORMAT_VERSION:
+                raise StoreMismatchError(
+                    f"Expected a store of format version {FORMAT_VERSION} at {url!r} to write "
+                    f"into. Got format version {store.format_version} (read only: it has no "
+                    "row digests) instead. Use another --out, or remove it (featcache rm) and "
+                    "extract it again."
+                )
             store._check_same(spec)
             return store
         elif claim.get("store_id") != spec.store_id:
@@ -137,15 +149,17 @@ class FeatureStore(ShardMarkers, ShardFiles, StoreVerification):
     def open(
         cls, url: str, *, storage_options: dict | None = None, mode: str = "r"
     ) -> FeatureStore:
-        """Open a complete-metadata featcache store of this format; else ``StoreError``."""
+        """Open a complete-metadata featcache store of a readable format (``READABLE_FORMAT_
+        VERSIONS``: 3, and 2, which has no row digests); else ``StoreError``."""
         fs, path = fs_and_path(url, storage_options)
         claim = _root_claim(fs, path, url)
         if claim is None:
             raise StoreError(f"No featcache store at {url!r} (no zarr.json there).")
         version = claim.get("format_version")
-        if claim.get("format") != "featcache-store" or version != FORMAT_VERSION:
+        if claim.get("format") != "featcache-store" or version not in READABLE_FORMAT_VERSIONS:
+            readable = " or ".join(map(str, READABLE_FORMAT_VERSIONS))
             raise StoreError(
-                f"Expected a featcache store of format version {FORMAT_VERSION} at {url!r}. Got "
+                f"Expected a featcache store of format version {readable} at {url!r}. Got "
                 f"format version {version} instead: this featcache cannot read it. Remove it "
                 "(featcache rm) and extract it again."
             )
@@ -193,6 +207,11 @@ class FeatureStore(ShardMarkers, ShardFiles, StoreVerification):
         )
 
     # -- geometry -------------------------------------------------------------------------------
+    @property
+    def format_version(self) -> int:
+        """The store's format version: 3, or 2 (no ``digests`` array, no file stamps)."""
+        return int(self.attrs["format_version"])
+
     @property
     def num_images(self) -> int:
         return int(self.attrs["dataset"]["num_images"])
@@ -243,12 +262,16 @@ class FeatureStore(ShardMarkers, ShardFiles, StoreVerification):
         """Write every array's rows of one shard, then its marker; return feature bytes written.
 
         ``arrays`` maps every array name of the store ("layers/6", "final", "pooled", "ids",
-        "labels", "valid", "masks") to numpy arrays of the shard's rows; features arrive as
-        float32 (or float16) and are cast to the store dtype here, ids as strings. A shard is
+        "labels", "valid", "digests", "masks") to numpy arrays of the shard's rows; features
+        arrive as float32 (or float16) and are cast to the store dtype here, ids as strings.
+        Without "digests" (rows made from arrays, not read from images) every row's digest is
+        16 zero bytes, the digest of a row whose content is not known. A shard is
         written whole by one writer. The marker records, per array, the object's key, size and
         Crc32c of the bytes written, so it proves exactly this shard's objects.
         """
         start, stop = self.shard_rows(shard)
+        if "digests" in self.array_names() and "digests" not in arrays:
+            arrays = {**arrays, "digests": np.zeros((stop - start, DIGEST_BYTES), np.uint8)}
         missing = sorted(set(self.array_names()) - set(arrays))
         unknown = sorted(set(arrays) - set(self.array_names()))
         if missing or unknown:

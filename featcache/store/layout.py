@@ -10,9 +10,11 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
 from featcache.store.codec import parse_compression
-from featcache.store.spec import StoreSpec
+from featcache.store.spec import DIGEST_BYTES, StoreSpec
 
-_STORE_NAMES = ("zarr.json", "layers", "final", "pooled", "ids", "labels", "valid", "masks")
+_STORE_NAMES = (
+    "zarr.json", "layers", "final", "pooled", "ids", "labels", "valid", "digests", "masks"
+)  # fmt: skip
 NON_ROOT_NAMES = tuple(f"/{name}" for name in _STORE_NAMES[1:])
 
 
@@ -32,7 +34,7 @@ def _feature_fill(spec: StoreSpec):
 
 
 def _array_names(spec: StoreSpec) -> list[str]:
-    names = [*spec.feature_row_shapes(), "ids", "labels", "valid"]
+    names = [*spec.feature_row_shapes(), "ids", "labels", "valid", "digests"]
     return names + (["masks"] if spec.mask_shape is not None else [])
 
 
@@ -92,6 +94,16 @@ def _create_arrays(group: zarr.Group, spec: StoreSpec) -> None:
         chunks=(shard,),
         fill_value=False,
         dimension_names=("image",),
+    )
+    create(  # each row's content identity: blake2b of the bytes decoded (format 3)
+        "digests",
+        codecs,
+        shape=(n, DIGEST_BYTES),
+        dtype="uint8",
+        chunks=(shard, DIGEST_BYTES),
+        fill_value=0,
+        dimension_names=("image", "digest_byte"),
+        attributes={"logical_dtype": f"blake2b digest, {DIGEST_BYTES} bytes; 0: not read"},
     )
     if spec.mask_shape is not None:
         height, width_px = spec.mask_shape

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from featcache.store.claims import _read_json
-from featcache.store.storage import is_local, remove_stale_partials, write_atomic
+from featcache.store.storage import is_local, remove_stale_partials, sync_files, write_atomic
 
 MARKER_ATTR = "featcache_marker"
 
@@ -109,6 +109,17 @@ class ShardMarkers:
             write_atomic(path, [payload], sync=True)
         else:
             self._fs.pipe_file(path, payload)  # object stores: a PUT is atomic
+
+    def unmark(self, shard: int) -> None:
+        """Remove the marker of ``shard`` (before its objects are rewritten: a crash then leaves
+        an unmarked shard, never a marker over other bytes); locally the folder of marker folders
+        is fsynced after the removal. A shard without a marker is left as it is."""
+        folder = os.path.dirname(self._marker_path(shard))
+        if not self._fs.exists(folder):
+            return
+        self._fs.rm(folder, recursive=True)
+        if is_local(self._fs):
+            sync_files([os.path.dirname(folder)])
 
     def remove_stale_partials(self, shards: Iterable[int] | None = None) -> int:
         """Delete temp files of writers that are gone (``featcache.store.storage``) from the store's

@@ -10,7 +10,9 @@ from typing import Any
 
 from featcache.store.codec import parse_compression
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: row digests (the ``digests`` array) and file stamps in markers
+READABLE_FORMAT_VERSIONS = (2, 3)  # 2: no row digests; read, never written
+DIGEST_BYTES = 16  # a row digest: featcache.datasets.DIGEST_SIZE bytes of blake2b
 TOKEN_MODES = ("all", "prefix", "pooled")
 DTYPES = ("float16", "bfloat16", "float32")
 PRECISIONS = ("fp32", "bf16", "fp16")  # featcache.encoders.PRECISIONS (zarr-only module here)

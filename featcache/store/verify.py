@@ -30,6 +30,17 @@ class StoreVerification:
                 faults += [fault] if fault else []
         return faults
 
+    def notes(self) -> list[str]:
+        """What the store lacks that is not a fault: a format-2 store has no row digests (and
+        no file stamps), so pairing compares its ids only and a changed image goes unseen."""
+        if self.format_version >= 3:
+            return []
+        return [
+            f"format {self.format_version} store: no row digests (the content identity of "
+            "format 3) and no file stamps, so pairing compares ids only and images changed "
+            "since extraction go unseen; extract it again for them"
+        ]
+
     def verify(self, expected_fingerprint: str | None = None) -> list[str]:
         """Every fault of the store; an empty list means every shard is proven complete.
 

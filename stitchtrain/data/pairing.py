@@ -3,7 +3,11 @@
 Two stores pair when they hold the same images in the same rows: same dataset manifest hash,
 split and order seed, and the same ``ids`` in every row both have written (marked shards; the
 hash is compared, so a store written by another tool version or from a reordered manifest is
-caught). Each objective then needs arrays:
+caught), and the same content: every row valid in both has the same row digest (blake2b of the
+bytes decoded, ``check_digests``), so stores of different pixels under the same names never
+pair. Format-2 stores have no digests, and rows written from arrays have the all-zero digest
+(content not known): those rows are paired by id only, with a logged warning. Each objective
+then needs arrays:
 
   lfm       source layers/n (lora: layers/n-1)  target layers/n
   ffm       source layers/n (lora: layers/n-1)  target final (or pooled with pooled-only)
@@ -20,6 +24,7 @@ told to allow it (CLI: ``--allow-geometry-mismatch``).
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -32,6 +37,7 @@ from stitchtrain.data.positions import check_position
 __all__ = [
     "PairingError",
     "ids_hash",
+    "check_digests",
     "marked_rows",
     "check_pair",
     "check_geometry",
@@ -46,11 +52,50 @@ class PairingError(FeatcacheError, ValueError):
     """Stores that do not hold the same images in the same order, or lack a needed array."""
 
 
+_log = logging.getLogger(__name__)
+
+
 def ids_hash(store: FeatureStore, rows: np.ndarray | None = None) -> str:
     """SHA-256 (first 16 hex) of the store's ``ids`` in row order (only ``rows`` if given)."""
     ids = np.asarray(store.read("ids"), dtype=object)
     ids = ids if rows is None else ids[rows]
     return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
+def check_digests(source: FeatureStore, target: FeatureStore, rows: np.ndarray) -> None:
+    """Refuse two stores whose ``rows`` (written in both) hold different images: a row valid
+    in both whose row digests differ raises ``PairingError`` naming its id and both stores.
+
+    Rows without a digest in either store (a format-2 store; the all-zero digest of rows
+    written from arrays) are compared by id only (``check_pair``'s ids hash), with a warning.
+    """
+    lacking = [store.url for store in (source, target) if "digests" not in store.array_names()]
+    if lacking:
+        _log.warning(
+            f"{', '.join(lacking)}: format 2 (no row digests): pairing compares ids only, not "
+            "image content; extract it again for content identity."
+        )
+        return
+    digests = [store.read("digests")[rows] for store in (source, target)]
+    valid = (
+        np.asarray(source.read("valid"), bool)[rows] & np.asarray(target.read("valid"), bool)[rows]
+    )
+    known = valid & digests[0].any(axis=1) & digests[1].any(axis=1)
+    differ = np.flatnonzero(known & (digests[0] != digests[1]).any(axis=1))
+    if len(differ):
+        row = int(rows[differ[0]])
+        image = source.read("ids", slice(row, row + 1))[0]
+        raise PairingError(
+            f"Expected source {source.url} and target {target.url} to hold the same images. Got "
+            f"different content for {image} (row {row}; {len(differ)} rows differ) instead: "
+            "extract both from the same files."
+        )
+    unknown = int((valid & ~known).sum())
+    if unknown:
+        _log.warning(
+            f"{source.url} / {target.url}: {unknown} valid rows carry no row digest (written "
+            "from arrays, not images): those are paired by id only."
+        )
 
 
 GEOMETRY_TOLERANCE = 0.1  # target patches: paired token centres may differ by this much
@@ -145,6 +190,7 @@ def check_pair(
             f"Source {source.url} and target {target.url} order their images differently (ids "
             "hash differs). Extract both with the same featcache version and order seed."
         )
+    check_digests(source, target, written)
     check_geometry(source, target, allow_mismatch=allow_geometry_mismatch)
     source_encoder, target_encoder = source.attrs["encoder"], target.attrs["encoder"]
     check_position(
