@@ -14,8 +14,11 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from dataset_layouts import corpus_images, make_aircraft, make_fmow, make_inat2021
+from PIL import Image
+from test_ade20k import make_ade20k
 from test_data import _png
 from test_datasets_paper import _error, _extract
 from typer.testing import CliRunner
@@ -148,6 +151,20 @@ def test_parquet_files_with_different_class_label_names_are_refused(tmp_path):
     assert "['cat', 'dog']" in message and "['dog', 'cat']" in message
     _parquet(second, rows, binary, ["cat", "dog"])
     assert load_dataset(tmp_path / "hub").classes == ("cat", "dog")
+
+
+# ---- an annotation of another size than its image -------------------------------------------
+
+
+def test_ade20k_annotation_of_another_size_is_a_recorded_skip(tmp_path, encoder_cache):
+    root = make_ade20k(tmp_path / "ade", train=3, val=0)
+    annotation = root / "annotations" / "training" / "ADE_train_00000002.png"
+    Image.fromarray(np.ones((10, 12), np.uint8)).save(annotation)  # the image is 20 x 14
+    _, result = _extract(root, tmp_path / "stores", encoder_cache("dinov2"), split="train")
+    (skipped,) = result["stores"][0]["skipped"]
+    assert skipped["id"] == "images/training/ADE_train_00000002.jpg"
+    assert str(annotation) in skipped["reason"]
+    assert "12x10" in skipped["reason"] and "20x14" in skipped["reason"]
 
 
 # ---- JSON nested 200,000 levels deep --------------------------------------------------------
@@ -303,3 +320,46 @@ def test_a_brace_pattern_of_10_to_the_8_shards_is_refused_at_once(tmp_path):
     seconds, peak = timing.split()
     assert float(seconds) < 1.0 and int(peak) < 1 << 20
     assert pattern in message and "100000000" in message and "1000000" in message
+
+
+# ---- decode memory --------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's VmHWM")
+def test_a_16_bit_png_decodes_in_bounded_memory(tmp_path):
+    """A 3000 x 3000 16-bit PNG (a few kB): decoding may hold the 16-bit image, its 8-bit copy
+    and the RGB image (6 bytes a pixel), never float64 copies of it (20 bytes a pixel today)."""
+    side = 3000
+    pixels = np.zeros((side, side), np.uint16)
+    pixels[::7, ::5] = 40000
+    path = tmp_path / "deep.png"
+    Image.fromarray(pixels).save(path)
+    code = (
+        "import sys\n"
+        "from featcache.images import decode_image\n"
+        "def peak():  # kB; ru_maxrss would keep the forking parent's peak\n"
+        "    status = open('/proc/self/status').read()\n"
+        "    return int(status.split('VmHWM:')[1].split()[0])\n"
+        "before = peak()\n"
+        "image = decode_image(sys.argv[1])\n"
+        "print(image.mode, image.size[0], image.size[1], (peak() - before) * 1024)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                          text=True, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    mode, width, height, grown = done.stdout.split()
+    assert (mode, int(width), int(height)) == ("RGB", side, side)
+    assert int(grown) < 6 * side * side, f"{int(grown) / side / side:.1f} bytes per pixel"
+
+
+def test_16_bit_scaling_is_unchanged_by_strips():
+    """Every 16-bit value maps to round(v * 255 / 65535), as before, whatever strip it is in."""
+    from featcache.images import decode_image
+
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    image = decode_image(buffer.getvalue())
+    expected = np.rint(values.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(image)[..., 0], expected)

@@ -26,9 +26,11 @@ class _Item:
 def _prepare(record: Record, encoders: list[Encoder], labels: MaskLabels | None = None) -> _Item:
     """Decode an image (and its mask) once; apply each encoder's own preprocessing.
 
-    A mask is resized with each encoder's geometry (nearest neighbour), then its raw values
-    become training labels by ``labels`` (the dataset's ``MaskLabels``: ``reduce_zero_label``,
-    ignore value -> -1); values outside the declared classes make the image unreadable.
+    A mask must have its (upright, cropped) image's size, else the image is unreadable (a
+    label map of another size labels other pixels). It is resized with each encoder's
+    geometry (nearest neighbour), then its raw values become training labels by ``labels``
+    (the dataset's ``MaskLabels``: ``reduce_zero_label``, ignore value -> -1); values outside
+    the declared classes make the image unreadable.
     """
     try:
         image = record.decode(decode_image)  # the file or a container's member; its box
@@ -38,6 +40,14 @@ def _prepare(record: Record, encoders: list[Encoder], labels: MaskLabels | None 
         mask = None if record.mask is None else decode_mask(record.mask)
     except BadImageError as err:
         return _Item(record, None, None, f"mask {err}")
+    if mask is not None and mask.size != image.size:
+        return _Item(
+            record,
+            None,
+            None,
+            f"mask {record.mask}: expected the image's size {image.width}x{image.height}; got "
+            f"{mask.width}x{mask.height} pixels instead",
+        )
     inputs = [encoder.preprocess(image) for encoder in encoders]
     masks = None
     if mask is not None:
