@@ -6,7 +6,13 @@ Rules (each tested):
   - Alpha ("RGBA", "LA", "P" with transparency) is dropped, as timm's and torchvision's
     ``ImageFolder`` loaders do, so pixels match what the pretrained models were fed.
   - 16- and 32-bit integer images ("I;16", "I") are scaled to 8 bits by their type's range
-    (value * 255 / 65535), not clipped at 255; float images ("F") are taken as [0, 1].
+    (value * 255 / 65535), not clipped at 255; float images ("F") are taken as [0, 1]. The
+    scaling runs on strips of a quarter million pixels, and ``decode_image`` drops the wide
+    image before making the RGB one, so decoding a 16-bit image peaks at about 5 bytes a
+    pixel (the 2-byte image and its 8-bit copy, then the 8-bit copy and the 3-byte RGB image,
+    plus the decoder's buffers), never float64 copies of it: a 9400 x 9400 16-bit PNG adds
+    ~420 MB, not 1.8 GB (tested in tests/test_trust_datasets.py). With PIL's pixel limit
+    (below) that bounds the memory of every decode.
 Anything PIL cannot open or fully decode becomes a ``BadImageError`` naming the file and reason,
 as does a crop box (``crop_box``) that holds no pixel of its image.
 ``upright_rgb`` is the same conversion for an image already open (``Encoder.preprocess`` uses it).
@@ -24,33 +30,49 @@ from featcache.errors import BadImageError
 
 __all__ = ["crop_box", "decode_image", "decode_mask", "to_rgb", "upright_rgb"]
 
+_HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_STRIP_PIXELS = 1 << 18  # pixels converted at a time from 16/32 bits to 8
+
 
 def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
-    array = np.asarray(image)
-    if image.mode == "F":
-        scaled = np.clip(array, 0.0, 1.0) * 255.0
-    else:
-        scaled = np.clip(array.astype(np.float64), 0, 65535) * (255.0 / 65535.0)
-    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+    """The 8-bit ("L") copy of a 16/32-bit image, made a strip of rows at a time: integers
+    v -> round(v * 255 / 65535) (v clipped to 0..65535; in integers: (2v + 257) // 514, the
+    same value), floats f -> round(f * 255) (f clipped to [0, 1])."""
+    width, height = image.size
+    result = Image.new("L", image.size)
+    rows = max(1, _STRIP_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        strip = np.asarray(image.crop((0, top, width, min(height, top + rows))))
+        if image.mode == "F":
+            scaled = np.rint(np.clip(strip, 0.0, 1.0) * 255.0)
+        else:
+            scaled = (2 * np.clip(strip, 0, 65535).astype(np.uint32) + 257) // 514
+        result.paste(Image.fromarray(scaled.astype(np.uint8)), (0, top))
+    return result
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Return an RGB copy of ``image`` per the module rules (EXIF already applied)."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if image.mode in _HIGH_BIT_DEPTH:
         image = _high_bit_depth_to_l(image)
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image.convert("RGB")
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned upright by its EXIF orientation (itself when it is upright)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    return image
+
+
 def upright_rgb(image: Image.Image) -> Image.Image:
     """``image`` turned upright by its EXIF orientation, then ``to_rgb``, as ``decode_image``
     does after decoding; an upright RGB image is returned as is (no copy)."""
-    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-        image = ImageOps.exif_transpose(image)
-    return to_rgb(image)
+    return to_rgb(_upright(image))
 
 
 def _check_pixel_limit(image: Image.Image) -> None:
@@ -73,7 +95,10 @@ def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None) 
     Raises ``BadImageError`` for missing, empty, truncated, corrupt or non-image files and for
     images over PIL's decompression-bomb limit; ``name`` (default: the path) labels the error.
     """
-    return upright_rgb(_decoded(source, name))
+    image = _upright(_decoded(source, name))
+    if image.mode in _HIGH_BIT_DEPTH:
+        image = _high_bit_depth_to_l(image)  # the wide image is freed before the RGB copy
+    return to_rgb(image)
 
 
 def decode_mask(source: str | os.PathLike | bytes, *, name: str | None = None) -> Image.Image:

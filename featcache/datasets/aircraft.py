@@ -16,7 +16,8 @@ Rules (tested in tests/test_datasets_paper.py):
   - A line is "<id> <class name>" (names hold spaces); the image is ``images/<id>.jpg``. The
     classes are ``variants.txt`` / ``families.txt`` / ``manufacturers.txt`` in file order
     (torchvision's order), or the sorted names when that file is absent; a name outside it,
-    a malformed line or an id listed twice is a ``ManifestError`` naming file and line.
+    a malformed line, a line that is not UTF-8 or an id listed twice is a ``ManifestError``
+    naming file and line.
   - Every image carries a 20-pixel copyright banner at the bottom, which the dataset's README
     asks users to remove. ``--crop banner`` does (``Record.box`` = (0, 0, w, h - 20), the
     size read from each JPEG's header at planning; an unreadable header is a
@@ -38,6 +39,7 @@ from featcache.datasets.core import (
     Reader,
     Record,
     absolute_path,
+    read_text,
     relative_id,
     resolver,
 )
@@ -65,8 +67,9 @@ def detect(root: str, top: list[str]) -> bool:
 
 
 def _lines(file: str) -> list[tuple[int, str]]:
-    with open(file, encoding="utf-8") as handle:
-        return [(n, line.strip()) for n, line in enumerate(handle, 1) if line.strip()]
+    """(line number, stripped line) of the non-blank lines of a UTF-8 list (``read_text``)."""
+    lines = read_text(file).splitlines()
+    return [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
 
 
 def _boxes(file: str) -> dict[str, tuple[int, int, int, int]]:

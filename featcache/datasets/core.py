@@ -23,6 +23,13 @@ Rules (each tested in tests/test_data.py; ``MaskLabels`` in tests/test_ade20k.py
     image's row has ``NO_DIGEST`` (16 zero bytes). ``Record.stamp`` is the cheap change check:
     (size, mtime_ns) of the file read (the container of a member; then the mask), taken before
     it is read; (-1, -1) for a missing file, None for a remote (URL) container.
+  - Every path a dataset names (manifest rows, LLaVA ``image``, iNat ``file_name``, parquet
+    path strings) is relative to the data root (or ``--image-root``) and must resolve inside it
+    (``relative_path``): absolute paths, ``..`` and symlinks that lead out are refused.
+  - Hostile annotation files are one-line ``ManifestError``s naming the file, never tracebacks:
+    text that is not UTF-8 (``read_text`` names the line and its bytes) and JSON that is invalid
+    or nested deeper than the parser can follow (``parse_json``, ``read_json``; tested in
+    tests/test_trust_datasets.py).
   - ``DataOptions`` carries the reader options (crop, select, level, ...) and the
     class-balanced subset (featcache/datasets/subsets.py) that ``load_dataset`` applies last. An
     option that does not apply to the layout read is a ``ManifestError``.
@@ -67,7 +74,10 @@ __all__ = [
     "content_digest",
     "file_stamp",
     "images_under",
+    "parse_json",
     "read_file",
+    "read_json",
+    "read_text",
     "relative_id",
     "relative_path",
     "resolver",
@@ -552,3 +562,48 @@ def relative_path(value: Any, column: str, where: str, root: str, resolve: Resol
     raise ManifestError(
         f"Expected a {column} relative to the data root {root} on {where}. Got {got} instead."
     )
+
+
+def read_text(file: str) -> str:
+    """The text of ``file`` (UTF-8, a leading byte-order mark dropped), or a ``ManifestError``
+    naming it: unreadable, or not UTF-8 (then the line number and that line's bytes)."""
+    try:
+        with open(file, encoding="utf-8-sig") as handle:
+            return handle.read()
+    except UnicodeDecodeError:
+        pass  # located below, from the bytes
+    except OSError as err:
+        raise ManifestError(f"Expected a readable file {file}. Got {err}.") from None
+    with open(file, "rb") as handle:
+        data = handle.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raw, at = err.object, err.start
+        start, end = raw.rfind(b"\n", 0, at) + 1, raw.find(b"\n", at)
+        line = bytes(raw[start : len(raw) if end < 0 else end])
+        shown = repr(line[:200]) + (" ..." if len(line) > 200 else "")
+        number = raw.count(b"\n", 0, at) + 1
+        raise ManifestError(
+            f"Expected UTF-8 text in {file}. Got {shown} on line {number} ({err.reason}: byte "
+            f"{raw[at : at + 1]!r}) instead."
+        ) from None
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads(text)``; JSON nested deeper than the parser can follow (it recurses once
+    per level: a ``RecursionError``) is a ``ValueError`` too, like any other invalid JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested deeper than the parser can follow (RecursionError)") from None
+
+
+def read_json(file: str, expected: str) -> Any:
+    """The JSON value in ``file``, or a ``ManifestError`` ``Expected {expected}. Got ...``
+    naming the file and why (unreadable, not UTF-8, invalid, nested too deep)."""
+    text = read_text(file)
+    try:
+        return parse_json(text)
+    except ValueError as err:
+        raise ManifestError(f"Expected {expected}. Got {err} in {file} instead.") from None

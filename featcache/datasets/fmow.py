@@ -15,15 +15,16 @@ Rules (tested in tests/test_datasets_paper.py):
   - ``--crop box`` (the default, the usual fMoW practice): the image is cropped to its object
     box, read from the ``_rgb.json`` of the same stem: the entry of ``bounding_boxes`` whose
     ``category`` is the folder's (or the only entry), ``"box": [x, y, w, h]`` in pixels, which
-    becomes ``Record.box`` = (x, y, x + w, y + h). A missing or unreadable JSON, or no such
-    box, is a ``ManifestError`` naming the file. ``--crop whole`` reads no JSON.
+    becomes ``Record.box`` = (x, y, x + w, y + h). A missing or unreadable JSON (not UTF-8,
+    invalid, nested too deep), no such box, or a box value that is not a finite number (NaN,
+    Infinity) is a ``ManifestError`` naming the file and the value. ``--crop whole`` reads no JSON.
   - The crop enters the manifest hash (``selection["crop"]``, and each box in its row).
   - Paths stay inside the root (symlinks resolved), as for class folders.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 
 from featcache.datasets.core import (
@@ -33,6 +34,7 @@ from featcache.datasets.core import (
     Reader,
     Record,
     absolute_path,
+    read_json,
     relative_id,
     resolver,
     visible_dirs,
@@ -66,13 +68,10 @@ def _box(json_path: str, category: str) -> tuple[int, int, int, int]:
     """The object box of one image's ``_rgb.json`` as (left, top, right, bottom)."""
     expected = (
         f"a readable fMoW metadata file {json_path} whose bounding_boxes hold one entry of "
-        f'category {category!r} (or only one entry) with "box": [x, y, w, h], w and h > 0'
+        f'category {category!r} (or only one entry) with "box": [x, y, w, h] of finite '
+        "numbers, w and h > 0"
     )
-    try:
-        with open(json_path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-    except (OSError, ValueError) as err:
-        raise ManifestError(f"Expected {expected} (--crop whole needs none). Got {err}.") from None
+    meta = read_json(json_path, f"{expected} (--crop whole needs none)")
     boxes = meta.get("bounding_boxes") if isinstance(meta, dict) else None
     boxes = boxes if isinstance(boxes, list) else []
     entries = [b for b in boxes if isinstance(b, dict) and b.get("category") == category]
@@ -82,7 +81,7 @@ def _box(json_path: str, category: str) -> tuple[int, int, int, int]:
     if not (
         isinstance(box, list)
         and len(box) == 4
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+        and all(_finite_number(v) for v in box)
         and box[2] > 0
         and box[3] > 0
     ):
@@ -90,6 +89,13 @@ def _box(json_path: str, category: str) -> tuple[int, int, int, int]:
         raise ManifestError(f"Expected {expected}. Got {found} instead.")
     x, y, w, h = (int(round(v)) for v in box)
     return x, y, x + w, y + h
+
+
+def _finite_number(value: object) -> bool:
+    """An int or a finite float (JSON's NaN / Infinity extensions parse as floats)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 def load(root: str, options: DataOptions) -> Dataset:

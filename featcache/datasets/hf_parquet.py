@@ -17,18 +17,24 @@ Rules (tested in tests/test_corpora.py):
     A file lacking a chosen column is a ``ManifestError`` naming it and its columns.
   - Planning reads only the label column, one row group at a time. Ids are
     ``<file relative to the root>/<row in file>``, stable as long as the files are.
-  - Each record reads its image by (file, row group, row) (``ParquetCell``); a row without
-    bytes (a null image, or a path-only one) or bytes that do not decode make that image
-    unreadable: a recorded skip under ``--on-bad-image skip``. Reading one image decodes its
-    row group's image column; the last few are cached per process, which is cheap in store
-    row order only when row groups are small (the hub writes 100 images per row group).
+  - Every file declares the same ClassLabel names (or none does): one label mapping for the
+    dataset, else a ``ManifestError`` naming both files and both name lists.
+  - Each record reads its image by (file, row group, row) (``ParquetCell``). A cell is a
+    ``{bytes, path}`` struct whose ``bytes`` holds bytes, plain binary, or a string: a path
+    relative to the data root that must resolve inside it (``relative_path``: no absolute
+    path, no ``..``, no symlink leading out). A row without bytes (a null image, or a
+    path-only struct), a ``bytes`` field that is not bytes (a string is never read as a
+    path), a path outside the root, or bytes that do not decode make that image unreadable:
+    a recorded skip under ``--on-bad-image skip``, the file, row and value named. Reading one
+    image decodes its row group's image column; the last few are cached per process, which
+    is cheap in store row order only when row groups are small (the hub writes 100 images
+    per row group).
 """
 
 from __future__ import annotations
 
 import functools
 import glob
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -42,7 +48,10 @@ from featcache.datasets.core import (
     ManifestError,
     Reader,
     Record,
+    parse_json,
     relative_id,
+    relative_path,
+    resolver,
 )
 from featcache.datasets.labels import parse_labels_if_any
 from featcache.errors import BadImageError
@@ -84,14 +93,21 @@ def _image_column(file: str, stamp: tuple[int, int], row_group: int, column: str
     return pq.ParquetFile(file).read_row_group(row_group, columns=[column]).column(0)
 
 
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + " ..."
+
+
 @dataclass(frozen=True)
 class ParquetCell:
-    """One image's bytes: row ``row`` of row group ``row_group`` of ``column`` in ``file``."""
+    """One image's bytes: row ``row`` of row group ``row_group`` of ``column`` in ``file``;
+    a path string in the cell is read under ``root``, the data root."""
 
     file: str
     row_group: int
     row: int
     column: str
+    root: str
 
     def read(self) -> bytes:
         try:
@@ -101,12 +117,36 @@ class ParquetCell:
             value = value.as_py()
         except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
             raise BadImageError(self.file, f"cannot read the parquet row: {err}") from err
+        where = f"row {self.row} of row group {self.row_group} of {self.file}"
+        if isinstance(value, str):
+            return self._file_bytes(value, where)
         data = value.get("bytes") if isinstance(value, dict) else value
+        if data is not None and not isinstance(data, bytes):
+            field = "the 'bytes' field" if isinstance(value, dict) else "the value"
+            raise BadImageError(
+                self.file,
+                f"Expected {field} of column {self.column!r} to hold image bytes (binary) on "
+                f"{where}. Got {type(data).__name__} {_shown(data)} instead.",
+            )
         if not data:
             path = value.get("path") if isinstance(value, dict) else None
             only = f" (path {path!r} only)" if path else ""
             raise BadImageError(self.file, f"parquet row has no image bytes{only}")
         return data
+
+    def _file_bytes(self, value: str, where: str) -> bytes:
+        """The bytes of the file the path string ``value`` names under the data root."""
+        column = f"path in column {self.column!r}"
+        try:
+            rid = relative_path(value, column, where, self.root, resolver(self.root))
+        except ManifestError as err:
+            raise BadImageError(self.file, str(err)) from None
+        path = os.path.join(self.root, *rid.split("/"))
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except OSError as err:
+            raise BadImageError(self.file, f"cannot read {value!r} on {where}: {err}") from err
 
 
 def _files(path: str) -> tuple[str, list[str]]:
@@ -123,7 +163,7 @@ def _files(path: str) -> tuple[str, list[str]]:
 def _features(schema: Any) -> dict[str, Any]:
     meta = (schema.metadata or {}).get(b"huggingface")
     try:
-        features = json.loads(meta)["info"]["features"] if meta else {}
+        features = parse_json(meta)["info"]["features"] if meta else {}
     except (ValueError, KeyError, TypeError):
         features = {}
     return features if isinstance(features, dict) else {}
@@ -165,6 +205,27 @@ def _columns(file: str, schema: Any, options: DataOptions) -> tuple[str, str | N
     return image, label, classes if isinstance(classes, list) else None
 
 
+def _mapping_differs(first: str, names: list | None, file: str, other: list | None) -> str:
+    """The message for two files whose ClassLabel names differ (read with one mapping, a label
+    would name another class in one of them)."""
+
+    def listed(values: list | None) -> str:
+        if values is None:
+            return "no ClassLabel names"
+        shown = repr(values) if len(values) <= 12 else f"{values[:12]!r} ... ({len(values)})"
+        return f"names {shown}"
+
+    at = ""
+    if names is not None and other is not None:
+        pairs = enumerate(zip(names, other, strict=False))
+        index = next((i for i, (a, b) in pairs if a != b), min(len(names), len(other)))
+        at = f"; they differ first at index {index}"
+    return (
+        f"Expected the same ClassLabel names in every parquet file (one label mapping). Got "
+        f"{listed(names)} in {first} and {listed(other)} in {file}{at} instead."
+    )
+
+
 def _split_of(root: str, file: str) -> str:
     match = _HUB_NAME.fullmatch(os.path.basename(file))
     if match:
@@ -185,14 +246,17 @@ def load(path: str, options: DataOptions) -> Dataset:
             "(it does not exist), instead."
         )
     entries = []  # (where, id, split, cell, label value)
-    declared: list | None = None
+    declared: list | None = None  # the first file's ClassLabel names, which all must share
     for file in files:
         try:
             handle = pq.ParquetFile(file)
         except (OSError, ValueError) as err:
             raise ManifestError(f"Expected a readable parquet file {file}. Got {err}.") from None
         image, label, names = _columns(file, handle.schema_arrow, options)
-        declared = names if names is not None else declared
+        if file == files[0]:
+            declared = names
+        elif names != declared:
+            raise ManifestError(_mapping_differs(files[0], declared, file, names))
         relative, split, row = relative_id(root, file), _split_of(root, file), 0
         for group in range(handle.num_row_groups):
             count = handle.metadata.row_group(group).num_rows
@@ -203,7 +267,7 @@ def load(path: str, options: DataOptions) -> Dataset:
             )
             for index, value in enumerate(values):
                 where = f"row {row} of {file}"
-                cell = ParquetCell(file, group, index, image)
+                cell = ParquetCell(file, group, index, image, root)
                 entries.append((where, f"{relative}/{row}", split, cell, value))
                 row += 1
     if not entries:

@@ -22,11 +22,12 @@ Rules (tested in tests/test_datasets_paper.py):
     labels index the kept categories by id. An unknown field, or a value no category has, is
     a ``ManifestError`` listing what exists. The selection enters the manifest hash.
   - ``file_name`` must resolve inside the root (``ManifestError`` otherwise).
+  - A ``<split>.json`` that is not UTF-8 or not JSON (nested too deep included) is a
+    ``ManifestError`` naming it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -37,6 +38,7 @@ from featcache.datasets.core import (
     Reader,
     Record,
     absolute_path,
+    read_json,
     relative_path,
     resolver,
 )
@@ -67,13 +69,7 @@ def parse_select(text: str) -> tuple[str, tuple[str, ...]]:
 
 
 def _read(file: str) -> dict[str, Any]:
-    try:
-        with open(file, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as err:
-        raise ManifestError(
-            f"Expected a readable COCO-style JSON file {file}. Got {err}."
-        ) from None
+    data = read_json(file, "a readable COCO-style JSON file")
     lists = {key: data.get(key) if isinstance(data, dict) else None for key in
              ("images", "annotations", "categories")}  # fmt: skip
     bad = [key for key, value in lists.items() if not isinstance(value, list)]

@@ -5,6 +5,8 @@ Rules (tested in tests/test_corpora.py):
   - ``--data FILE.json`` holding a JSON list of objects; ``image`` is a path relative to the
     image root (``--image-root DIR``, default the JSON's folder), which every path must
     resolve inside (symlinks followed), else a ``ManifestError`` names the record's index.
+    A file that is not UTF-8 or not JSON (nested too deep included) is a ``ManifestError``
+    naming it.
   - Records without ``image`` (LLaVA's text-only conversations) are not images and are left
     out; an image named by several records (one image, several conversations) is one record.
     Other keys (``id``, ``conversations``, ...) are ignored.
@@ -14,7 +16,6 @@ Rules (tested in tests/test_corpora.py):
 
 from __future__ import annotations
 
-import json
 import os
 
 from featcache.datasets.core import (
@@ -24,6 +25,7 @@ from featcache.datasets.core import (
     Reader,
     Record,
     absolute_path,
+    read_json,
     relative_path,
     resolver,
 )
@@ -47,11 +49,7 @@ def load(file: str, options: DataOptions) -> Dataset:
     root = os.path.abspath(options.image_root or os.path.dirname(file))
     if not os.path.isdir(root):
         raise ManifestError(f"Expected --image-root to be a folder. Got {root} instead.")
-    try:
-        with open(file, encoding="utf-8-sig") as handle:
-            entries = json.load(handle)
-    except (OSError, ValueError) as err:
-        raise ManifestError(f"Expected a readable JSON list in {file}. Got {err}.") from None
+    entries = read_json(file, "a readable JSON list of records with an 'image' path")
     if not isinstance(entries, list):
         raise ManifestError(
             f"Expected a JSON list of records with an 'image' path in {file}. Got a "

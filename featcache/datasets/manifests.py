@@ -7,6 +7,8 @@ Rules (each tested in tests/test_data.py):
     (the extractor reports missing files at decode time). Labels follow
     featcache/datasets/labels.py.
   - A split has a mask on every row or on none.
+  - A manifest that is not UTF-8 (the line is named) or a JSONL line that is not JSON (nested
+    too deep included) is a ``ManifestError``.
 This is the last row of the reader table: whatever no other reader detects is read here, and
 anything but a ``.csv`` or ``.jsonl`` file is the error naming what ``--data`` accepts.
 """
@@ -14,7 +16,7 @@ anything but a ``.csv`` or ``.jsonl`` file is the error naming what ``--data`` a
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 from typing import Any
 
@@ -27,6 +29,8 @@ from featcache.datasets.core import (
     Reader,
     Record,
     absolute_path,
+    parse_json,
+    read_text,
     relative_path,
     resolver,
 )
@@ -58,7 +62,7 @@ def load(source: str, options: DataOptions, reduce_zero_label: bool | None = Non
 
 def _read_csv(file: str) -> list[tuple[int, dict[str, Any]]]:
     """Data rows as (line number, column -> value), the header being line 1."""
-    with open(file, newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(read_text(file), newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         columns = [column.strip() for column in header or []]
@@ -77,13 +81,13 @@ def _read_csv(file: str) -> list[tuple[int, dict[str, Any]]]:
 def _read_jsonl(file: str) -> list[tuple[int, dict[str, Any]]]:
     """Objects as (line number, key -> value); blank lines skipped but counted."""
     rows = []
-    with open(file, encoding="utf-8-sig") as handle:
+    with io.StringIO(read_text(file), newline=None) as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
+                row = parse_json(line)
+            except ValueError as err:
                 row, got = None, f"invalid JSON ({err})"
             else:
                 got = f"keys {sorted(row)}" if isinstance(row, dict) else f"{line.strip()!r}"

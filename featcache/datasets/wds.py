@@ -7,14 +7,16 @@ Rules (tested in tests/test_corpora.py):
     ``{a,b}`` lists; several braces multiply), a glob (``shards/*.tar``), locally or at any
     fsspec URL (``s3://bucket/shards/{0000..0099}.tar``). The folder above the first brace or
     glob is listed once (one fsspec ``find``, not one request per shard); a shard of the
-    pattern missing from that listing is a ``ManifestError`` naming it. Uncompressed tars
-    only (members are read back by offset).
+    pattern missing from that listing is a ``ManifestError`` naming it. A pattern naming more
+    than ``MAX_SHARDS`` (10^6) shards is refused before it is expanded (tested in
+    tests/test_trust_datasets.py). Uncompressed tars only (members are read back by offset).
   - Members group into samples as webdataset groups them: the key is the member path up to
     the first dot of its file name, the extension what follows (lower-cased). A sample's image
     is its ``jpg``, ``jpeg``, ``png`` or ``webp`` member (first of these); samples without one
     are not images and are left out. The label is the integer or class name in ``cls``, else
     the ``label`` of ``json``, else none (then every label is -1); labels follow the manifest
-    rules (all integers or all names).
+    rules (all integers or all names). A ``json`` member that is not JSON (nested too deep
+    included) is a ``ManifestError`` naming the sample and shard.
   - Ids are ``<shard>/<key>``, the shard being its path relative to the listed folder without
     ``.tar``, so rows stay stable when shards move. The split is the shard's parent folder
     when that is a split name (``train/000.tar``), else "train". A key twice in one shard is a
@@ -30,9 +32,8 @@ the local case.
 
 from __future__ import annotations
 
-import io
 import itertools
-import json
+import math
 import os
 import posixpath
 import re
@@ -47,13 +48,26 @@ from featcache.datasets.core import (
     ManifestError,
     Reader,
     Record,
+    parse_json,
 )
 from featcache.datasets.labels import parse_labels_if_any
 from featcache.errors import BadImageError
 
-__all__ = ["IMAGE_KEYS", "READER", "TarMember", "detect", "expand_braces", "list_shards", "load"]
+__all__ = [
+    "IMAGE_KEYS",
+    "MAX_SHARDS",
+    "READER",
+    "TarMember",
+    "detect",
+    "expand_braces",
+    "list_shards",
+    "load",
+]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# the most names a brace pattern may expand to: 10^10 samples at webdataset's usual 10,000 a
+# shard, more than a Dataset holds in memory; checked before anything is expanded
+MAX_SHARDS = 1_000_000
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
 _SAMPLE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
@@ -64,25 +78,44 @@ def detect(path: str) -> bool:
     return path.lower().endswith(".tar")
 
 
+def _group(body: str, pattern: str) -> range | list[str]:
+    """The choices of one brace group: a ``range`` for ``{A..B}`` (not expanded yet), else
+    the ``{x,y}`` list."""
+    match = _RANGE.fullmatch(body)
+    if match:
+        first, last = int(match[1]), int(match[2])
+        step = 1 if last >= first else -1
+        return range(first, last + step, step)
+    if "," in body:
+        return body.split(",")
+    raise ManifestError(
+        f"Expected brace groups {{A..B}} (numbers) or {{x,y}} in --data. Got "
+        f"{{{body}}} in {pattern!r} instead."
+    )
+
+
 def expand_braces(pattern: str) -> list[str]:
-    """Every name of a brace pattern, in order: ``a{1..3}`` -> a1 a2 a3; ``{x,y}`` -> x y."""
+    """Every name of a brace pattern, in order: ``a{1..3}`` -> a1 a2 a3; ``{x,y}`` -> x y.
+    A pattern of more than ``MAX_SHARDS`` names is a ``ManifestError``, raised before any name
+    is made."""
     parts = _BRACE.split(pattern)  # literal, brace body, literal, ...
+    groups = [_group(body, pattern) for body in parts[1::2]]
+    count = math.prod(len(group) for group in groups)
+    if count > MAX_SHARDS:
+        sizes = " x ".join(str(len(group)) for group in groups)
+        sizes = f" ({sizes})" if len(groups) > 1 else ""
+        raise ManifestError(
+            f"Expected a --data pattern naming at most {MAX_SHARDS} shards. Got {pattern}, "
+            f"which names {count}{sizes}, instead."
+        )
     choices = []
-    for body in parts[1::2]:
-        match = _RANGE.fullmatch(body)
-        if match:
-            first, last = match[1], match[2]
+    for body, group in zip(parts[1::2], groups, strict=True):
+        if isinstance(group, range):
+            first = body.split("..")[0]
             width = len(first) if first.startswith("0") else 0
-            step = 1 if int(last) >= int(first) else -1
-            values = range(int(first), int(last) + step, step)
-            choices.append([str(v).zfill(width) for v in values])
-        elif "," in body:
-            choices.append(body.split(","))
+            choices.append([str(v).zfill(width) for v in group])
         else:
-            raise ManifestError(
-                f"Expected brace groups {{A..B}} (numbers) or {{x,y}} in --data. Got "
-                f"{{{body}}} in {pattern!r} instead."
-            )
+            choices.append(group)
     literals = parts[0::2]
     return [
         "".join(itertools.chain.from_iterable(zip(literals, picked, strict=False))) + literals[-1]
@@ -184,7 +217,7 @@ def _label(sample: dict, where: str):
         return sample["cls"].decode("utf-8", "replace").strip()
     if "json" in sample:
         try:
-            meta = json.load(io.BytesIO(sample["json"]))
+            meta = parse_json(sample["json"])
         except ValueError as err:
             raise ManifestError(f"Expected JSON in {where}. Got {err}.") from None
         if isinstance(meta, dict) and "label" in meta:

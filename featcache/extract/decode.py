@@ -30,16 +30,28 @@ def _prepare(record: Record, encoders: list[Encoder], labels: MaskLabels | None 
 
     The file's stamp is taken first, then its bytes are read once, hashed into the row digest
     and decoded (``Record.load``); an unreadable image's row keeps ``NO_DIGEST``.
-    A mask is resized with each encoder's geometry (nearest neighbour), then its raw values
-    become training labels by ``labels`` (the dataset's ``MaskLabels``: ``reduce_zero_label``,
-    ignore value -> -1); values outside the declared classes make the image unreadable.
+    A mask must have its (upright, cropped) image's size, else the image is unreadable (a
+    label map of another size labels other pixels). It is resized with each encoder's
+    geometry (nearest neighbour), then its raw values become training labels by ``labels``
+    (the dataset's ``MaskLabels``: ``reduce_zero_label``, ignore value -> -1); values outside
+    the declared classes make the image unreadable.
     """
     stamp = record.stamp()
     try:  # the file or a container's member, cropped to its box; then its mask
         loaded = record.load(decode_image, decode_mask)
     except BadImageError as err:
         return _Item(record, None, None, err.reason, stamp=stamp)
-    inputs = [encoder.preprocess(loaded.image) for encoder in encoders]
+    image, mask = loaded.image, loaded.mask
+    if mask is not None and mask.size != image.size:
+        return _Item(
+            record,
+            None,
+            None,
+            f"mask {record.mask}: expected the image's size {image.width}x{image.height}; got "
+            f"{mask.width}x{mask.height} pixels instead",
+            stamp=stamp,
+        )
+    inputs = [encoder.preprocess(image) for encoder in encoders]
     masks = None
     if loaded.mask is not None:
         labels = labels or MaskLabels()
