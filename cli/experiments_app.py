@@ -55,6 +55,35 @@ def _point_json(point, out) -> dict:
     return {**entry, "plan": None if plan is None else plan.to_dict(), "refused": None}
 
 
+def _metric_text(row) -> str:
+    """A result row's test metric named: ``test accuracy 0.7500 [0.5000, 0.9000] (n=12)``."""
+    name = "test mIoU" if row.get("task") == "seg" else "test accuracy"
+    metric = row.get("metric")
+    if metric is None or metric != metric:  # None or NaN
+        return f"{name} –"
+    text = f"{name} {metric:.4f}"
+    low, high, n = row.get("metric_low"), row.get("metric_high"), row.get("metric_n")
+    if low is not None and low == low and high is not None:
+        text += f" [{low:.4f}, {high:.4f}]"
+    if n is not None and n == n:
+        text += f" (n={int(n)})"
+    return text
+
+
+def _results_table(frame):
+    """The sweep's results as a table: each point's status and its named test metric."""
+    from rich.table import Table
+
+    table = Table(title="sweep results")
+    for column in ("point", "status", "result"):
+        table.add_column(column)
+    for row in frame.to_dict("records"):
+        error = str(row.get("error") or "").splitlines()
+        result = _metric_text(row) if row["status"] == "ok" else (error[0] if error else "")
+        table.add_row(row["id"], row["status"], result)
+    return table
+
+
 @experiments_app.command()
 @reports_errors
 def sweep(
@@ -120,7 +149,7 @@ def sweep(
             if row.get("skipped"):
                 state = "done before"
             elif row["status"] == "ok":
-                state = f"ok, metric {row['metric']:.4f} ({row['seconds']:.1f} s)"
+                state = f"ok, {_metric_text(row)} ({row['seconds']:.1f} s)"
             else:
                 state = f"failed: {str(row['error']).splitlines()[0]}"
             points.update(completed=done - 1)
@@ -129,6 +158,7 @@ def sweep(
         frame = run_sweep(plan, out, scheduler=None if scheduler == "sequential" else scheduler,
                           progress=progress, started=started)  # fmt: skip
     counts = frame.status.value_counts().to_dict()
+    console.print(_results_table(frame))
     console.print(
         f"{len(frame)} points: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed; "
         f"table: {out / 'results.parquet'} and {out / 'results.csv'}",

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 from cli._console import RICH_MARKUP_MODE, console, err_console, reports_errors, version_option
+from cli._fit_notes import interval_rows, selection_warnings
 from cli._parse import (
     at_least,
     check_device,
@@ -106,6 +107,8 @@ def _metrics_table(title: str, metrics: dict) -> Table:
             table.add_row(key, f"{value:.4f}")
         elif isinstance(value, (int, str)):
             table.add_row(key, str(value))
+    for key, value in interval_rows(metrics):
+        table.add_row(key, value)
     return table
 
 
@@ -289,6 +292,8 @@ def fit(
             "note: no finished LFM / FFM stage in the --reuse run dirs is this run's (other "
             "stores, rows or options, or a changed stitch file): it was trained."
         )
+    for line in selection_warnings(metrics):
+        err_console.print(line, highlight=False, markup=False)
     if as_json:
         print(json.dumps(metrics, indent=2))
         return

@@ -117,11 +117,12 @@ def test_report_writes_figures_and_paper_tables(results, tmp_path):
     assert "Table 6 layout" in markdown and "Linear CKA" in markdown
     assert markdown.count("Table 12 layout") == 4  # 2 directions x 2 positions
 
-    # Table 1: the FFM row of the first direction holds the sweep's FFM+TLT accuracies
+    # Table 1: the FFM row of the first direction holds the sweep's FFM+TLT accuracies, each
+    # with its 95% interval (one seed)
     table = results["table"]
+    runs = [table[table.id == f"dinov2--siglip2--ffm-tlt--mlp--n{p}--s0"].iloc[0] for p in (2, 3)]
     expected = [
-        f"{table[table.id == f'dinov2--siglip2--ffm-tlt--mlp--n{p}--s0'].metric.iloc[0] * 100:.1f}"
-        for p in (2, 3)
+        f"{r.metric * 100:.1f} [{r.metric_low * 100:.1f}–{r.metric_high * 100:.1f}]" for r in runs
     ]
     section = markdown[markdown.index("Table 1 layout") :]
     assert f"| FFM | {expected[0]} | {expected[1]} |" in section.split("\n\n")[1]
@@ -274,8 +275,8 @@ def _series(data: pd.DataFrame, label: str, panel: str = "main") -> dict[float, 
 
 
 def _near(plotted: dict, shown: dict, decimals: int, what) -> None:
-    """The plotted {x: y} round to the table's {x: cell} ("m ± s" cells: m; "–" cells: none)."""
-    shown = {x: float(c.split(" ± ")[0]) for x, c in shown.items() if c != "–"}
+    """The plotted {x: y} round to the table's {x: cell} (its first number; "–" cells: none)."""
+    shown = {x: float(c.split()[0]) for x, c in shown.items() if c != "–"}
     assert sorted(plotted) == sorted(shown), (what, plotted, shown)
     for x, y in plotted.items():
         assert abs(y - shown[x]) <= 0.5 * 10**-decimals + 1e-9, (what, x, y, shown[x])

@@ -15,6 +15,9 @@ layer_distance    mean over test images of the RMS token distance at the stitch 
                   ||S(R_src^n(x)) - R_tgt^n(x)||_F / sqrt(T)          (Figure 2, circles)
 final_distance    the same between stitched and target final tokens  (Figure 2, squares)
 pooled_distance   the plain l2 distance between stitched and target pooled outputs
+test_interval     n and the 95% interval of the test metric (``scoring.intervals``): Wilson for
+                  accuracy, with the chance level and ``below_chance``; a seeded bootstrap
+                  over images for mIoU
 
 The test rows are those usable in both test stores (``integrity.usable_rows``): a test store
 with unmarked shards is refused unless the run's ``allow_incomplete``.
@@ -37,6 +40,12 @@ from stitchtrain.data.integrity import usable_rows
 from stitchtrain.data.loader import Field
 from stitchtrain.data.pairing import find_split_store, source_array
 from stitchtrain.model.losses import segmentation_logits, segmentation_loss, segmentation_targets
+from stitchtrain.scoring.intervals import (
+    BOOTSTRAP_RESAMPLES,
+    ImageIoU,
+    score_interval,
+    wilson_interval,
+)
 from stitchtrain.scoring.metrics import ConfusionMatrix, token_distance
 from stitchtrain.scoring.probe import evaluate_probe, fit_linear_decoder, fit_linear_probe
 from stitchtrain.scoring.segscore import OriginalMasks
@@ -155,7 +164,22 @@ def probe_accuracy(
         recipe, test_source, test_target, test_rows, "pooled", distances
     )
     _, test_accuracy = evaluate_probe(probe.head, test_x, test_y)
-    return {"test_accuracy": test_accuracy, "evaluation": "linear_probe", "probe_lr": probe.lr}
+    return {
+        "test_accuracy": test_accuracy,
+        "evaluation": "linear_probe",
+        "probe_lr": probe.lr,
+        "test_interval": _accuracy_interval(
+            round(test_accuracy * len(test_y)), len(test_y), recipe.num_classes
+        ),
+    }
+
+
+def _accuracy_interval(correct: int, count: int, classes: int) -> dict[str, Any]:
+    """``test_interval`` of ``correct`` of ``count`` test images (Wilson)."""
+    low, high = wilson_interval(correct, count)
+    return score_interval(
+        "test_accuracy", count, low, high, "wilson", classes=classes, correct=correct
+    )
 
 
 def _seg_decoder_miou(recipe, test_source, test_target, test_rows, distances) -> dict[str, Any]:
@@ -211,6 +235,7 @@ def _head_metric(
     labels_array = "labels" if task == "cls" else "masks"
     correct, count = 0, 0
     confusion = ConfusionMatrix(recipe.num_classes)
+    images = ImageIoU(confusion)  # per-image counts for the interval; fills ``confusion``
     original = (
         OriginalMasks(test_target)
         if task == "seg" and recipe.config.score_resolution == "original"
@@ -226,16 +251,24 @@ def _head_metric(
             correct += int((recipe.head(pooled).argmax(-1) == labels).sum())
             count += len(labels)
         elif original is not None:
-            original.score(confusion, recipe.head(final), batch["rows"].cpu().numpy())
+            original.score(images, recipe.head(final), batch["rows"].cpu().numpy())
         else:
             pixels = segmentation_logits(recipe.head(final), tuple(labels.shape[-2:]))
             truth = segmentation_targets(labels, recipe.num_classes, recipe.mask_ignore)
-            confusion.update(pixels.argmax(1), truth)
+            for predicted, image_truth in zip(pixels.argmax(1), truth, strict=True):
+                images.update(predicted, image_truth)
     if task == "cls":
-        return {"test_accuracy": correct / max(count, 1), "evaluation": "head"}
+        return {
+            "test_accuracy": correct / max(count, 1),
+            "evaluation": "head",
+            "test_interval": _accuracy_interval(correct, count, recipe.num_classes),
+        }
     definition = recipe.config.miou
+    low, high = images.interval(definition, recipe.config.seed)
+    method = f"bootstrap over images ({BOOTSTRAP_RESAMPLES} resamples, seed {recipe.config.seed})"
     return {
         "test_miou": confusion.miou(definition),
+        "test_interval": score_interval("test_miou", len(images.counts), low, high, method),
         "miou_definition": definition,
         "test_pixel_accuracy": confusion.pixel_accuracy(),
         "score_resolution": recipe.config.score_resolution,

@@ -26,4 +26,6 @@ Figure 2's distances. Numbers are percentages of the test metric (accuracy, or m
 segmentation), averaged over seeds (``mean ± std`` when there are several). The "main"
 objective (Figure 5, Tables 2, 3, 12) is ffm+tlt when swept, else the last swept objective; the
 main stitch family is mlp when swept, else the first.
+
+The report dir is new, empty or an earlier report, and is replaced whole (``folder``).
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from stitchtrain.studies.report.folder import check_report_dir, replaced_whole
 from stitchtrain.studies.report.render import _templates
 from stitchtrain.studies.report.runs import _DatasetRuns, load_results
 from stitchtrain.studies.report.sections import (
@@ -62,10 +63,19 @@ def build_report(
     steps finished, and once at the end as ``("done", total, total)``. The steps, per
     dataset D: "figures D", "tables D", "CKA D" (with ``cka``), "predictions D" (with
     ``predictions``); then "tables across datasets", "runs table" (when there are sweep
-    results) and "pages" (writing report.md and index.html)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    results) and "pages" (writing report.md and index.html).
+
+    ``out`` must be new, empty or an earlier report (``folder.check_report_dir``); the report
+    is built beside it and then replaces it whole (``folder.replaced_whole``)."""
+    out = check_report_dir(out)
     frame, transfers = load_results(dirs)
+    with replaced_whole(out) as building:
+        _build(frame, transfers, building, cka, predictions, cka_max_images, title, progress)
+    return out / "index.html"
+
+
+def _build(frame, transfers, out: Path, cka, predictions, cka_max_images, title, progress):
+    """``build_report``'s steps, writing into the folder ``out``."""
     steps: list[tuple[str, Callable[[], _Section | None]]] = []
     datasets = list(dict.fromkeys(frame.dataset)) if not frame.empty else []
     for dataset in datasets:
@@ -91,7 +101,6 @@ def build_report(
             sections.append(section)
     if progress is not None:
         progress("pages", total - 1, total)
-    index = _write(sections, out, title)
+    _write(sections, out, title)
     if progress is not None:
         progress("done", total, total)
-    return index

@@ -20,6 +20,7 @@ from stitchtrain.studies.report.runs import (
 )
 
 _COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X"]  # one per objective: a line on top hides none
 
 
 # -- plots ----------------------------------------------------------------------------------------
@@ -28,7 +29,8 @@ _COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#
 # drawn any other way, so a figure's CSV is its data.
 @dataclass
 class _Series:
-    """One line (or scatter) on the axes named ``panel``; ``label`` is its legend entry."""
+    """One line (or scatter) on the axes named ``panel``; ``label`` is its legend entry;
+    ``low`` / ``high``: error bar ends at each point (NaN: none)."""
 
     panel: str
     label: str
@@ -36,6 +38,8 @@ class _Series:
     y: list[float]
     style: dict[str, Any] = field(default_factory=dict)
     scatter: bool = False
+    low: list[float] | None = None
+    high: list[float] | None = None
 
 
 def _figure(width: float = 5.2, height: float = 4.0, panels: int = 1):
@@ -47,15 +51,27 @@ def _figure(width: float = 5.2, height: float = 4.0, panels: int = 1):
 
 
 def _draw(series: list[_Series], panels: dict[str, Any], path: Path) -> None:
-    """Write ``series`` to ``path`` with suffix .csv (columns panel, series, x, y; one row per
-    plotted point), then plot each on ``panels[series.panel]``."""
-    rows = [(s.panel, s.label, x, y) for s in series for x, y in zip(s.x, s.y, strict=True)]
-    data = pd.DataFrame(rows, columns=["panel", "series", "x", "y"])
+    """Write ``series`` to ``path`` with suffix .csv (columns panel, series, x, y, y_low,
+    y_high; one row per plotted point; y_low / y_high the error bar, empty when none), then
+    plot each on ``panels[series.panel]``."""
+    rows = [
+        (s.panel, s.label, x, y, low, high)
+        for s in series
+        for x, y, low, high in zip(
+            s.x, s.y, s.low or [math.nan] * len(s.x), s.high or [math.nan] * len(s.x), strict=True
+        )
+    ]
+    data = pd.DataFrame(rows, columns=["panel", "series", "x", "y", "y_low", "y_high"])
     data.to_csv(path.with_suffix(".csv"), index=False)
     for s in series:
         axes = panels[s.panel]
         if s.scatter:
             axes.scatter(s.x, s.y, label=s.label, **s.style)
+        elif s.low is not None and s.high is not None:
+            ends = zip(s.y, s.low, s.high, strict=True)
+            bars = [(0, 0) if math.isnan(lo) else (y - lo, hi - y) for y, lo, hi in ends]
+            below, above = [b for b, _ in bars], [a for _, a in bars]
+            axes.errorbar(s.x, s.y, yerr=[below, above], capsize=3, label=s.label, **s.style)
         else:
             axes.plot(s.x, s.y, label=s.label, **s.style)
 
@@ -100,6 +116,26 @@ def _padded(values: list[float], *, pad: float, low: float, high: float) -> tupl
     return max(smallest - margin, low), min(largest + margin, high)
 
 
+def _bars(runs: pd.DataFrame, positions: list[int]) -> tuple[list[float], list[float]]:
+    """Error bar ends (%) at each of ``positions``: the run's 95% interval (metric_low,
+    metric_high) when one run is there, mean ± std over seeds when several (as the tables'
+    cells), NaN when no interval is known."""
+    low, high = [], []
+    for position in positions:
+        here = runs[runs.position == position].dropna(subset=["metric"])
+        if len(here) == 1 and "metric_low" in here and pd.notna(here.metric_low.iloc[0]):
+            low.append(float(here.metric_low.iloc[0]) * 100)
+            high.append(float(here.metric_high.iloc[0]) * 100)
+        elif len(here) > 1:
+            mean, spread = here.metric.mean() * 100, here.metric.std(ddof=0) * 100
+            low.append(mean - spread)
+            high.append(mean + spread)
+        else:
+            low.append(math.nan)
+            high.append(math.nan)
+    return low, high
+
+
 def _distance_series(stitched: pd.DataFrame, source, target, stitch) -> list[_Series]:
     """Figure 2 of one direction: layer (o) and final (s) distance per position, LFM and FFM."""
     series = []
@@ -141,9 +177,15 @@ def _plot_accuracy(stitched, probes, source, target, stitch, metric_name, path) 
     for index, objective in enumerate(sorted(set(runs.objective), key=_objective_order)):
         xs, values = _curve(_select(runs, objective=objective), "metric")
         if xs:
-            style = {"marker": "o", "color": _COLOURS[index % len(_COLOURS)]}
+            style = {
+                "marker": _MARKERS[index % len(_MARKERS)],
+                "color": _COLOURS[index % len(_COLOURS)],
+                "markerfacecolor": "none" if index % 2 else _COLOURS[index % len(_COLOURS)],
+            }
             label = OBJECTIVE_LABELS.get(objective, objective)
-            series.append(_Series("main", label, xs, [v * 100 for v in values], style))
+            low, high = _bars(_select(runs, objective=objective), xs)
+            series.append(_Series("main", label, xs, [v * 100 for v in values], style,
+                                  low=low, high=high))  # fmt: skip
     for index, encoder in enumerate(dict.fromkeys((source, target))):
         accuracy = _mean(_select(probes, source=encoder), "metric")
         if not math.isnan(accuracy) and positions:
@@ -170,10 +212,13 @@ def _plot_self_stitch(stitched, selfs, a, b, objective, stitch, metric_name, pat
     ]
     series = []
     for runs, label, linestyle, marker, colour in curves:
-        positions, values = _curve(_select(runs, objective=objective, stitch=stitch), "metric")
+        these = _select(runs, objective=objective, stitch=stitch)
+        positions, values = _curve(these, "metric")
         if positions:
             style = {"linestyle": linestyle, "marker": marker, "color": colour}
-            series.append(_Series("main", label, positions, [v * 100 for v in values], style))
+            low, high = _bars(these, positions)
+            percent = [v * 100 for v in values]
+            series.append(_Series("main", label, positions, percent, style, low=low, high=high))
     figure, axes = _figure()
     _draw(series, {"main": axes}, path)
     _position_axis(axes, sorted({x for s in series for x in s.x}))

@@ -14,12 +14,15 @@ __all__ = ["Table"]
 
 @dataclass
 class Table:
-    """A table rendered both as Markdown and as HTML."""
+    """A table rendered both as Markdown and as HTML; ``text_columns``: the indices of the
+    columns besides the first holding text (left-aligned on the page, as the first column
+    always is; the others are numbers, right-aligned)."""
 
     title: str
     header: list[str]
     rows: list[list[str]]
     note: str = ""
+    text_columns: tuple[int, ...] = ()
 
     def markdown(self) -> str:
         def line(cells):

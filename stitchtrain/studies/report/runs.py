@@ -14,7 +14,7 @@ import pandas as pd
 from featcache.errors import FeatcacheError
 from stitchtrain.studies.sweep.results import read_results
 
-__all__ = ["OBJECTIVE_LABELS", "load_results"]
+__all__ = ["BELOW_CHANCE", "OBJECTIVE_LABELS", "load_results"]
 
 OBJECTIVE_LABELS = {
     "lfm": "LFM",
@@ -59,6 +59,42 @@ def _percent(values: pd.Series) -> str:
     if len(values) == 1:
         return f"{values.iloc[0]:.1f}"
     return f"{values.mean():.1f} ± {values.std(ddof=0):.1f}"
+
+
+BELOW_CHANCE = "▼"  # marks a value significantly below chance (scoring.intervals.below_chance)
+
+
+def _cell(frame: pd.DataFrame) -> str:
+    """A table cell of runs' test metric in %: one run: value and its 95% interval
+    (``83.3 [55.2–95.3]``); several seeds: ``mean ± std``; ``BELOW_CHANCE`` after it when
+    every run is significantly below chance; "–" without a value."""
+    runs = frame[frame.metric.notna()] if "metric" in frame else frame.iloc[:0]
+    if runs.empty:
+        return "–"
+    text = _percent(runs.metric)
+    if len(runs) == 1 and "metric_low" in runs and pd.notna(runs.metric_low.iloc[0]):
+        text += f" [{runs.metric_low.iloc[0] * 100:.1f}–{runs.metric_high.iloc[0] * 100:.1f}]"
+    below = runs.below_chance if "below_chance" in runs else pd.Series(dtype="boolean")
+    if len(below) and below.notna().all() and below.astype(bool).all():
+        text += f" {BELOW_CHANCE}"
+    return text
+
+
+def _sample_note(frame: pd.DataFrame) -> str:
+    """The note under a table of ``frame``'s runs: how many test images each value rests on
+    and what the brackets and marks mean."""
+    counts = sorted({int(n) for n in frame.metric_n.dropna()}) if "metric_n" in frame else []
+    if not counts:
+        return "Test images per value: not recorded."
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    note = (
+        f"Each value rests on n = {n} test images; [low–high]: its 95% interval (Wilson for "
+        "accuracy, bootstrap over images for mIoU); mean ± std over seeds where there are "
+        "several."
+    )
+    if "below_chance" in frame and frame.below_chance.fillna(False).astype(bool).any():
+        note += f" {BELOW_CHANCE}: significantly below chance (upper bound under 1 / classes)."
+    return note
 
 
 def _mean(frame: pd.DataFrame, column: str) -> float:

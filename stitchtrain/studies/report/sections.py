@@ -3,7 +3,6 @@ datasets; the runs table."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,11 +230,20 @@ def _across_section(frame: pd.DataFrame, transfers: list[dict]) -> _Section | No
 
 
 def _runs_section(frame: pd.DataFrame) -> _Section:
+    """Every run: its status, the test metric it names (accuracy or mIoU, %), n and the 95%
+    interval, the first line of its error; above it the status counts in words."""
     rows = []
     for _, row in frame.iterrows():
-        metric = "–" if pd.isna(row.metric) else f"{row.metric * 100:.1f}"
+        name = "mIoU" if row.task == "seg" else "accuracy"
+        value = "–" if pd.isna(row.metric) else f"{row.metric * 100:.1f}"
+        n = row.get("metric_n")
+        low, high = row.get("metric_low"), row.get("metric_high")
+        interval = "–" if low is None or pd.isna(low) else f"{low * 100:.1f}–{high * 100:.1f}"
         error = "" if not isinstance(row.error, str) else row.error.splitlines()[0][:160]
-        rows.append([row.dataset, row.id, row.status, metric, error])
-    table = Table("All runs", ["dataset", "run", "status", "metric (%)", "error"], rows)
-    status = "Status: " + json.dumps(frame.status.value_counts().to_dict())
+        count = "–" if n is None or pd.isna(n) else str(int(n))
+        rows.append([row.dataset, row.id, row.status, name, value, count, interval, error])
+    header = ["dataset", "run", "status", "test metric", "value (%)", "n", "95% interval", "error"]
+    table = Table("All runs", header, rows, text_columns=(1, 2, 3, 7))
+    counts = frame.status.value_counts()
+    status = f"{len(frame)} runs: " + ", ".join(f"{n} {state}" for state, n in counts.items())
     return _Section("Runs", [("text", status), ("table", table)])

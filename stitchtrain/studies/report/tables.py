@@ -11,11 +11,13 @@ from stitchtrain.studies.report.render import Table
 from stitchtrain.studies.report.runs import (
     OBJECTIVE_LABELS,
     _arrow,
+    _cell,
     _main_objective,
     _main_stitch,
     _mean,
     _percent,
     _positions,
+    _sample_note,
     _select,
 )
 
@@ -35,11 +37,13 @@ def _table1(stitched, directions, stitch, dataset) -> Table | None:
             runs = _select(
                 stitched, source=source, target=target, objective=objective, stitch=stitch
             )
-            rows.append([label, *[_percent(_select(runs, position=p).metric) for p in positions]])
+            rows.append([label, *[_cell(_select(runs, position=p)) for p in positions]])
+    shown = _select(stitched, stitch=stitch)
     return Table(
         f"Table 1 layout ({dataset}): TLT by stitch initialisation (Pre-train)",
         ["Pre-train / stitch position", *map(str, positions)],
         rows,
+        _sample_note(shown[shown.objective.isin([o for o, _ in present])]),
     )
 
 
@@ -50,7 +54,7 @@ def _table6(stitched, probes, directions, stitch, dataset) -> Table | None:
     positions = _positions(_select(stitched, stitch=stitch))
     encoders = list(dict.fromkeys(k for pair in directions for k in pair))
     rows = [
-        [f"{key} linear probe", *[_percent(_select(probes, source=key).metric)] * len(positions)]
+        [f"{key} linear probe", *[_cell(_select(probes, source=key))] * len(positions)]
         for key in encoders
         if len(_select(probes, source=key))
     ]
@@ -62,13 +66,15 @@ def _table6(stitched, probes, directions, stitch, dataset) -> Table | None:
             rows.append(
                 [
                     f"{_arrow(source, target)} {OBJECTIVE_LABELS[objective]}",
-                    *[_percent(_select(runs, position=p).metric) for p in positions],
+                    *[_cell(_select(runs, position=p)) for p in positions],
                 ]
             )
+    shown = _select(stitched, stitch=stitch)
     return Table(
         f"Table 6 layout ({dataset}): layer vs final feature matching, linear-probe evaluation",
         ["model / stitch position", *map(str, positions)],
         rows,
+        _sample_note(pd.concat([probes, shown[shown.objective.isin(present)]])),
     )
 
 
@@ -113,13 +119,14 @@ def _table3(stitched, directions, objective, dataset) -> Table | None:
                 [
                     _arrow(source, target),
                     stitch,
-                    *[_percent(_select(these, position=p).metric) for p in positions],
+                    *[_cell(_select(these, position=p)) for p in positions],
                 ]
             )
     return Table(
         f"Table 3 layout ({dataset}): stitch families ({OBJECTIVE_LABELS.get(objective)})",
         ["direction", "stitch", *map(str, positions)],
         rows,
+        _sample_note(runs),
     )
 
 
@@ -129,17 +136,18 @@ def _table2(frame: pd.DataFrame) -> Table | None:
     if ok.empty:
         return None
     datasets = list(dict.fromkeys(ok.dataset))
-    header, cells = ["model"], {}
+    header, cells, shown = ["model"], {}, []
     for dataset in datasets:
         runs = ok[ok.dataset == dataset]
         objective, stitch = _main_objective(runs), _main_stitch(runs)
         runs = _select(runs, objective=objective, stitch=stitch)
+        shown.append(runs)
         positions = _positions(runs)
         task = runs.task.iloc[0] if len(runs) else "cls"
         header.append(f"{dataset} ({'mIoU' if task == 'seg' else 'acc.'}) @ "
                       + " / ".join(map(str, positions)))  # fmt: skip
         for (kind, source, target), group in runs.groupby(["kind", "source", "target"]):
-            values = [_percent(_select(group, position=p).metric) for p in positions]
+            values = [_cell(_select(group, position=p)) for p in positions]
             cells.setdefault((kind != "self_stitch", source, target), {})[dataset] = " / ".join(
                 values
             )
@@ -148,7 +156,12 @@ def _table2(frame: pd.DataFrame) -> Table | None:
         for key in sorted(cells)
         for _, source, target in [key]
     ]
-    return Table("Table 2 layout: self-stitch vs stitched across datasets", header, rows)
+    return Table(
+        "Table 2 layout: self-stitch vs stitched across datasets",
+        header,
+        rows,
+        _sample_note(pd.concat(shown)),
+    )
 
 
 def _table4(frame: pd.DataFrame, transfers: list[dict]) -> Table | None:

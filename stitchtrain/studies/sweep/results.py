@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from featcache.errors import FeatcacheError
+from stitchtrain.scoring.intervals import wilson_interval
 from stitchtrain.studies.sweep.grid import SweepPoint
 
 __all__ = ["RESULT_COLUMNS", "read_results"]
@@ -45,6 +46,10 @@ RESULT_COLUMNS = [
     "lr",
     "val_loss",
     "val_metric",
+    "metric_n",
+    "metric_low",
+    "metric_high",
+    "below_chance",
 ]
 _METRIC_COLUMNS = RESULT_COLUMNS[RESULT_COLUMNS.index("metric") :]
 
@@ -88,8 +93,28 @@ def _row(point: SweepPoint, status: str, metrics: dict, seconds: float, error=No
         row["lr"], row["val_loss"] = final.get("lr"), final.get("val_loss")
         row["val_metric"] = final.get("val_metric")
     row["metric"] = metrics.get("test_accuracy", metrics.get("test_miou"))
+    row.update(_interval_columns(metrics))
     row.update(_flatten_config(point.config))
     return row
+
+
+def _interval_columns(metrics: dict) -> dict[str, Any]:
+    """metric_n, metric_low, metric_high (the 95% interval) and below_chance of a run's
+    metrics: its ``test_interval``, else (runs and probes that do not record one) the Wilson
+    interval of ``test_accuracy`` over ``test_images``, below_chance then unknown."""
+    interval = metrics.get("test_interval")
+    if isinstance(interval, dict):
+        return {
+            "metric_n": interval.get("n"),
+            "metric_low": interval.get("low"),
+            "metric_high": interval.get("high"),
+            "below_chance": interval.get("below_chance"),
+        }
+    accuracy, n = metrics.get("test_accuracy"), metrics.get("test_images")
+    if isinstance(accuracy, (int, float)) and isinstance(n, int) and n > 0:
+        low, high = wilson_interval(round(accuracy * n), n)
+        return {"metric_n": n, "metric_low": low, "metric_high": high, "below_chance": None}
+    return {}
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -101,12 +126,13 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     config_columns = sorted(c for c in frame.columns if c.startswith("config."))
     rest = [c for c in frame.columns if c not in RESULT_COLUMNS and c not in config_columns]
     frame = frame[RESULT_COLUMNS + sorted(rest) + config_columns]
+    frame["below_chance"] = frame["below_chance"].astype("boolean")
     for column in frame.columns:  # one type per column for Parquet: text columns stay text
         if frame[column].dtype == object:
             values = frame[column].dropna()
             if len(values) and not values.map(lambda v: isinstance(v, str)).all():
                 frame[column] = frame[column].map(lambda v: v if v is None else str(v))
-    for column in ("position", "seed", "test_images"):
+    for column in ("position", "seed", "test_images", "metric_n"):
         frame[column] = pd.to_numeric(frame[column]).astype("Int64")
     numeric = [
         "seconds",
@@ -120,6 +146,8 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
         "lr",
         "val_loss",
         "val_metric",
+        "metric_low",
+        "metric_high",
     ]
     for column in numeric:
         frame[column] = pd.to_numeric(frame[column]).astype("float64")
