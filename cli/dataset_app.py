@@ -22,6 +22,7 @@ def describe(
     subset_from: str | None = _DATA["subset_from"],
     subset_seed: int = _DATA["subset_seed"],
     short_classes: ShortClasses = _DATA["short_classes"],
+    test_fraction: float | None = _DATA["test_fraction"],
     image_root: str | None = _DATA["image_root"],
     image_column: str | None = _DATA["image_column"],
     label_column: str | None = _DATA["label_column"],

@@ -65,9 +65,16 @@ def _data_options_params():
             None,
             help="Splits the SPLIT=N subsets are drawn from, comma-separated (default: train).",
         ),
-        "subset_seed": typer.Option(0, help="Seed of the class-balanced draw."),
+        "subset_seed": typer.Option(
+            0, help="Seed of the class-balanced draw and of the --test-fraction split."
+        ),
         "short_classes": typer.Option(
             "error", help="A class too small for --per-class: error, or drop it."
+        ),
+        "test_fraction": typer.Option(
+            None,
+            help="A folder of class folders without a test split: hold out F (0 < F < 1) of "
+            "each class as split test, seeded by --subset-seed; give it to both extractions.",
         ),
     }
 
@@ -201,6 +208,7 @@ def extract(
     subset_from: str | None = _DATA["subset_from"],
     subset_seed: int = _DATA["subset_seed"],
     short_classes: ShortClasses = _DATA["short_classes"],
+    test_fraction: float | None = _DATA["test_fraction"],
     image_root: str | None = _DATA["image_root"],
     image_column: str | None = _DATA["image_column"],
     label_column: str | None = _DATA["label_column"],

@@ -60,6 +60,7 @@ __all__ = [
     "MASK_IGNORE",
     "NO_DIGEST",
     "SPLIT_NAMES",
+    "TEST_SPLIT_WAYS",
     "DataOptions",
     "Dataset",
     "Loaded",
@@ -91,6 +92,13 @@ _DRIVE = re.compile(r"[A-Za-z]:")  # a Windows drive (UNC paths start with a sep
 # an ignored mask pixel: stitchtrain.model.losses.IGNORE_INDEX and the store's fill
 MASK_IGNORE = -1
 _MASK_LIMIT = int(np.iinfo(np.int16).max) + 1  # stores keep masks as int16
+
+# what the errors about a missing test split (extract --split test, fit) say to do
+TEST_SPLIT_WAYS = (
+    "--test-fraction F (hold out a seeded fraction F of each class of a plain class folder), "
+    "--per-class train=N,test=M (draw both splits from train), or a folder with train/ and "
+    "test/ subfolders of class folders"
+)
 
 ACCEPTED_DATA = (
     "a directory of class folders (or a dataset layout), a .csv or .jsonl manifest, a "
@@ -334,8 +342,9 @@ class Dataset:
         chosen = [record for record in self.records if record.split == name]
         if not chosen:
             present = ", ".join(repr(s) for s in self.splits())
+            ways = f" For a test split: {TEST_SPLIT_WAYS}." if name == "test" else ""
             raise ManifestError(
-                f"Expected a split of {self.source}: one of {present}. Got {name!r} instead."
+                f"Expected a split of {self.source}: one of {present}. Got {name!r} instead.{ways}"
             )
         return chosen
 
@@ -389,6 +398,9 @@ class DataOptions:
             (``featcache.datasets.subsets``): "N" or "SPLIT=N,SPLIT=N", drawn from the splits
             named by subset_from (default "train"), seeded; "error" or "drop" for classes too
             small.
+        test_fraction: class folders: hold out this fraction (0 < F < 1) of each class of the
+            train split as split "test" (``featcache.datasets.holdout``), seeded by
+            subset_seed.
     """
 
     crop: str | None = None
@@ -401,6 +413,7 @@ class DataOptions:
     subset_from: str | None = None
     subset_seed: int = 0
     short_classes: str = "error"
+    test_fraction: float | None = None
 
     def __post_init__(self) -> None:
         for name, accepted in (
@@ -414,6 +427,13 @@ class DataOptions:
                 raise ManifestError(
                     f"Expected {flag} {' or '.join(accepted)}. Got {value!r} instead."
                 )
+        fraction = self.test_fraction
+        number = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+        if fraction is not None and not (number and 0 < fraction < 1):
+            raise ManifestError(
+                f"Expected --test-fraction between 0 and 1 (exclusive), e.g. 0.2. "
+                f"Got {fraction!r} instead."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The options that differ from the defaults, JSON-ready (a store's ``dataset.options``:
@@ -451,6 +471,7 @@ _READER_OPTIONS = {
     "image_root": ("--image-root", "LLaVA-style JSON"),
     "image_column": ("--image-column", "Hugging Face parquet"),
     "label_column": ("--label-column", "Hugging Face parquet"),
+    "test_fraction": ("--test-fraction", "a folder of class folders without a test split"),
 }
 
 

@@ -5,6 +5,9 @@ Rules (tested in tests/test_data.py):
     (``IMAGE_EXTENSIONS``, any case) are found recursively in each. If every top-level subfolder is
     a split name (``SPLIT_NAMES``), each is a split of class subfolders and the class list is the
     sorted union over splits. Otherwise all images are split "train". Hidden entries are ignored.
+  - ``--test-fraction F`` (``DataOptions.test_fraction``) holds out a seeded, class-stratified
+    "test" split of "train" (rules in featcache/datasets/holdout.py); refused when the folder
+    has a test split.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from featcache.datasets.core import (
     resolver,
     visible_dirs,
 )
+from featcache.datasets.holdout import hold_out_test
 
 __all__ = ["READER", "detect", "load"]
 
@@ -36,7 +40,7 @@ def detect(root: str, top: list[str]) -> bool:
 
 def load(root: str, options: DataOptions, reduce_zero_label: bool | None = None) -> Dataset:
     """Read the class-folder tree under ``root`` (rules in the module doc)."""
-    options.check("a class-folder tree", (), root)
+    options.check("a class-folder tree", ("test_fraction",), root)
     top = visible_dirs(root)
     if top and all(name in SPLIT_NAMES for name in top):
         layout = {split: (f"{split}/", visible_dirs(os.path.join(root, split))) for split in top}
@@ -57,7 +61,10 @@ def load(root: str, options: DataOptions, reduce_zero_label: bool | None = None)
             f"{root}. Got none instead."
         )
     mask_labels = MaskLabels(reduce_zero_label=bool(reduce_zero_label))
-    return Dataset(root, root, classes, tuple(sorted(records, key=lambda r: r.id)), mask_labels)
+    dataset = Dataset(root, root, classes, tuple(sorted(records, key=lambda r: r.id)), mask_labels)
+    if options.test_fraction is None:
+        return dataset
+    return hold_out_test(dataset, options.test_fraction, options.subset_seed)
 
 
 READER = Reader("folder", "folder", detect, load, mask_labels=True)

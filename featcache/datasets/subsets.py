@@ -31,7 +31,14 @@ import numpy as np
 
 from featcache.datasets.core import DataOptions, Dataset, ManifestError, Record
 
-__all__ = ["SubsetPlan", "class_balanced", "describe", "parse_per_class", "plan_subset"]
+__all__ = [
+    "SubsetPlan",
+    "class_balanced",
+    "class_seed",
+    "describe",
+    "parse_per_class",
+    "plan_subset",
+]
 
 _SPLIT_COUNT = re.compile(r"([A-Za-z0-9_.-]+)=(\d+)")
 _ACCEPTED = "N or SPLIT=N,SPLIT=N (e.g. 230, or train=230,test=26) with N >= 1"
@@ -117,7 +124,9 @@ def plan_subset(dataset: Dataset, options: DataOptions) -> SubsetPlan:
     return SubsetPlan(counts, sources, available, short, options.subset_seed)
 
 
-def _class_seed(seed: int, name: str) -> list[int]:
+def class_seed(seed: int, name: str) -> list[int]:
+    """The seed of class ``name``'s draw: ``[seed, h(name)]``, h the first 8 bytes of
+    sha256(name) (also the held-out test split's, featcache/datasets/holdout.py)."""
     return [seed, int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")]
 
 
@@ -146,7 +155,7 @@ def class_balanced(dataset: Dataset, options: DataOptions) -> Dataset:
                 by_class.setdefault(record.label, []).append(record)
         for label, members in by_class.items():
             name = dataset.classes[label]
-            order = np.random.default_rng(_class_seed(plan.seed, name)).permutation(len(members))
+            order = np.random.default_rng(class_seed(plan.seed, name)).permutation(len(members))
             start = 0
             for split in splits:
                 for i in order[start : start + plan.counts[split]]:

@@ -29,6 +29,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
+from featcache.datasets.core import TEST_SPLIT_WAYS
 from featcache.errors import FeatcacheError
 from featcache.preprocess import REFERENCE_SIZES, Geometry, token_offset
 from featcache.store import FeatureStore, find_stores
@@ -213,10 +214,15 @@ def check_pair(
 def find_split_store(train_store: FeatureStore, split: str, needed: list[str]) -> FeatureStore:
     """The store of another split written like ``train_store`` (same encoder fingerprint, same
     dataset source, same layers and settings), found under the root two levels up
-    (``ROOT/<split>/<store>.zarr``, featcache's layout)."""
+    (``ROOT/<split>/<store>.zarr``, featcache's layout). A store of the split held out with
+    another ``--test-fraction`` / ``--subset-seed`` (or held out where the train store was not)
+    would share images with the train rows: it is refused, naming both. None found: the error
+    names the ways to get a test split."""
     root = str(PurePosixPath(train_store.url).parent.parent)
     encoder = train_store.attrs["encoder"]["fingerprint"]
     source = train_store.attrs["dataset"]["source"]
+    held_out = _held_out(train_store.attrs["dataset"])
+    other_cut: list[FeatureStore] = []
     for candidate in find_stores(root, storage_options=train_store.storage_options):
         attrs = candidate.attrs
         if (
@@ -226,9 +232,36 @@ def find_split_store(train_store: FeatureStore, split: str, needed: list[str]) -
             and all(name in candidate.group for name in needed)
             and candidate.is_complete
         ):
-            return candidate
+            if _held_out(attrs["dataset"]) == held_out:
+                return candidate
+            other_cut.append(candidate)
+    if other_cut:
+        found = other_cut[0]
+        raise PairingError(
+            f"Expected a {split!r} store cut from the data like the train store "
+            f"{train_store.url} ({_cut(held_out)}). Got {found.url} "
+            f"({_cut(_held_out(found.attrs['dataset']))}) instead, which would share images "
+            "with the train rows: extract both splits with the same --test-fraction and "
+            "--subset-seed, or name the store explicitly (--source-test / --target-test)."
+        )
     raise PairingError(
         f"No complete {split!r} store for {train_store.attrs['encoder']['name']} (fingerprint "
         f"{encoder}) with {', '.join(needed)} under {root}. Extract that split, or name the "
         "store explicitly (--source-test / --target-test)."
+        + (f" For a test split: {TEST_SPLIT_WAYS}." if split == "test" else "")
     )
+
+
+def _held_out(dataset: dict) -> tuple[float, int] | None:
+    """A store's held-out test split (``--test-fraction``, seed) from its ``dataset``
+    attribute's options; None when it was extracted without one."""
+    options = dataset.get("options") or {}
+    if options.get("test_fraction") is None:
+        return None
+    return options["test_fraction"], options.get("subset_seed", 0)
+
+
+def _cut(held_out: tuple[float, int] | None) -> str:
+    if held_out is None:
+        return "no --test-fraction"
+    return f"--test-fraction {held_out[0]:g} --subset-seed {held_out[1]}"
