@@ -266,7 +266,9 @@ def verify(
         for note in notes:
             console.print(f"[yellow]note:[/] {escape(note)}", markup=True, highlight=False)
         for fault in faults:
-            err_console.print(f"[red]fault:[/] {escape(fault)}", markup=True, highlight=False)
+            err_console.print(  # one line per fault, however long
+                f"[red]fault:[/] {escape(fault)}", markup=True, highlight=False, soft_wrap=True
+            )
         if not faults:
             console.print(f"[green]ok[/] {escape(store)}", markup=True)
     if faults:

@@ -232,3 +232,18 @@ def fake_store_spec(
         "classes": list(classes),
     }
     return StoreSpec(encoder=encoder, dataset=dataset, **{"layers": (1,), "id_width": 16, **spec})
+
+
+def reseal_marker(url: str, *shards: int) -> None:
+    """Rewrite the markers of ``shards`` (default: every marked shard) to vouch for their
+    objects as they are now on disk: what a writer that wrote those bytes (NaN rows planted
+    through zarr, a flag edited) would have recorded. Reads prove every shard against its
+    marker, so edits made below featcache need this to read back."""
+    from featcache.store import FeatureStore
+
+    store = FeatureStore.open(url, mode="r+")
+    for shard in shards or sorted(store.marked_shards()):
+        marker = store.read_marker(shard)
+        objects = {name: store._object_record(name, shard) for name in store.array_names()}
+        info = {k: v for k, v in marker.items() if k not in ("shard", "store_id")}
+        store.write_marker(shard, {**info, "objects": objects})

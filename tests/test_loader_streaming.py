@@ -17,7 +17,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import fake_store_spec
+from conftest import fake_store_spec, reseal_marker
 
 from featcache.store import FeatureStore, StoreSpec
 from stitchtrain.data.integrity import NonFiniteFeaturesError, UnreadableShardError
@@ -250,6 +250,7 @@ def test_nan_in_a_selected_row_is_named_with_several_readers(stores, tmp_path, w
     values = zarr.open_array(str(copy / "layers" / "1"), mode="r+")
     values[26] = np.nan  # selected (26 % 5 != 3)
     values[28] = np.nan  # not selected: ignored
+    reseal_marker(str(copy), 1)  # NaN as the writer wrote it: the marker vouches for it
     loader = _streamed((FeatureStore.open(str(copy)), b), 4, workers, shuffle_window=2)
     with pytest.raises(NonFiniteFeaturesError, match=r"layers/1, rows 26 instead"):
         list(loader.epoch(0))

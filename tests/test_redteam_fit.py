@@ -23,7 +23,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import extract_demo_stores, history_without_timing, pair_fit_config
+from conftest import (
+    extract_demo_stores,
+    history_without_timing,
+    pair_fit_config,
+    reseal_marker,
+)
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from typer.testing import CliRunner
@@ -208,6 +213,7 @@ def _plant_nan(url: str, array: str, rows) -> None:
     values = zarr.open_array(str(Path(url) / array), mode="r+")
     for row in rows:
         values[row] = np.nan  # rewrites the shard through zarr: its checksums stay right
+    reseal_marker(url)  # and the markers vouch for it: NaN as an encoder would have written it
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -536,6 +542,7 @@ def test_probe_refuses_nan_pooled_features_in_valid_rows(stores, tmp_path):
 
     copy = _copy(stores["dinov2-tiny", "train"], tmp_path / "nan.zarr")
     zarr.open_array(f"{copy}/pooled", mode="r+")[5] = np.nan
+    reseal_marker(copy, 1)
     with pytest.raises(StoreError, match=r"pooled, rows 5 instead"):
         probe_store(
             copy, str(tmp_path / "probe"), test_store=stores["dinov2-tiny", "test"], epochs=1

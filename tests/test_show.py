@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import pair_fit_config
+from conftest import pair_fit_config, reseal_marker
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -151,6 +151,7 @@ def test_pca_comes_from_the_stored_arrays_not_an_encoder(stores, tmp_path):
     planted[:, 1:, 1] += np.repeat(np.arange(8) - 3.5, 8) * 0.2  # top to bottom: component 2
     planted[:, 0, :] = 500.0  # a huge CLS token would dominate a PCA that kept it
     array[:] = planted.astype(np.float16)
+    reseal_marker(str(copy))  # the planted tokens as if extracted
 
     shown = show_store(str(copy), layers=[2], images=images)
     maps = shown.maps["layer 2"]  # (I, 8, 8, 3)

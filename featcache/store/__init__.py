@@ -31,7 +31,9 @@ its trailer), see ``object_digest``. With zarr's own Crc32c of every chunk (chec
 pass over the data at write time.
 
 A shard without a valid marker does not exist for readers; resuming = planned shards minus
-marked shards; ``verify`` re-reads every object of every marked shard against its marker.
+marked shards; every read proves the marked shards it touches against their markers (size and
+digest, once per array and shard per open store: ``proof``); ``verify`` re-reads every object of
+every marked shard against its marker.
 
 Store creation writes a claim first (the root ``zarr.json`` with attrs ``{"featcache": {...,
 "state": "creating"}}``), then the arrays, then the full attrs (no ``state``). A directory that
@@ -46,7 +48,9 @@ Modules: ``spec`` (``StoreSpec``, what defines a store and its id), ``codec`` (v
 compression, bitround, bfloat16 bits, ids), ``layout`` (the arrays and their codecs),
 ``claims`` (what a path holds before it is adopted), ``markers`` (shard completion markers),
 ``shard_files`` (uncompressed shard files written and read directly, object digests),
-``verify`` (faults of marked shards), ``feature_store`` (``FeatureStore``), ``catalog``
+``proof`` (every read proves its shard against the marker), ``consistency`` (what opening
+checks: the attributes against each other and every array's metadata), ``verify`` (faults of
+marked shards), ``feature_store`` (``FeatureStore``), ``catalog``
 (finding and removing stores), ``storage`` (fsspec URLs, atomic writes, temp files), ``errors``.
 """
 
@@ -59,7 +63,12 @@ from featcache.store.codec import (
     float32_to_bfloat16_bits,
     parse_compression,
 )
-from featcache.store.errors import StoreError, StoreMismatchError
+from featcache.store.errors import (
+    ShardProofError,
+    StoreError,
+    StoreMismatchError,
+    UnreadableShardError,
+)
 from featcache.store.feature_store import FeatureStore
 from featcache.store.layout import inner_chunk_images
 from featcache.store.spec import (
@@ -81,9 +90,11 @@ __all__ = [
     "READABLE_FORMAT_VERSIONS",
     "TOKEN_MODES",
     "FeatureStore",
+    "ShardProofError",
     "StoreError",
     "StoreMismatchError",
     "StoreSpec",
+    "UnreadableShardError",
     "bfloat16_bits_to_float32",
     "bitround_float16",
     "decode_ids",

@@ -1,6 +1,7 @@
 """``FeatureStore``: creating, opening and checking a store's settings, its geometry (shards and
-rows), writing a shard and reading arrays. Markers, shard files and verification are mixed in
-from ``featcache.store.markers``, ``shard_files`` and ``verify``."""
+rows), writing a shard and reading arrays. Markers, shard files, the read-time proof of shards
+and verification are mixed in from ``featcache.store.markers``, ``shard_files``, ``proof`` and
+``verify``."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from featcache.store.codec import (
     float32_to_bfloat16_bits,
     parse_compression,
 )
-from featcache.store.errors import StoreError, StoreMismatchError
+from featcache.store.consistency import check_consistency
+from featcache.store.errors import StoreError, StoreMismatchError, UnreadableShardError
 from featcache.store.layout import _array_names, _create_arrays, _feature_storage_dtype
 from featcache.store.markers import ShardMarkers, _metadata_dirs
+from featcache.store.proof import ShardProof
 from featcache.store.shard_files import ShardFiles
 from featcache.store.spec import (
     DIGEST_BYTES,
@@ -38,7 +41,7 @@ from featcache.store.storage import (
 from featcache.store.verify import StoreVerification
 
 
-class FeatureStore(ShardMarkers, ShardFiles, StoreVerification):
+class FeatureStore(ShardMarkers, ShardFiles, ShardProof, StoreVerification):
     """A featcache store on local disk or any fsspec URL.
 
     Use ``FeatureStore.create(url, spec)`` for writing (creates, or reopens a store with the
@@ -51,6 +54,8 @@ class FeatureStore(ShardMarkers, ShardFiles, StoreVerification):
         self.storage_options = storage_options
         self.attrs: dict[str, Any] = dict(group.attrs.get("featcache", {}))
         self._fs, self._path = fs_and_path(url, storage_options)
+        self._proven: set[tuple[str, int]] = set()  # (array, shard) proven by a read
+        self._read_markers: dict[int, dict] | None = None  # valid_markers as last read
 
     # -- creation and opening -------------------------------------------------------------------
     @classmethod
@@ -150,7 +155,8 @@ class FeatureStore(ShardMarkers, ShardFiles, StoreVerification):
         cls, url: str, *, storage_options: dict | None = None, mode: str = "r"
     ) -> FeatureStore:
         """Open a complete-metadata featcache store of a readable format (``READABLE_FORMAT_
-        VERSIONS``: 3, and 2, which has no row digests); else ``StoreError``."""
+        VERSIONS``: 3, and 2, which has no row digests); else ``StoreError``, also for metadata
+        that contradicts itself (``featcache.store.consistency``)."""
         fs, path = fs_and_path(url, storage_options)
         claim = _root_claim(fs, path, url)
         if claim is None:
@@ -172,7 +178,9 @@ class FeatureStore(ShardMarkers, ShardFiles, StoreVerification):
             group = zarr.open_group(zarr_store(url, storage_options, mode == "r"), mode=mode)
         except Exception as err:  # zarr raises several types for unreadable metadata
             raise StoreError(f"Cannot open {url!r} as a Zarr v3 group: {err}") from err
-        return cls(url, group, storage_options)
+        store = cls(url, group, storage_options)
+        check_consistency(url, group, store.attrs)  # every array's metadata, the attributes
+        return store
 
     def _check_same(self, spec: StoreSpec) -> None:
         if self.attrs.get("store_id") == spec.store_id:
@@ -330,11 +338,32 @@ class FeatureStore(ShardMarkers, ShardFiles, StoreVerification):
 
     # -- reading --------------------------------------------------------------------------------
     def read(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        """Rows of one array as numpy: features decoded to float32, ids as str objects."""
-        values = self.group[name][rows if rows is not None else slice(None)]
+        """Rows of one array as numpy: features decoded to float32, ids as str objects
+        (``read_stored``: proven, and a chunk that does not decode names its shard)."""
+        values = self.read_stored(name, rows)
         if name == "ids":
             return decode_ids(values)
         return self.decode_features(values) if name in self.feature_arrays() else values
+
+    def read_stored(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Rows of one array as stored (storage dtype), through zarr. Every marked shard they
+        touch is proven first (``ShardProofError``; ``featcache.store.proof``); a chunk that
+        does not decode (fails its Crc32c) raises ``UnreadableShardError`` naming its shard.
+        Rows of unmarked shards read as the fill value."""
+        selection = rows if rows is not None else slice(None)
+        shards = self.shards_of(selection)
+        self.prove(name, shards)
+        try:
+            return self.group[name][selection]
+        except Exception:  # zarr's decode faults surface as several types
+            for shard in shards:  # the failure path only: which shard fails on its own
+                start, stop = self.shard_rows(shard)
+                try:
+                    self.group[name][start:stop]
+                except Exception as cause:
+                    rows_of = (start, stop)
+                    raise UnreadableShardError(self.url, name, shard, rows_of, cause) from cause
+            raise
 
     def nbytes_stored(self) -> int:
         try:

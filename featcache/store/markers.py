@@ -68,8 +68,11 @@ class ShardMarkers:
 
     def valid_markers(self) -> dict[int, dict]:
         """{shard: its marker} of the shards whose marker is valid for this store (one listing
-        and one read of every marker): the only shards that exist for readers."""
-        return {s: marker for s, (marker, _) in self._markers().items() if marker is not None}
+        and one read of every marker): the only shards that exist for readers. The reading is
+        kept: reads prove their shards against it (``featcache.store.proof``)."""
+        markers = {s: marker for s, (marker, _) in self._markers().items() if marker is not None}
+        self._read_markers = markers
+        return markers
 
     def marked_shards(self) -> set[int]:
         """Shards whose marker is valid for this store: the only shards that exist for readers."""

@@ -29,21 +29,18 @@ class ShardFiles:
         CRC of data followed by that data's own CRC is a constant, so it would be equal for
         every shard of one size. Raises ``ValueError`` for an object too short for its index.
         """
-        array = self.group[name]
-        if array.shards is None:
+        chunks = self.chunks_per_object(name)
+        if chunks is None:
             return zlib.crc32(data[-4:])
-        chunks = array.shards[0] // array.chunks[0]
         index = data[-(16 * chunks + 4) :]
         if len(index) != 16 * chunks + 4:
             raise ValueError(f"{len(data)} bytes cannot hold the index of {chunks} chunks")
-        entries = np.frombuffer(index[:-4], dtype="<u8").reshape(chunks, 2)
-        trailers = [
-            data[end - 4 : end]
-            for offset, nbytes in entries.tolist()
-            if offset != _ABSENT_CHUNK
-            for end in [offset + nbytes]
-        ]
-        return zlib.crc32(b"".join([index, *trailers]))
+        return checksum_digest(index, [data[start:end] for start, end in trailer_spans(index)])
+
+    def chunks_per_object(self, name: str) -> int | None:
+        """Inner chunks in each object of array ``name`` (a shard), None for a plain chunk."""
+        array = self.group[name]
+        return None if array.shards is None else array.shards[0] // array.chunks[0]
 
     def _writes_shards_directly(self) -> bool:
         """Uncompressed feature shards are encoded here, byte for byte as zarr would
@@ -70,12 +67,14 @@ class ShardFiles:
         bytes) valid until the next item, or None for an absent chunk (the fill value);
         ``nbytes`` the bytes read for it (the first item also counts the index).
 
-        The index is read first and checked against its Crc32c, then each chunk in offset order,
+        The object is proven against its marker first (``ShardProofError``), then the index is
+        read and checked against its Crc32c, then each chunk in offset order,
         each byte once, and checked against its Crc32c, as zarr's decode does. A short or
         malformed object raises ``ValueError`` naming the chunk; a missing one, ``OSError``.
         """
         import crc32c
 
+        self.prove(name, [shard])  # featcache.store.proof: the object is the marker's
         array = self.group[name]
         inner, row_shape = array.chunks[0], array.shape[1:]
         per_shard = self.shard_size // inner
@@ -150,7 +149,7 @@ class ShardFiles:
             offset += contiguous.nbytes + 4
         index_bytes = index.tobytes()
         index_checksum = crc32c.crc32c(index_bytes).to_bytes(4, "little")
-        digest = zlib.crc32(b"".join([index_bytes, index_checksum, *trailers]))
+        digest = checksum_digest(index_bytes + index_checksum, trailers)
         parts += [index_bytes, index_checksum]
         key = self.object_key(name, shard)
         path = f"{self._path}/{key}"
@@ -159,3 +158,20 @@ class ShardFiles:
         else:
             self._fs.pipe_file(path, b"".join(parts))  # object stores: a PUT is atomic
         return {"key": key, "nbytes": offset + len(index_bytes) + 4, "digest": digest}
+
+
+def trailer_spans(index: bytes) -> list[tuple[int, int]]:
+    """(start, end) in the object of the 4-byte Crc32c trailer of each chunk that the sharding
+    ``index`` (16 bytes per chunk, then its own 4-byte checksum) locates, in index order."""
+    entries = np.frombuffer(index[:-4], dtype="<u8").reshape(-1, 2)
+    return [
+        (offset + nbytes - 4, offset + nbytes)
+        for offset, nbytes in entries.tolist()
+        if offset != _ABSENT_CHUNK
+    ]
+
+
+def checksum_digest(index: bytes, trailers: Iterable[bytes]) -> int:
+    """The digest a marker records for a shard: ``zlib.crc32`` of its index, then its chunks'
+    trailers (``ShardFiles.object_digest``)."""
+    return zlib.crc32(b"".join([index, *trailers]))

@@ -1,9 +1,12 @@
 """Verification of a store's marked shards: cheap size checks, and the full check of every
-object against its marker's digest, every chunk's Crc32c and finite features."""
+object against its marker's size and digest (``featcache.store.proof``, the check every read
+makes), every chunk's Crc32c and finite features."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from featcache.store.errors import UnreadableShardError
 
 
 class StoreVerification:
@@ -55,39 +58,20 @@ class StoreVerification:
                 f"encoder fingerprint {self.attrs['encoder']['fingerprint']} differs from "
                 f"expected {expected_fingerprint}"
             )
-        for shard, (marker, problem) in sorted(self._markers().items()):
+        markers = self._markers()
+        self._read_markers = {s: m for s, (m, _) in markers.items() if m is not None}
+        for shard, (marker, problem) in sorted(markers.items()):
             if marker is None:
                 faults.append(f"shard {shard}: {problem}")
                 continue
             shard_faults = []
             for name in self.array_names():
-                record, key = marker["objects"][name], self.object_key(name, shard)
-                if record.get("key") != key:
-                    shard_faults.append(
-                        f"shard {shard}: {name}: marker names object {record.get('key')}, "
-                        f"expected {key}"
-                    )
-                    continue
-                try:
-                    data = self._fs.cat_file(f"{self._path}/{key}")
-                except FileNotFoundError:
-                    data = None
-                fault = _size_fault(shard, name, record, None if data is None else len(data))
-                if fault:
-                    shard_faults.append(fault)
-                elif self._digest_or_none(name, data) != record["digest"]:
-                    shard_faults.append(
-                        f"shard {shard}: {name} object {key} differs from its marker's digest "
-                        "(corrupted, replaced or swapped with another shard's)"
-                    )
+                fault = self.object_fault(name, shard, marker["objects"][name])
+                shard_faults += [f"shard {shard}: {name} {fault}"] if fault else []
+            if not shard_faults:  # what the reads below would prove again
+                self._proven.update((name, shard) for name in self.array_names())
             faults += shard_faults or self._decode_faults(shard)
         return faults
-
-    def _digest_or_none(self, name: str, data: bytes) -> int | None:
-        try:
-            return self.object_digest(name, data)
-        except ValueError:
-            return None
 
     def _decode_faults(self, shard: int) -> list[str]:
         """Decode every array of ``shard`` through zarr (each chunk against its Crc32c); valid
@@ -98,7 +82,8 @@ class StoreVerification:
             try:
                 values[name] = self.read(name, slice(start, stop))
             except Exception as err:  # checksum or decode failures surface as various types
-                reason = " ".join(f"{type(err).__name__}: {err}".split())
+                cause = err.__cause__ if isinstance(err, UnreadableShardError) else err
+                reason = " ".join(f"{type(cause).__name__}: {cause}".split())
                 faults.append(
                     f"shard {shard}: {name} object {self.object_key(name, shard)} does not "
                     f"decode (a chunk fails its checksum, or worse): {reason}"

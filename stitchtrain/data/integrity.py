@@ -5,7 +5,9 @@ a row is usable when it is ``valid`` and its shard has a completion marker in ev
 store with unmarked shards is refused (``IncompleteStoreError``) unless ``allow_incomplete``,
 which keeps its marked shards and reports how many rows that leaves. While training reads, the
 loader turns undecodable objects into ``UnreadableShardError`` and non-finite features in
-selected rows into ``NonFiniteFeaturesError`` (``format_rows`` names the rows).
+selected rows into ``NonFiniteFeaturesError`` (``format_rows`` names the rows);
+``UnreadableShardError`` is the store's own (``featcache.store``), as is ``ShardProofError``:
+every read of a marked shard proves it against its marker first.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.store import FeatureStore, StoreError
+from featcache.store import FeatureStore, StoreError, UnreadableShardError
 
 __all__ = [
     "IncompleteStoreError",
@@ -30,18 +32,6 @@ __all__ = [
 
 class IncompleteStoreError(StoreError):
     """A store with shards that have no completion marker (extraction not finished)."""
-
-
-class UnreadableShardError(StoreError, ValueError):
-    """A shard object that fails to decode (a Crc32c mismatch, a truncated object)."""
-
-    def __init__(self, store: FeatureStore, array: str, shard: int, cause: BaseException):
-        start, stop = store.shard_rows(shard)
-        reason = " ".join(f"{type(cause).__name__}: {cause}".split())  # one line
-        super().__init__(
-            f"Cannot read {array} of store {store.url}, shard {shard} (rows {start}..{stop - 1})"
-            f": {reason}. Run `featcache verify {store.url}` and re-extract that store."
-        )
 
 
 class NonFiniteFeaturesError(StoreError, ValueError):

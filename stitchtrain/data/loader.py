@@ -26,7 +26,9 @@ for token arrays ("layers/<n>", "final") and (B, D) for "pooled"; integer arrays
 (B,), masks (B, H, W)); "valid" bool; with ``return_rows`` also "rows" (B,) int64 store rows.
 
 Every read is checked as it arrives (staged: once, while staging; streamed: each shard read):
-an object that does not decode raises ``integrity.UnreadableShardError``, NaN or inf in a
+the store proves each marked shard object against its marker on its first read
+(``featcache.store.proof``: ``ShardProofError``, naming store, array and shard), an object that
+does not decode raises ``UnreadableShardError``, NaN or inf in a
 selected row of a feature array raises ``integrity.NonFiniteFeaturesError``; both name the
 store, the array and the rows, so callers select valid rows (``valid_rows``).
 """
@@ -46,8 +48,8 @@ import numpy as np
 import psutil
 import torch
 
-from featcache.store import FeatureStore
-from stitchtrain.data.integrity import UnreadableShardError, require_finite
+from featcache.store import FeatureStore, StoreError, UnreadableShardError
+from stitchtrain.data.integrity import require_finite
 from stitchtrain.data.sizes import parse_size  # re-exported: torch-free home of the size parser
 
 __all__ = [
@@ -253,8 +255,11 @@ class FeatureLoader:
                         nbytes = self._read_object(f, shard, local, part)
                     else:
                         nbytes = self._read_zarr(f, shard, local, part)
+                except StoreError:  # the store's own: an unproven shard, a named decode fault
+                    raise
                 except Exception as err:  # checksum, size, I/O and zarr's decode faults
-                    raise UnreadableShardError(f.store, f.array, shard, err) from err
+                    rows_of = f.store.shard_rows(shard)
+                    raise UnreadableShardError(f.store.url, f.array, shard, rows_of, err) from err
                 self._clock.add_bytes(nbytes)
             # NaN or inf anywhere makes the sum NaN or inf, and summing is far cheaper than
             # torch.isfinite; a finite overflow to inf only costs the exact check
@@ -264,10 +269,13 @@ class FeatureLoader:
             out.copy_(host)
 
     def _read_zarr(self, f: Field, shard: int, local: np.ndarray, out: torch.Tensor) -> int:
-        """Rows ``local`` of ``shard`` through zarr: one read of their span (the whole shard
-        when every row is selected, which zarr fetches as one object)."""
+        """Rows ``local`` of ``shard`` through zarr (``FeatureStore.read_stored``: the shard
+        proven against its marker first): one read of their span (the whole shard when every
+        row is selected, which zarr fetches as one object)."""
         start = shard * f.store.shard_size
-        values = self._arrays[f.key][start + int(local[0]) : start + int(local[-1]) + 1]
+        values = f.store.read_stored(
+            f.array, slice(start + int(local[0]), start + int(local[-1]) + 1)
+        )
         _decode_into(out, values, self._is_bfloat16(f), local - local[0])
         return values.nbytes
 

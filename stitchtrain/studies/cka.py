@@ -134,6 +134,7 @@ def store_features(
         raise FeatcacheError(
             f"Store {store.url} has no {name!r}. It holds: {', '.join(store.feature_arrays())}."
         )
+    store.prove(name)  # dask reads through zarr: every marked shard proven against its marker
     array = store.group[name]
     stored = da.from_zarr(array, chunks=(chunk_images, *array.shape[1:]))
     if store.attrs.get("logical_dtype") == "bfloat16":
