@@ -1,4 +1,4 @@
-"""Durability across power loss.
+"""Durability across power loss, and file modes.
 
 The rule SQLite and LMDB follow: the data, then the file (fsync), then its directory (fsync
 after the rename), then the commit record, then the commit record's directory. A rename or a
@@ -6,11 +6,14 @@ new folder is on disk only once the folder holding its name is fsynced after it.
 records every ``os.fsync`` (by the path of its descriptor), ``os.replace`` / ``os.link`` and
 successful ``os.mkdir`` in the order they happen, and checks that order: for a store's creation
 and first shard, a later shard, and a fit's checkpoints.
+
+Every file the tools write follows the umask (safetensors' own ``save_file`` writes 0600).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +207,61 @@ def test_a_fit_checkpoint_is_durable_and_then_its_run_dir(stores, tmp_path, reco
         recorder.assert_file_durable(recorder.events[tensors[-1]][2], at)
         following = next((i for i in renames if i > at), len(recorder.events))
         recorder.assert_file_durable(out / "checkpoint.json", following)
+
+
+def _extract(root: Path) -> dict[tuple[str, str], str]:
+    """Stores of dinov2-tiny and clip-tiny (layer 2) in the presets' own geometry, which the
+    encoders loaded by name have (a tree is built from one)."""
+    from featcache.demo_data import make_demo_dataset
+    from featcache.extract import ExtractConfig, plan_extraction, run_extraction
+
+    models = ["dinov2-tiny", "clip-tiny"]
+    manifest = make_demo_dataset(root / "data", num_classes=2, per_class=4)
+    urls = {}
+    for split in ("train", "test"):
+        plan = plan_extraction(
+            ExtractConfig(
+                models=models, data=str(manifest), out=str(root / "stores"), layers=[2],
+                split=split, shard_size=4, num_workers=0, resize_mode="shortest",
+            )
+        )  # fmt: skip
+        run_extraction(plan)
+        urls.update({(m, split): url for m, url in zip(models, plan.urls, strict=True)})
+    return urls
+
+
+def _modes(*roots: Path) -> dict[str, int]:
+    return {
+        str(path): stat.S_IMODE(path.stat().st_mode)
+        for root in roots
+        for path in [root, *root.rglob("*")]
+    }
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["022", "077"])
+def test_every_file_of_stores_run_probe_and_tree_dirs_follows_the_umask(tmp_path, umask):
+    """stitch.safetensors and head.safetensors included: teammates read the trained weights."""
+    import featcache
+    from stitchtrain.pipeline.fit import StitchRecipe
+    from stitchtrain.scoring.probe import probe_store
+    from stitchtrain.tree.model import VFMStitchTree
+
+    previous = os.umask(umask)
+    try:
+        stores = _extract(tmp_path)
+        out = tmp_path / "run"
+        config = pair_fit_config(stores, out, objective="ffm+tlt", lrs=(1e-3,), epochs=1)
+        StitchRecipe(config, checkpoint_every=0).run()
+        source = stores["dinov2-tiny", "train"]
+        probe_store(source, tmp_path / "probe", lrs=(1e-3,), epochs=1)
+        trunk = featcache.load_encoder("dinov2-tiny")
+        VFMStitchTree.from_runs(trunk, 2, [out]).save(tmp_path / "tree")
+    finally:
+        os.umask(previous)
+    modes = _modes(tmp_path / "stores", out, tmp_path / "probe", tmp_path / "tree")
+    names = {str(Path(p).relative_to(tmp_path)) for p in modes}
+    written = {"run/stitch.safetensors", "run/head.safetensors", "run/stitch-ffm.safetensors"}
+    assert written | {"probe/head.safetensors", "tree/tree.json"} <= names
+    want = {True: 0o666 & ~umask, False: 0o777 & ~umask}  # files, folders
+    wrong = {p: oct(m) for p, m in modes.items() if m != want[Path(p).is_file()]}
+    assert not wrong, f"expected {oct(want[True])} files, {oct(want[False])} folders: {wrong}"
