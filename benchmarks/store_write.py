@@ -1,4 +1,5 @@
-"""Store write MB/s ÷ numpy memmap write MB/s for the same array (goal >= 0.9), and reads.
+"""Store write MB/s ÷ numpy memmap write MB/s for the same array (goal >= 0.9), the cost of
+the store's durability against a write just as durable, and reads.
 
 One float16 array shaped like real features, ``(images, tokens, channels)`` (default
 ``(768, 577, 384)``: ViT-S/14 at 336 px, ~340 MB), is written side by side in one run:
@@ -11,9 +12,16 @@ One float16 array shaped like real features, ``(images, tokens, channels)`` (def
   memmap    ``np.memmap(..., mode="w+")`` of the same feature bytes (one file per feature
             array), assigned shard by shard, then ``flush()`` (msync: waits for the disk)
   file      ``ndarray.tofile`` of the same feature bytes (page cache, no sync), for reference
+  file synced  the same ``tofile`` writes, made as durable as the store's: after each shard,
+            ``fsync`` of every file and then of their folder (the store fsyncs each shard's
+            objects and every folder up to the store root before its marker, then the marker
+            and its folder: ``docs/design.md``, Atomicity)
+  store none, no fsync  the store none write with ``os.fsync`` made a no-op (not durable: the
+            difference to store none is what the store's fsyncs cost)
 
-Store creation (metadata) is not timed; everything from the first shard's bytes to the last
-marker is. MB are the array's uncompressed bytes (10**6 bytes), so zstd's MB/s is input bytes.
+Store creation (metadata, fsynced with its folders) is timed apart (``creation_seconds``);
+everything from the first shard's bytes to the last marker is the write. MB are the array's
+uncompressed bytes (10**6 bytes), so zstd's MB/s is input bytes.
 Each write is repeated ``--repeats`` times into fresh files, alternating; each side keeps its
 fastest repeat (other processes only add time), and the files are removed in between.
 
@@ -31,6 +39,7 @@ Reads, from the page cache right after a write (whole shards, ``--repeats`` time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -114,8 +123,13 @@ def feature_arrays(array: np.ndarray) -> dict[str, np.ndarray]:
     return {ARRAY: array, "final": array, "pooled": np.ascontiguousarray(array[:, 0])}
 
 
+CREATION: dict[str, list[float]] = {}  # per store path name: creation seconds
+
+
 def write_store(array: np.ndarray, spec: StoreSpec, path: Path) -> float:
+    started = time.perf_counter()
     store = FeatureStore.create(str(path), spec)
+    CREATION.setdefault(path.name, []).append(time.perf_counter() - started)
     features = feature_arrays(array)
     started = time.perf_counter()
     for shard, (start, stop) in enumerate(shard_bounds(len(array), spec.shard_size)):
@@ -147,6 +161,33 @@ def write_file(array: np.ndarray, shard_size: int, path: Path) -> float:
     return time.perf_counter() - started
 
 
+def write_store_unsynced(array: np.ndarray, spec: StoreSpec, path: Path) -> float:
+    """``write_store`` with ``os.fsync`` a no-op: the store's write without its durability."""
+    fsync = os.fsync
+    os.fsync = lambda descriptor: None
+    try:
+        return write_store(array, spec, path)
+    finally:
+        os.fsync = fsync
+
+
+def write_file_synced(array: np.ndarray, shard_size: int, path: Path) -> float:
+    """``write_file``, each shard then on disk: every file fsynced, then their folder."""
+    started = time.perf_counter()
+    values = list(feature_arrays(array).values())
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(open(f"{path}.{i}", "wb")) for i in range(len(values))]
+        folder = os.open(path.parent, os.O_RDONLY)
+        stack.callback(os.close, folder)
+        for start, stop in shard_bounds(len(array), shard_size):
+            for handle, rows in zip(handles, values, strict=True):
+                rows[start:stop].tofile(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.fsync(folder)
+    return time.perf_counter() - started
+
+
 def remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -173,18 +214,25 @@ def measure(args: argparse.Namespace) -> dict:
     paths = {
         "store none": scratch / "none.zarr",
         "store zstd": scratch / "zstd.zarr",
+        "store none, no fsync": scratch / "unsynced.zarr",
         "memmap": scratch / "array.f16",
         "file": scratch / "array.bin",
+        "file synced": scratch / "synced.bin",
     }
     writers = {
         "store none": lambda: write_store(array, specs["none"], paths["store none"]),
         "store zstd": lambda: write_store(array, specs["zstd"], paths["store zstd"]),
+        "store none, no fsync": lambda: write_store_unsynced(
+            array, specs["none"], paths["store none, no fsync"]
+        ),
         "memmap": lambda: write_memmap(array, args.shard_size, paths["memmap"]),
         "file": lambda: write_file(array, args.shard_size, paths["file"]),
+        "file synced": lambda: write_file_synced(array, args.shard_size, paths["file synced"]),
     }
     for name in writers:  # warm-up: imports, codec setup, first-touch of the files
         writers[name]()
         remove(paths[name])
+    CREATION.clear()
     times: dict[str, list[float]] = {name: [] for name in writers}
     stored_bytes: dict[str, int] = {}
     for _ in range(args.repeats):
@@ -194,16 +242,19 @@ def measure(args: argparse.Namespace) -> dict:
                 stored_bytes[name] = FeatureStore.open(str(paths[name])).nbytes_stored()
             remove(paths[name])
     write_rows = []
-    memmap_s = min(times["memmap"])
+    memmap_s, synced_s = min(times["memmap"]), min(times["file synced"])
     for name, seconds in times.items():
         best = min(seconds)
+        creation = CREATION.get(paths[name].name)
         write_rows.append(
             {
                 "writer": name,
                 "seconds": best,
                 "mb_per_s": megabytes / best,
                 "ratio_to_memmap": memmap_s / best,
+                "ratio_to_file_synced": synced_s / best,
                 "stored_mb": stored_bytes.get(name, megabytes * 1e6) / 1e6,
+                "creation_seconds": min(creation) if creation else None,
                 "all_seconds": seconds,
             }
         )
@@ -251,6 +302,7 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "store_write",
         "goal": "store none MB/s / memmap MB/s >= 0.9",
+        "durability": "ratio_to_file_synced: file synced seconds / store seconds",
         "shape": list(array.shape),
         "dtype": "float16",
         "megabytes": megabytes,
@@ -274,15 +326,19 @@ def print_tables(result: dict) -> None:
         f"{result['load_average_1min']:.2f}"
     )
     writes = Table(title="writes (goal: store none ÷ memmap >= 0.9)")
-    for column in ("writer", "seconds", "MB/s", "÷ memmap", "stored MB"):
+    columns = ("writer", "seconds", "MB/s", "÷ memmap", "÷ file synced", "stored MB", "creation s")
+    for column in columns:
         writes.add_column(column, justify="right")
     for row in result["write"]:
+        creation = row["creation_seconds"]
         writes.add_row(
             row["writer"],
             f"{row['seconds']:.3f}",
             f"{row['mb_per_s']:.0f}",
             f"{row['ratio_to_memmap']:.3f}",
+            f"{row['ratio_to_file_synced']:.3f}",
             f"{row['stored_mb']:.0f}",
+            "" if creation is None else f"{creation:.3f}",
         )
     console.print(writes)
     reads = Table(title="reads of whole shards, page cache warm")

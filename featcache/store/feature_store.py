@@ -32,6 +32,7 @@ from featcache.store.spec import (
     StoreSpec,
 )
 from featcache.store.storage import (
+    existing_ancestor,
     fs_and_path,
     is_local,
     remove_stale_partials,
@@ -70,10 +71,20 @@ class FeatureStore(ShardMarkers, ShardFiles, ShardProof, StoreVerification):
         zarr's check and its write) tries again. Refused: a file, a non-empty directory that is
         not a featcache store, a foreign Zarr group, a store of another spec or format. An
         ``OSError`` (a full disk) becomes a ``StoreError``; the store then holds no markers.
+
+        Locally, the store's metadata is durable on return, before any marker can be written:
+        every ``zarr.json``, then every folder from theirs up to the one above the first folder
+        that did not exist (``_sync_metadata``), also when reopening (another creator's
+        metadata may not have reached the disk yet).
         """
+        fs, path = fs_and_path(url, storage_options)
+        top = existing_ancestor(path) if is_local(fs) else None
         for attempt in range(5):
             try:
-                return cls._create_once(url, spec, storage_options)
+                store = cls._create_once(url, spec, storage_options)
+                if top is not None:
+                    store._sync_metadata(top)
+                return store
             except zarr.errors.ContainsGroupError:
                 if attempt == 4:
                     raise StoreError(
@@ -149,6 +160,15 @@ class FeatureStore(ShardMarkers, ShardFiles, ShardProof, StoreVerification):
         }
         group.attrs["featcache"] = attrs  # written last: until then the store is a claim
         return cls(url, group, storage_options)
+
+    def _sync_metadata(self, top: str) -> None:
+        """fsync every ``zarr.json`` of the local store, then every folder from theirs up to
+        ``top`` (the folder above the store's first new folder) inclusive."""
+        documents = [
+            f"{folder}/zarr.json"
+            for folder in sorted(_metadata_dirs(self._path, self.array_names()))
+        ]
+        sync_files((d for d in documents if self._fs.exists(d)), top)
 
     @classmethod
     def open(
@@ -256,7 +276,8 @@ class FeatureStore(ShardMarkers, ShardFiles, ShardProof, StoreVerification):
 
     def update_attrs(self, extra: dict[str, Any]) -> None:
         """Add measured facts (``precision_error``) to a created store's ``featcache`` attrs;
-        the keys that define the store (everything in its id) are refused."""
+        the keys that define the store (everything in its id) are refused. Locally the root
+        ``zarr.json`` is fsynced, then the store's folder: durable on return."""
         identity = ("store_id", "encoder", "dataset", "layers", "tokens", "dtype",
                     "logical_dtype", "compression", "shard_size", "precision")  # fmt: skip
         fixed = set(extra) & set(identity)
@@ -264,6 +285,8 @@ class FeatureStore(ShardMarkers, ShardFiles, ShardProof, StoreVerification):
             raise ValueError(f"Expected attrs outside the store's identity. Got {sorted(fixed)}.")
         self.attrs = {**self.attrs, **extra}
         self.group.attrs["featcache"] = self.attrs
+        if is_local(self._fs):
+            sync_files([f"{self._path}/zarr.json"], self._path)
 
     # -- writing --------------------------------------------------------------------------------
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> int:
@@ -310,8 +333,8 @@ class FeatureStore(ShardMarkers, ShardFiles, ShardProof, StoreVerification):
             array = self.group[name].with_config({"write_empty_chunks": True})
             array[start:stop] = values
             objects[name] = self._object_record(name, shard)
-        if is_local(self._fs):  # the data on disk before the marker that vouches for it
-            sync_files(f"{self._path}/{record['key']}" for record in objects.values())
+        if is_local(self._fs):  # the data and its folders on disk before the marker
+            sync_files((f"{self._path}/{r['key']}" for r in objects.values()), self._path)
         self.write_marker(shard, {**info, "objects": objects})
         return written
 

@@ -15,9 +15,14 @@ Zarr's own temp files (``<target stem>.<32 hex uuid>.partial``, written by plain
 user's ``zarr.open_group(store, mode="r+")``) carry no writer, so they are removed only once
 older than ``ZARR_TEMP_GRACE_S``. Object stores (``s3://``) need none of this: a PUT is atomic.
 
-Durability: a shard's objects are fsynced, with their folders, before its marker is written
-(``sync_files``), and the marker itself is fsynced before its rename, so after a machine crash
-a marker never names data that did not reach the disk.
+Durability follows the rule SQLite and LMDB use: the data, then the file, then the folder
+holding its name, then the commit record, then the commit record's folder. A name (a rename
+into place, a new folder) is on disk only once the folder holding it is fsynced after it. So
+``sync_files`` fsyncs files and then every folder from theirs up to a given root (a store's
+metadata at its creation; a shard's objects before its marker), and ``write_atomic(sync=True)``
+makes one file durable on return (a marker, a run dir's checkpoint): the temp file fsynced, the
+rename, then its folder and the folder above each folder it had to make. After a machine crash
+a marker never names data, metadata or a folder that did not reach the disk.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from zarr.core.buffer import Buffer
 __all__ = [
     "ZARR_TEMP_GRACE_S",
     "WriterLocalStore",
+    "existing_ancestor",
     "fs_and_path",
     "is_local",
     "remove_stale_partials",
@@ -73,11 +79,14 @@ def write_atomic(
 ) -> None:
     """Write ``parts`` to local ``path`` through a temp file naming this writer, then rename.
 
-    ``exclusive``: fail with ``FileExistsError`` if ``path`` exists (a hard link never
-    overwrites). ``sync``: fsync before the rename (markers: a marker must not outlive its data
-    on a crash). A failure removes the temp file and raises.
+    The file follows the umask, as ``open`` makes it. ``exclusive``: fail with
+    ``FileExistsError`` if ``path`` exists (a hard link never overwrites). ``sync``: durable on
+    return: the temp file is fsynced before the rename, then ``path``'s folder, then the folder
+    above each folder made for it (a marker or a checkpoint must not outlive its data on a
+    crash, nor vanish once reported written). A failure removes the temp file and raises.
     """
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    folder = os.path.dirname(path)
+    made = _make_folders(folder)
     tmp = _temp_name(path)
     try:
         with open(tmp, "wb") as handle:
@@ -94,17 +103,47 @@ def write_atomic(
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+    if sync:
+        for name in [folder, *(os.path.dirname(new) for new in reversed(made))]:
+            _fsync_path(name)
 
 
-def sync_files(paths: Iterable[str]) -> None:
-    """fsync each local file of ``paths`` and then each folder holding one (its name)."""
-    folders = []
+def _make_folders(folder: str) -> list[str]:
+    """Make ``folder`` and its missing parents; return those found missing, outermost first
+    (made by this call or by a racing writer: either way their names need an fsync)."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    if missing:
+        os.makedirs(missing[0], exist_ok=True)
+    return missing[::-1]
+
+
+def existing_ancestor(path: str) -> str:
+    """The deepest folder above local ``path`` that exists: every folder below it on the way
+    to ``path`` is new, and its name is durable once this folder is fsynced."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def sync_files(paths: Iterable[str], root: str) -> None:
+    """fsync each local file of ``paths``, then every folder from the one holding it up to and
+    including ``root`` (an ancestor of each), deepest first, each once: the files' bytes and
+    every name on the way to them (new folders included) are then on disk."""
+    root = os.path.abspath(root)
+    folders: dict[str, None] = {}
     for path in paths:
         _fsync_path(path)
-        folder = os.path.dirname(path)
-        if folder not in folders:
-            folders.append(folder)
-    for folder in folders:
+        folder = os.path.dirname(os.path.abspath(path))
+        while folder not in folders:
+            folders[folder] = None
+            if folder == root or folder == os.path.dirname(folder):
+                break
+            folder = os.path.dirname(folder)
+    for folder in sorted(folders, key=lambda name: -name.count(os.sep)):
         _fsync_path(folder)
 
 

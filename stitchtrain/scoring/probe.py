@@ -266,7 +266,7 @@ def probe_store(
     Trains on the store's valid rows (minus a seeded validation split), tests on the matching
     ``test`` split store; writes config.json, head.safetensors, metrics.json under ``out``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from featcache.store import FeatureStore
     from stitchtrain.data.integrity import check_usable, require_finite
@@ -311,9 +311,9 @@ def probe_store(
         "seed": seed,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(
-        {k: v.contiguous() for k, v in result.head.state_dict().items()},
-        str(out / "head.safetensors"),
+    # safetensors' save_file writes mode 0600; bytes written here follow the umask
+    (out / "head.safetensors").write_bytes(
+        save({k: v.contiguous() for k, v in result.head.state_dict().items()})
     )
     metrics = {
         "encoder": store.attrs["encoder"]["name"],

@@ -68,7 +68,10 @@ def remove_checkpoint(out: Path) -> None:
 
 
 def write_file(path: Path, data: bytes) -> None:
-    """``data`` to ``path`` atomically: temp file naming this writer, fsync, rename."""
+    """``data`` to ``path`` atomically and durably: a temp file naming this writer, fsynced,
+    renamed into place, then the run dir fsynced (``featcache.store.write_atomic(sync=True)``).
+    A checkpoint's tensors file is so on disk, name included, before checkpoint.json names it,
+    and checkpoint.json before training goes on. The file follows the umask."""
     write_atomic(str(path), [data], sync=True)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from featcache.errors import FeatcacheError
@@ -416,7 +416,7 @@ class StitchTrainer(Checkpoints, SharedStages):
         stitch_file = save(_contiguous(overall["stitch"]))
         write_file(self.out / f"stitch-{stage}.safetensors", stitch_file)
         if stage == "tlt":
-            save_file(_contiguous(overall["head"]), str(self.out / "head.safetensors"))
+            write_file(self.out / "head.safetensors", save(_contiguous(overall["head"])))
         self.stage_results[stage] = {
             "lr": config.lrs[overall["lr_index"]],
             "grid": state.finished,
@@ -486,5 +486,5 @@ class StitchTrainer(Checkpoints, SharedStages):
         with self._stop_at_epoch_end_on_sigterm():
             for stage_index in range(first, len(self.stages)):
                 self._run_stage(stage_index, resume if stage_index == first else None, progress)
-        save_file(_contiguous(self.stitch.state_dict()), str(self.out / "stitch.safetensors"))
+        write_file(self.out / "stitch.safetensors", save(_contiguous(self.stitch.state_dict())))
         _write_history(self.out / "history.csv", self.history)

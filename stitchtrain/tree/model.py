@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from featcache.encoders import Encoder
@@ -366,7 +366,8 @@ class VFMStitchTree(nn.Module):
             state = {
                 k: v.detach().contiguous().cpu() for k, v in branch.stitch.state_dict().items()
             }
-            save_file(state, str(directory / entry["stitch"]["file"]))
+            # not save_file: it writes mode 0600; these bytes follow the umask
+            (directory / entry["stitch"]["file"]).write_bytes(safetensors_bytes(state))
         partial = directory / (TREE_FILE + ".partial")
         partial.write_text(json.dumps(described, indent=2))
         partial.replace(target)
