@@ -122,7 +122,7 @@ class ShardMarkers:
             return
         self._fs.rm(folder, recursive=True)
         if is_local(self._fs):
-            sync_files([os.path.dirname(folder)])
+            sync_files([os.path.dirname(folder)], self._path)
 
     def remove_stale_partials(self, shards: Iterable[int] | None = None) -> int:
         """Delete temp files of writers that are gone (``featcache.store.storage``) from the store's
