@@ -85,3 +85,74 @@ def test_layers_not_understood_say_what_is_accepted(tmp_path, manifest, typed):
     assert result.exit_code == 2, result.output
     flat = _flat(result.output)
     assert f"Got {typed!r} instead" in flat and "all" in flat and "-1" in flat, flat
+
+
+# -- point 8: stitchtrain positions takes stores --------------------------------------------------
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, manifest):
+    """dinov2-tiny and clip-tiny (6 blocks each) train stores holding layers 2, 4 and 6 only."""
+    from featcache.extract import ExtractConfig, plan_extraction, run_extraction
+
+    out = tmp_path_factory.mktemp("stores")
+    config = ExtractConfig(
+        models=["dinov2-tiny", "clip-tiny"], data=str(manifest), out=str(out), layers=[2, 4, 6]
+    )
+    plan = plan_extraction(config)
+    run_extraction(plan)
+    return dict(zip(config.models, plan.urls, strict=True))
+
+
+@pytest.mark.parametrize(
+    "options, allowed",
+    [
+        ([], "2, 4"),  # fit's defaults: ffm+tlt, mlp stitch
+        (["--objective", "lfm"], "2, 4"),
+        (["--stitch", "lora"], "3, 5"),  # LoRA at n reads source layer n-1
+    ],
+)
+def test_positions_of_stores_are_those_their_layers_allow(stores, options, allowed):
+    from cli.stitchtrain_app import app
+
+    args = ["positions", stores["dinov2-tiny"], stores["clip-tiny"], *options]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    flat = _flat(result.output)
+    assert "stitch positions: 1..5" in flat, flat
+    assert f"these stores allow: {allowed}" in flat, flat
+
+
+def test_fit_accepts_exactly_the_positions_that_positions_lists(stores):
+    from featcache.store import FeatureStore
+    from stitchtrain.data.pairing import PairingError, check_pair, usable_positions
+
+    source, target = (FeatureStore.open(stores[m]) for m in ("dinov2-tiny", "clip-tiny"))
+    usable = usable_positions(source, target, stitch="mlp", objective="ffm+tlt")
+    assert usable == [2, 4]
+    for position in range(1, 6):
+        if position in usable:
+            check_pair(
+                source, target, position=position, stitch="mlp", objective="ffm+tlt", task="cls"
+            )
+        else:
+            with pytest.raises(PairingError, match="these stores allow: 2, 4"):
+                check_pair(
+                    source, target, position=position, stitch="mlp", objective="ffm+tlt", task="cls"
+                )
+
+
+def test_positions_of_encoder_names_still_work():
+    from cli.stitchtrain_app import app
+
+    result = runner.invoke(app, ["positions", "dinov2-tiny", "clip-tiny"])
+    assert result.exit_code == 0, result.output
+    assert "stitch positions: 1..5" in result.output
+
+
+def test_positions_refuses_a_store_with_an_encoder_name(stores):
+    from cli.stitchtrain_app import app
+
+    result = runner.invoke(app, ["positions", stores["dinov2-tiny"], "clip-tiny"])
+    assert result.exit_code == 2, result.output
+    flat = _flat(result.output)
+    assert "Expected two stores or two encoder names" in flat and "'clip-tiny'" in flat, flat
+    assert "Traceback" not in result.output
