@@ -156,3 +156,162 @@ def test_positions_refuses_a_store_with_an_encoder_name(stores):
     flat = _flat(result.output)
     assert "Expected two stores or two encoder names" in flat and "'clip-tiny'" in flat, flat
     assert "Traceback" not in result.output
+
+
+# -- point 4: one epoch convention ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """dinov2-tiny and siglip2-tiny train and test stores of layer 2 (2 classes, 6 images each)."""
+    from conftest import extract_demo_stores
+
+    root = tmp_path_factory.mktemp("pair")
+    models = ["dinov2-tiny", "siglip2-tiny"]
+    return extract_demo_stores(
+        root / "data", root / "stores", models=models, layers=[2], shard_size=8,
+        num_classes=2, per_class=6,
+    )  # fmt: skip
+
+
+def test_epochs_count_from_one_in_console_json_metrics_and_history(pair, tmp_path):
+    import csv
+    import json
+    import re
+
+    from cli.stitchtrain_app import app
+
+    out = tmp_path / "run"
+    args = ["fit", "--source", pair["dinov2-tiny", "train"], "--target"]
+    args += [pair["siglip2-tiny", "train"], "--position", "2", "--out", str(out)]
+    args += ["--objective", "ffm+tlt", "--lr", "1e-3,5e-2", "--epochs", "4", "--patience", "1"]
+    args += ["--batch-size", "4", "--val-fraction", "0.25", "--device", "cpu", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    metrics = json.loads((out / "metrics.json").read_text())
+    with open(out / "history.csv", newline="") as handle:
+        history = list(csv.DictReader(handle))
+    said = re.findall(r"\((\S+)\) done, \d+/4 epochs(?: \(early stop\))?, best epoch (\d+)",
+                      result.stderr)  # fmt: skip
+    best = []
+    for stage in ("ffm", "tlt"):
+        for printed_lr, written_lr in zip(
+            printed["stages"][stage]["grid"], metrics["stages"][stage]["grid"], strict=True
+        ):
+            assert printed_lr["best_epoch"] == written_lr["best_epoch"]
+            rows = [
+                r for r in history if r["stage"] == stage and float(r["lr"]) == printed_lr["lr"]
+            ]
+            epochs = [int(r["epoch"]) for r in rows]
+            assert epochs == list(range(1, len(rows) + 1)), (stage, epochs)
+            lowest = min(rows, key=lambda r: float(r["val_loss"]))  # the first of equal losses
+            assert int(lowest["epoch"]) == printed_lr["best_epoch"], (stage, printed_lr)
+            best.append((f"{printed_lr['lr']:g}", str(printed_lr["best_epoch"])))
+    assert said == best, result.stderr
+
+
+def test_a_checkpoint_counting_epochs_from_zero_resumes_to_the_same_files(pair, tmp_path):
+    """A checkpoint written before epochs counted from 1 (history rows from 0, best epochs from
+    0) resumes to the history and metrics of an uninterrupted run of this version."""
+    import json
+    import shutil
+
+    from conftest import history_without_timing
+
+    from stitchtrain.pipeline.fit import StitchRecipe, fit
+    from stitchtrain.train.config import FitConfig
+
+    class Snapshotting(StitchRecipe):  # the run dir after each checkpoint write
+        count = 0
+
+        def _save_checkpoint(self, *args, **kwargs):
+            super()._save_checkpoint(*args, **kwargs)
+            Snapshotting.count += 1
+            shutil.copytree(self.out, tmp_path / f"k{Snapshotting.count}")
+
+    config = FitConfig(
+        source=pair["dinov2-tiny", "train"],
+        target=pair["siglip2-tiny", "train"],
+        position=2,
+        out=str(tmp_path / "run"),
+        objective="ffm+tlt",
+        lrs=(1e-3, 5e-2),
+        epochs=2,
+        patience=2,
+        batch_size=4,
+        val_fraction=0.25,
+        device="cpu",
+    )
+    Snapshotting(config, checkpoint_every=0).run()
+    want = history_without_timing(tmp_path / "run")
+    want_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+    def inside_tlt_second_lr(k: int) -> bool:
+        record = json.loads((tmp_path / f"k{k}" / "checkpoint.json").read_text())
+        state = record["state"]  # stage tlt, its second lr, one epoch done
+        return (record["stage_index"], state["lr_index"], state["epoch"]) == (1, 1, 1)
+
+    (k,) = [k for k in range(1, Snapshotting.count + 1) if inside_tlt_second_lr(k)]
+    shutil.rmtree(tmp_path / "run")
+    shutil.copytree(tmp_path / f"k{k}", tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint.json"
+    record = json.loads(path.read_text())  # as the writer before this version wrote it
+    for row in record["history"]:
+        row["epoch"] -= 1
+    grids = [record["state"]["finished"], *(r["grid"] for r in record["stage_results"].values())]
+    for grid in grids:
+        for result in grid:
+            result["best_epoch"] -= 1
+    record["state"]["best_epoch"] -= 1
+    path.write_text(json.dumps(record))
+    assert fit(config) == want_metrics
+    assert history_without_timing(tmp_path / "run") == want
+
+
+def test_a_stage_record_counting_epochs_from_zero_is_trained_again(pair, tmp_path):
+    import json
+
+    from stitchtrain.pipeline.fit import fit
+    from stitchtrain.train.config import FitConfig
+
+    def config(out: str) -> FitConfig:
+        return FitConfig(
+            source=pair["dinov2-tiny", "train"],
+            target=pair["siglip2-tiny", "train"],
+            position=2,
+            out=str(tmp_path / out),
+            objective="ffm",
+            lrs=(1e-3,),
+            epochs=1,
+            batch_size=4,
+            val_fraction=0.25,
+            device="cpu",
+        )
+
+    fit(config("first"))
+    taken = fit(config("taken"), reuse=[tmp_path / "first"])
+    assert taken["stages"]["ffm"]["reused_from"] == str(tmp_path / "first")
+    path = tmp_path / "first" / "stage-ffm.json"
+    record = json.loads(path.read_text())
+    for row in record["history"]:  # as the writer before this version wrote it
+        row["epoch"] -= 1
+    path.write_text(json.dumps(record))
+    trained = fit(config("trained"), reuse=[tmp_path / "first"])
+    assert "reused_from" not in trained["stages"]["ffm"]
+    assert trained["stages"]["ffm"]["grid"][0]["best_epoch"] == 1
+
+
+def test_probe_history_counts_epochs_from_one():
+    import torch
+
+    from stitchtrain.scoring.probe import fit_linear_probe
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(12, 5, generator=generator)
+    labels = torch.arange(12) % 3
+    result = fit_linear_probe(
+        features[:8], labels[:8], features[8:], labels[8:], num_classes=3, lrs=(1e-2,),
+        epochs=3, patience=3,
+    )  # fmt: skip
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    lowest = min(result.history, key=lambda row: row["val_loss"])
+    assert result.epochs == lowest["epoch"]  # the epoch the chosen head is from
