@@ -318,9 +318,10 @@ class FitProgress:
 
     The events (dicts; ``event`` says which): "lr_start" (stage, stage_index, stages, lr,
     lr_index, lrs, epoch: epochs already done, epochs: the maximum), "epoch" (a history row,
-    epoch 0-based, plus epochs), "lr_done" (stage, lr, epochs_run, epochs, best_epoch,
-    val_loss, stopped_early), "stage_reused" (stage, stage_index, stages, from: the run dir it
-    was taken from, val_loss), "evaluate". Call ``close`` (or use ``with``) when fit returns.
+    epoch counted from 1, plus epochs), "lr_done" (stage, lr, epochs_run, epochs, best_epoch
+    counted from 1, val_loss, stopped_early), "stage_reused" (stage, stage_index, stages,
+    from: the run dir it was taken from, val_loss), "evaluate". Call ``close`` (or use
+    ``with``) when fit returns.
     """
 
     def __init__(self, display: ProgressDisplay, *, parent: Task | None = None) -> None:
@@ -379,7 +380,7 @@ class FitProgress:
             stopped = " (early stop)" if event["stopped_early"] else ""
             self.stage.advance(
                 note=f"({event['lr']:g}) done, {event['epochs_run']}/{event['epochs']} "
-                f"epochs{stopped}, best epoch {event['best_epoch'] + 1}, "
+                f"epochs{stopped}, best epoch {event['best_epoch']}, "
                 f"val loss {event['val_loss']:.4g}"
             )
         elif kind == "stage_reused":

@@ -10,7 +10,7 @@ from typing import Literal
 import typer
 
 from cli._console import console, err_console, escape, reports_errors
-from cli._parse import at_least, check_scheduler, parse_ints, parse_weights
+from cli._parse import at_least, check_scheduler, parse_weights
 from stitchtrain.data.sizes import format_size
 
 # The accepted values, checked by typer at parse time and listed in --help (the library's own
@@ -151,8 +151,11 @@ def extract(
         "shards (brace pattern, glob, s3://).",
     ),
     out: str = typer.Option(..., help="Root for stores: local path or fsspec URL (s3://...)."),
-    layers: str = typer.Option(
-        "2,6,10,14,18,22,24", help="Layers to store: comma-separated integers 0..depth, e.g. 2,6."
+    layers: str | None = typer.Option(
+        None,
+        help="Layers to store: comma-separated 0..depth, negative from the end (-1: the last "
+        "block), e.g. 2,6,-1; or all. Default: 2,6,10,14,18,22,24 for 24 blocks, the same "
+        "fractions of the depth otherwise (12 blocks: 1,3,5,7,9,11,12).",
     ),
     split: str | None = typer.Option(None, help="Dataset split (default: the first)."),
     batch_size: int = typer.Option(
@@ -225,7 +228,7 @@ def extract(
         models=model,
         data=data,
         out=out,
-        layers=list(parse_ints(layers, "--layers", empty=tokens == "pooled")),
+        layers="default" if layers is None else layers,
         split=split,
         batch_size=batch_size,
         device=device,

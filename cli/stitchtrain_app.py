@@ -51,46 +51,103 @@ def _main(version: bool | None = version_option()) -> None:
     """Commands are listed below; each has --help."""
 
 
+def _names_a_store(text: str) -> bool:
+    """Whether a ``positions`` argument names a store (an existing path, a ``.zarr`` or an
+    fsspec URL) rather than an encoder (a preset, ``timm:...``, ``open_clip:...``)."""
+    return "://" in text or text.rstrip("/").endswith(".zarr") or Path(text).exists()
+
+
+def _encoder_facts(name: str) -> dict:
+    """Depth, width, prefix and grid of an encoder name (presets without torch)."""
+    from featcache.encoders import PRESETS, preset_summary
+
+    if name in PRESETS:
+        return preset_summary(name)  # torch-free
+    from featcache.encoders import load_encoder  # torch: only for names that are no preset
+
+    encoder = load_encoder(name, random_init=True, device="meta")
+    return {
+        "depth": encoder.depth,
+        "width": encoder.width,
+        "prefix": encoder.layout.prefix,
+        "grid": encoder.grid,
+    }
+
+
+def _store_facts(store) -> dict:
+    """Name, depth, width, prefix, grid and stored layers of a store's encoder."""
+    encoder = store.attrs["encoder"]
+    return {
+        "name": encoder["name"],
+        "depth": encoder["depth"],
+        "width": encoder["width"],
+        "prefix": tuple(encoder["layout"]["prefix"]),
+        "grid": tuple(encoder["layout"]["grid"]),
+        "layers": ",".join(map(str, store.layers)) or "none",
+    }
+
+
 @app.command()
 @reports_errors
 def positions(
-    source: str = typer.Argument(..., help="Source encoder (preset or library name)."),
-    target: str = typer.Argument(..., help="Target encoder (preset or library name)."),
+    source: str = typer.Argument(
+        ..., help="Source store (train split), or a source encoder (preset or library name)."
+    ),
+    target: str = typer.Argument(
+        ..., help="Target store (train split), or a target encoder (preset or library name)."
+    ),
+    stitch: Stitch = typer.Option("mlp", help="Stitch layer kind (stores: which layer it reads)."),
+    objective: Objective = typer.Option(
+        "ffm+tlt", help="Training stages (stores: which target arrays they read)."
+    ),
+    pooled_only: bool = typer.Option(False, "--pooled-only", help="FFM on pooled outputs."),
 ) -> None:
     """Show where SOURCE can be stitched into TARGET and what the stitch must map.
 
     Position n runs source blocks 1..n, the stitch, then target blocks n+1..N, so n ranges
     over 1..min(N_source, N_target - 1) (n = N_target would leave no target block to run),
     for every objective and stitch kind (stitchtrain.data.positions; fit and sweep refuse others).
+    Given two stores, it also lists the positions their stored layers allow for --objective and
+    --stitch (fit's defaults): the positions fit accepts with these stores.
     """
     from rich.table import Table
 
-    from featcache.encoders import PRESETS, preset_summary
+    from featcache.errors import FeatcacheError
     from stitchtrain.data.positions import describe_range, valid_positions
 
-    def facts(name: str) -> dict:
-        if name in PRESETS:
-            return preset_summary(name)  # torch-free
-        from featcache.encoders import load_encoder  # torch: only for names that are no preset
+    kinds = [_names_a_store(text) for text in (source, target)]
+    if kinds[0] != kinds[1]:
+        store, name = (source, target) if kinds[0] else (target, source)
+        raise FeatcacheError(
+            "Expected two stores or two encoder names as SOURCE and TARGET. Got the store "
+            f"{store!r} and the encoder name {name!r} instead."
+        )
+    usable = None
+    if kinds[0]:
+        from featcache.store import FeatureStore
+        from stitchtrain.data.pairing import usable_positions
 
-        encoder = load_encoder(name, random_init=True, device="meta")
-        return {
-            "depth": encoder.depth,
-            "width": encoder.width,
-            "prefix": encoder.layout.prefix,
-            "grid": encoder.grid,
-        }
-
-    src, tgt = facts(source), facts(target)
-    table = Table(title=f"{source} -> {target}")
+        stores = [FeatureStore.open(url) for url in (source, target)]
+        src, tgt = (_store_facts(store) for store in stores)
+        options = {"stitch": stitch, "objective": objective, "pooled_only": pooled_only}
+        usable = usable_positions(*stores, **options)
+        title = f"{src['name']} -> {tgt['name']}"
+    else:
+        src, tgt = _encoder_facts(source), _encoder_facts(target)
+        title = f"{source} -> {target}"
+    table = Table(title=title)
     table.add_column("")
     table.add_column("source")
     table.add_column("target")
-    for key in ("depth", "width", "prefix", "grid"):
+    stored = ("layers",) if usable is not None else ()  # stores: the layers each holds
+    for key in ("depth", "width", "prefix", "grid", *stored):
         table.add_row(key, str(src[key]), str(tgt[key]))
     console.print(table)
     positions = describe_range(valid_positions(src["depth"], tgt["depth"]))
     console.print(f"stitch positions: {positions}")
+    if usable is not None:
+        allowed = ", ".join(map(str, usable)) or "none (extract the layers with --layers)"
+        console.print(f"{objective} with a {stitch} stitch, these stores allow: {allowed}")
     console.print(f"stitch maps D={src['width']} -> D={tgt['width']} per token")
     if tuple(src["grid"]) != tuple(tgt["grid"]):
         console.print(f"patch grid resampled {src['grid']} -> {tgt['grid']} (bilinear)")

@@ -96,7 +96,7 @@ def test_live_mode_echoes_coarse_steps_only_and_fit_events_nest():
         assert rows == ["sweep point", "  ffm stage 1/1: lr", "    ffm lr 0.01 epoch"]
         assert display.live.tasks[-1].completed == 1  # epoch 1 of 30 done
         fit({"event": "lr_done", "stage": "ffm", "lr": 0.01, "epochs": 30, "epochs_run": 6,
-             "best_epoch": 0, "val_loss": 2.0, "stopped_early": True})  # fmt: skip
+             "best_epoch": 1, "val_loss": 2.0, "stopped_early": True})  # fmt: skip
         fit.close()
         steps.advance(note="point one")
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue())

@@ -78,7 +78,7 @@ CASES = {
     "extract-layers-empty": (F, [*EXTRACT, "--layers", ""], "--layers"),
     "extract-layers-commas": (F, [*EXTRACT, "--layers", ",,"], "',,'"),
     "extract-layers-text": (F, [*EXTRACT, "--layers", "2,x"], "2,x"),
-    "extract-layers-negative": (F, [*EXTRACT, "--layers=-1"], "-1"),
+    "extract-layers-negative": (F, [*EXTRACT, "--layers=-7"], "-7 in --layers '-7'"),
     "extract-shard-text": (F, [*EXTRACT, "--shard", "first"], "first"),
     "extract-shard-range": (F, [*EXTRACT, "--shard", "2/2"], "2/2"),
     "extract-scheduler-local-x": (F, [*EXTRACT, "--scheduler", "local:x"], "local:x"),

@@ -251,7 +251,7 @@ def test_non_finite_loss_stops_the_run_naming_stage_lr_epoch_rows(stores, tmp_pa
         fit(config)
     message = str(info.value)
     _single_line(message)
-    assert "lfm" in message and "lr 1e+30" in message and "epoch 0" in message
+    assert "lfm" in message and "lr 1e+30" in message and "epoch 1:" in message
     assert re.search(r"rows \d+", message) and "finite" in message
 
 

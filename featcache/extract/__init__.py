@@ -29,10 +29,11 @@ uninterrupted run would and writes identical bytes. Unreadable images either sto
 before their shard is marked (``fail``) or become invalid rows (NaN features, ``valid`` False)
 recorded with their reason in the shard's marker (``skip``).
 
-Modules: ``config`` (``ExtractConfig``, devices, precision), ``plan`` (``plan_extraction``: the
-stores of a run; the shards still to do), ``decode`` (an image and its mask, decoded once and
-preprocessed per encoder), ``forward`` (a shard through an encoder, down to host rows),
-``writer`` (the writer thread), ``run`` (``run_extraction``: the shard loop).
+Modules: ``config`` (``ExtractConfig``, devices, precision), ``layers`` (``--layers`` resolved
+by each encoder's depth: numbers, negative indices, ``all``, the default), ``plan``
+(``plan_extraction``: the stores of a run; the shards still to do), ``decode`` (an image and
+its mask, decoded once and preprocessed per encoder), ``forward`` (a shard through an encoder,
+down to host rows), ``writer`` (the writer thread), ``run`` (``run_extraction``: the shard loop).
 """
 
 from featcache.extract.config import ExtractConfig, parse_shard, resolve_device

@@ -12,6 +12,7 @@ from featcache.datasets import DataOptions
 from featcache.devices import check_device_name
 from featcache.encoders.base import PRECISIONS
 from featcache.errors import FeatcacheError
+from featcache.extract.layers import parse_layers
 
 
 @dataclass
@@ -21,7 +22,9 @@ class ExtractConfig:
     models: list[str]
     data: str
     out: str
-    layers: list[int]
+    # layer numbers, or --layers as typed ("2,6,-1", "all"); "default": the depth-aware default
+    # (featcache.extract.layers resolves it per encoder)
+    layers: list[int] | str = "default"
     split: str | None = None
     batch_size: int = 32
     device: str = "auto"
@@ -99,7 +102,10 @@ class ExtractConfig:
             raise FeatcacheError(
                 f"Expected --resize-mode shortest or squash. Got {self.resize_mode!r} instead."
             )
-        if not self.layers and self.tokens != "pooled":
+        layers = self.layers
+        if isinstance(layers, str) and layers != "default":
+            layers = parse_layers(layers)  # a typo fails here, before any model loads
+        if not layers and self.tokens != "pooled":
             raise FeatcacheError(
                 "Expected at least one layer in --layers (only --tokens pooled stores none). "
                 f"Got {self.layers!r} instead."

@@ -11,6 +11,7 @@ from featcache.datasets import Dataset, Record, load_dataset
 from featcache.encoders import Encoder, load_encoder
 from featcache.errors import FeatcacheError
 from featcache.extract.config import ExtractConfig, resolve_device, resolve_precision
+from featcache.extract.layers import resolve_layers
 from featcache.store import FeatureStore, StoreError, StoreSpec, inner_chunk_images
 
 
@@ -60,7 +61,8 @@ def _store_url(root: str, split: str, encoder: Encoder, spec: StoreSpec) -> str:
 
 
 def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None) -> ExtractPlan:
-    """Load the dataset and encoders, validate layers, and derive one store spec per encoder.
+    """Load the dataset and encoders, resolve each encoder's layers (``config.layers`` by its
+    depth: ``featcache.extract.layers``) and derive one store spec per encoder.
 
     ``encoders`` replaces loading ``config.models`` by name (for models built in Python).
     ``config.crop_pct`` / ``config.resize_mode`` set the geometry of every model loaded by
@@ -113,12 +115,7 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
                 f"Expected an encoder with prefix tokens for --tokens prefix. {name} has none "
                 "(use --tokens all or pooled)."
             )
-        bad = [n for n in config.layers if not 0 <= n <= encoder.depth]
-        if bad:
-            raise FeatcacheError(
-                f"Expected --layers in 0..{encoder.depth} for {name} (depth {encoder.depth}). "
-                f"Got {bad} instead."
-            )
+        layers = resolve_layers(config.layers, encoder.depth, name)
         spec = StoreSpec(
             encoder=encoder.describe(),
             dataset={
@@ -131,7 +128,7 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
                 "num_images": len(records),
                 **_data_options(config),
             },
-            layers=tuple(sorted(set(config.layers))),
+            layers=layers,
             tokens=config.tokens,
             dtype=config.dtype,
             compression=config.compression,

@@ -33,7 +33,12 @@ from featcache.datasets.core import TEST_SPLIT_WAYS
 from featcache.errors import FeatcacheError
 from featcache.preprocess import REFERENCE_SIZES, Geometry, token_offset
 from featcache.store import FeatureStore, find_stores
-from stitchtrain.data.positions import check_position
+from stitchtrain.data.positions import (
+    check_position,
+    needed_arrays,
+    positions_with_arrays,
+    source_array,
+)
 
 __all__ = [
     "PairingError",
@@ -46,6 +51,8 @@ __all__ = [
     "GEOMETRY_TOLERANCE",
     "source_array",
     "find_split_store",
+    "stored_arrays",
+    "usable_positions",
 ]
 
 
@@ -144,20 +151,39 @@ def marked_rows(*stores: FeatureStore) -> np.ndarray:
     return np.flatnonzero(np.logical_and.reduce([store.marked_mask() for store in stores]))
 
 
-def source_array(stitch: str, position: int) -> str:
-    """The source array a stitch consumes: layer n, or layer n-1 for a LoRA stitch."""
-    return f"layers/{position - 1 if stitch == 'lora' else position}"
+def stored_arrays(store: FeatureStore) -> set[str]:
+    """The feature arrays a store holds: ``layers/<n>`` of its layers, ``final``, ``pooled``."""
+    layers = {f"layers/{n}" for n in store.layers}
+    return layers | {a for a in ("final", "pooled") if a in store.group}
 
 
-def _require(store: FeatureStore, array: str, role: str, why: str) -> None:
+def usable_positions(
+    source: FeatureStore,
+    target: FeatureStore,
+    *,
+    stitch: str,
+    objective: str,
+    pooled_only: bool = False,
+) -> list[int]:
+    """The stitch positions valid for the stores' encoders at which both stores hold what a
+    ``stitch`` trained by ``objective`` reads (``stitchtrain.data.positions``)."""
+    return positions_with_arrays(
+        source.attrs["encoder"]["depth"],
+        target.attrs["encoder"]["depth"],
+        {"source": stored_arrays(source), "target": stored_arrays(target)},
+        stitch=stitch,
+        objective=objective,
+        pooled_only=pooled_only,
+    )
+
+
+def _require(store: FeatureStore, array: str, role: str, why: str, usable: str) -> None:
     if array not in store.group:
-        have = sorted(
-            [f"layers/{n}" for n in store.layers]
-            + [a for a in ("final", "pooled") if a in store.group]
-        )
+        have = sorted(stored_arrays(store))
         raise PairingError(
             f"The {role} store {store.url} has no {array!r}, which {why} needs. It holds: "
-            f"{', '.join(have)}. Extract it with --layers including that layer (and --tokens all)."
+            f"{', '.join(have)} ({usable}). Extract it with --layers including that layer (and "
+            "--tokens all), or stitch at a position these stores allow."
         )
 
 
@@ -201,12 +227,12 @@ def check_pair(
         source_encoder["name"],
         target_encoder["name"],
     )
-    _require(source, source_array(stitch, position), "source", f"a {stitch} stitch at {position}")
+    options = {"stitch": stitch, "objective": objective, "pooled_only": pooled_only}
+    allowed = ", ".join(map(str, usable_positions(source, target, **options))) or "none"
+    usable = f"for {objective} with a {stitch} stitch, these stores allow: {allowed}"
+    for role, array, why in needed_arrays(position, stitch, objective, pooled_only=pooled_only):
+        _require(source if role == "source" else target, array, role, why, usable)
     stages = objective.split("+")
-    if "lfm" in stages:
-        _require(target, f"layers/{position}", "target", "LFM")
-    if "ffm" in stages:
-        _require(target, "pooled" if pooled_only else "final", "target", "FFM")
     if "tlt" in stages and task == "seg" and "masks" not in target.group:
         raise PairingError(f"The target store {target.url} has no masks; --task seg needs them.")
 

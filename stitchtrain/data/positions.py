@@ -18,15 +18,31 @@ and feeds the same target tail. Hence::
 ``stitchtrain positions`` prints this range, ``fit``
 (``stitchtrain.data.pairing.check_pair``, run by ``fit``, ``fit --dry-run`` and every sweep
 point) and ``sweep`` (``plan_sweep``, before any point runs) refuse a position outside it
-with the message of ``check_position``. Whether the stores hold the layer a position reads is
-a separate check (``check_pair``).
+with the message of ``check_position``.
+
+A pair of stores narrows the range to the positions whose arrays both hold
+(``needed_arrays``, checked by ``check_pair``)::
+
+    source  layers/n (lora: layers/n-1)
+    target  layers/n for LFM, final for FFM (pooled with --pooled-only), nothing more for TLT
+
+``positions_with_arrays`` lists them; ``stitchtrain positions SOURCE_STORE TARGET_STORE``
+prints them, and ``fit`` names them when it refuses a position whose layer is not stored.
 """
 
 from __future__ import annotations
 
 from featcache.errors import FeatcacheError
 
-__all__ = ["PositionError", "valid_positions", "check_position", "describe_range"]
+__all__ = [
+    "PositionError",
+    "valid_positions",
+    "check_position",
+    "describe_range",
+    "source_array",
+    "needed_arrays",
+    "positions_with_arrays",
+]
 
 
 class PositionError(FeatcacheError, ValueError):
@@ -56,3 +72,43 @@ def check_position(
             f"{source_depth} source blocks and at least one target block after the stitch). "
             f"Got {position} instead."
         )
+
+
+def source_array(stitch: str, position: int) -> str:
+    """The source array a stitch consumes: layer n, or layer n-1 for a LoRA stitch."""
+    return f"layers/{position - 1 if stitch == 'lora' else position}"
+
+
+def needed_arrays(
+    position: int, stitch: str, objective: str, *, pooled_only: bool = False
+) -> list[tuple[str, str, str]]:
+    """(role: "source" or "target", array, what reads it) for each feature array a ``stitch``
+    at ``position`` trained by ``objective`` (e.g. "ffm+tlt") reads."""
+    needs = [("source", source_array(stitch, position), f"a {stitch} stitch at {position}")]
+    stages = objective.split("+")
+    if "lfm" in stages:
+        needs.append(("target", f"layers/{position}", "LFM"))
+    if "ffm" in stages:
+        needs.append(("target", "pooled" if pooled_only else "final", "FFM"))
+    return needs
+
+
+def positions_with_arrays(
+    source_depth: int,
+    target_depth: int,
+    arrays: dict[str, set[str]],
+    *,
+    stitch: str,
+    objective: str,
+    pooled_only: bool = False,
+) -> list[int]:
+    """The ``valid_positions`` at which the stores hold every array ``needed_arrays`` names;
+    ``arrays``: the feature arrays each role's store holds ({"source": {"layers/2", ...}, ...})."""
+    return [
+        n
+        for n in valid_positions(source_depth, target_depth)
+        if all(
+            array in arrays[role]
+            for role, array, _ in needed_arrays(n, stitch, objective, pooled_only=pooled_only)
+        )
+    ]

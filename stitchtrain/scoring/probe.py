@@ -232,7 +232,7 @@ def _fit_head_grid(
             head.eval()
             val_loss, val_metric = evaluate(head, val_x, val_y)
             history.append(
-                {"lr": lr, "epoch": epoch, "val_loss": val_loss, "val_accuracy": val_metric}
+                {"lr": lr, "epoch": epoch + 1, "val_loss": val_loss, "val_accuracy": val_metric}
             )
             if val_loss < best_loss:
                 best_loss, best_epoch, stale = val_loss, epoch, 0

@@ -159,6 +159,8 @@ def _finished_stage(
         return None
     if not all(isinstance(row, dict) and row.get("stage") == stage for row in history):
         return None
+    if any(row.get("epoch") == 0 for row in history):  # from before epochs counted from 1
+        return None
     if hashlib.sha256(stitch_file).hexdigest() != record.get("stitch_sha256"):
         return None
     try:

@@ -21,6 +21,12 @@ The LoRA stitch reads src_{n-1} instead. Features
 are checked finite as they are read, and a non-finite loss stops the run before its step
 (``NonFiniteLossError``, naming stage, learning rate, epoch and the batch's store rows).
 
+Epochs count from 1 wherever they are read: history.csv's ``epoch``, metrics.json's
+``best_epoch`` (per learning rate of a stage's ``grid``), progress events and messages. The
+loop's own counter (``_StageState.epoch``: the epochs done, which seeds each epoch's batch order)
+counts from 0. A checkpoint written before that convention is read as if written by this one
+(``_epochs_from_one``).
+
 Checkpoints and resume: ``checkpoint.Checkpoints``; shared stages (``reuse``):
 ``stages.SharedStages``.
 """
@@ -295,11 +301,12 @@ class StitchTrainer(Checkpoints, SharedStages):
         return parameters + (list(self.head.parameters()) if stage == "tlt" else [])
 
     def _check_finite(self, loss: torch.Tensor, where: str, stage, lr, epoch, batch) -> None:
-        """Raise ``NonFiniteLossError`` for a NaN / inf ``loss`` (before its backward pass)."""
+        """Raise ``NonFiniteLossError`` for a NaN / inf ``loss`` (before its backward pass);
+        ``epoch`` is the loop's (from 0), the message counts from 1."""
         if not bool(torch.isfinite(loss.detach())):
             rows = format_rows(batch["rows"].cpu())
             raise NonFiniteLossError(
-                f"Stage {stage}, lr {lr:g}, epoch {epoch}: expected a finite {where} loss. Got "
+                f"Stage {stage}, lr {lr:g}, epoch {epoch + 1}: expected a finite {where} loss. Got "
                 f"{float(loss.detach())} instead, on the batch of {rows}. The features read "
                 "were finite, so training diverged: use smaller --lr values."
             )
@@ -372,7 +379,8 @@ class StitchTrainer(Checkpoints, SharedStages):
                 row = self._train_epoch(stage, lr, state.epoch, loader, optimizer, state)
                 self.history.append(row)
                 if row["val_loss"] < state.best_loss:
-                    state.best_loss, state.best_epoch, state.stale = row["val_loss"], state.epoch, 0
+                    state.best_loss, state.stale = row["val_loss"], 0
+                    state.best_epoch = row["epoch"]  # from 1, as the history row
                     current = {
                         "stitch": _snapshot(self.stitch),
                         "head": _snapshot(self.head),
@@ -433,8 +441,9 @@ class StitchTrainer(Checkpoints, SharedStages):
             }
 
     def _train_epoch(self, stage, lr, epoch, loader, optimizer, state=None) -> dict[str, Any]:
-        """One pass over the training rows, then validation; the history row of that epoch.
-        Each step's learning rate is ``scheduled_lr`` of ``state.step`` (counted on)."""
+        """One pass over the training rows, then validation; the history row of that epoch
+        (``epoch``: the loop's, from 0; the row's counts from 1). Each step's learning rate is
+        ``scheduled_lr`` of ``state.step`` (counted on)."""
         config = self.config
         state = state if state is not None else _StageState(epoch=epoch, step=epoch * len(loader))
         started = time.perf_counter()
@@ -460,7 +469,7 @@ class StitchTrainer(Checkpoints, SharedStages):
         return {
             "stage": stage,
             "lr": lr,
-            "epoch": epoch,
+            "epoch": epoch + 1,
             "train_loss": total / max(count, 1),
             "val_loss": val_loss,
             "val_metric": val_metric,
@@ -478,7 +487,7 @@ class StitchTrainer(Checkpoints, SharedStages):
         gets event dicts: "lr_start", "epoch" (a history row), "lr_done", "stage_reused"."""
         self.out.mkdir(parents=True, exist_ok=True)
         _write_or_check_config(self.out, self.config)
-        resume = self._load_checkpoint()
+        resume = _epochs_from_one(self._load_checkpoint())
         self._last_checkpoint = time.monotonic()
         self.stage_results = dict(resume["stage_results"]) if resume else {}
         self.history = list(resume["history"]) if resume else []
@@ -488,3 +497,20 @@ class StitchTrainer(Checkpoints, SharedStages):
                 self._run_stage(stage_index, resume if stage_index == first else None, progress)
         write_file(self.out / "stitch.safetensors", save(_contiguous(self.stitch.state_dict())))
         _write_history(self.out / "history.csv", self.history)
+
+
+def _epochs_from_one(resume: dict | None) -> dict | None:
+    """A checkpoint written before epochs counted from 1 (a history row of epoch 0) with its
+    history rows and best epochs counted from 1, as this version writes them; else as given."""
+    if resume is None or all(row["epoch"] != 0 for row in resume["history"]):
+        return resume
+    for row in resume["history"]:
+        row["epoch"] += 1
+    finished = [*resume["state"]["finished"]]
+    for result in resume["stage_results"].values():
+        finished += result["grid"]
+    for record in finished:
+        record["best_epoch"] += 1
+    if resume["state"]["best_epoch"] >= 0:  # -1: no epoch of the lr in progress yet
+        resume["state"]["best_epoch"] += 1
+    return resume
