@@ -1,21 +1,108 @@
 """The run dir's files: config.json (written, or compared on resume), history.csv, a finished
-run's metrics.json, the checkpoint's JSON name, and atomic writes (``write_file``)."""
+run's metrics.json, the checkpoint's file names, atomic writes (``write_file``), and the rules by
+which fit trusts what it reads back from a run dir:
+
+- fit removes only files it wrote, by their exact names (``remove_checkpoint``): checkpoint.json,
+  ``checkpoint-<16 hex>.safetensors`` and their temp files ``<name>.fc-<pid>-<host>-<n>.partial``;
+  any other file in the run dir (``checkpoint-notes.txt``) is the user's and stays;
+- a file a record names is a plain name of its exact pattern whose file lies in the run dir
+  itself, not behind a symlink (``run_dir_file``);
+- a record (checkpoint.json, stage-<stage>.json) carries ``digest``, the SHA-256 of the record
+  without it as JSON with sorted keys and no spaces (``record_digest``), so an edited record is
+  told from a written one;
+- a JSON file that does not parse, nested too deeply for Python's parser included, is a
+  ``ValueError`` (``read_json``) that each caller turns into its one-line refusal.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import re
 from dataclasses import MISSING, asdict
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
+from typing import Any
 
 from featcache.errors import FeatcacheError
 from featcache.store import write_atomic
 from stitchtrain.train.config import FitConfig
 
-__all__ = ["CHECKPOINT", "check_run_dir", "finished_metrics", "remove_checkpoint", "write_file"]
+__all__ = [
+    "CHECKPOINT",
+    "CHECKPOINT_TENSORS",
+    "check_run_dir",
+    "config_changes",
+    "finished_metrics",
+    "read_json",
+    "record_digest",
+    "remove_checkpoint",
+    "run_dir_file",
+    "write_file",
+]
 
 CHECKPOINT = "checkpoint.json"
+CHECKPOINT_TENSORS = r"checkpoint-[0-9a-f]{16}\.safetensors"  # named by its SHA-256's first 16 hex
+# what remove_checkpoint deletes: the checkpoint files and the temp files of their atomic writes
+_CHECKPOINT_FILES = re.compile(
+    rf"(checkpoint\.json|{CHECKPOINT_TENSORS})(\.fc-\d+-[0-9a-f]{{8}}-\d+\.partial)?"
+)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``. A file that is not JSON (bad UTF-8, bad syntax, or nested
+    deeper than Python's parser recurses) raises ``ValueError``; ``OSError`` passes through."""
+    try:
+        return json.loads(path.read_bytes())
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to parse") from None
+
+
+def record_digest(record: dict) -> str:
+    """SHA-256 of ``record`` without its ``digest`` key, as JSON with sorted keys and the
+    separators ``,`` and ``:``: what a checkpoint or stage record carries as ``digest``."""
+    body = {k: v for k, v in record.items() if k != "digest"}
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def run_dir_file(out: Path, name: Any, pattern: str, shape: str) -> Path:
+    """``out / name`` when ``name`` is a plain file name matching the regex ``pattern`` (shown
+    as ``shape``) and that file is not a symlink (it lies in ``out`` itself); else
+    ``ValueError``. A name with a slash, ``..`` or an absolute path never matches."""
+    if not isinstance(name, str) or not re.fullmatch(pattern, name):
+        raise ValueError(f"Expected a file named {shape} inside {out}. Got {name!r} instead.")
+    path = out / name
+    if path.is_symlink():
+        raise ValueError(
+            f"Expected {name} to be a file inside {out}. Got a link to {path.resolve()} instead."
+        )
+    return path
+
+
+def config_changes(saved: dict, config: FitConfig) -> list[str]:
+    """The fields in which ``saved`` (a config as JSON) differs from ``config``; a field added
+    since ``saved`` was written (allow_incomplete) counts as its default."""
+    defaults = {f.name: f.default for f in dataclass_fields(FitConfig)}
+    defaults = {k: v for k, v in defaults.items() if v is not MISSING}
+    saved = {**json.loads(json.dumps(defaults)), **saved}
+    current = json.loads(json.dumps(asdict(config)))
+    return sorted(k for k in current.keys() | saved.keys() if saved.get(k) != current.get(k))
+
+
+def _read_object(path: Path, holds: str, advice: str) -> dict:
+    """The JSON object in ``path``; anything else is a one-line ``FeatcacheError``: "Expected
+    ``path`` to hold ``holds``. Got ... instead. ``advice``"."""
+    try:
+        value = read_json(path)
+        got = None if isinstance(value, dict) else f"a JSON {type(value).__name__}"
+    except (OSError, ValueError) as err:
+        got = " ".join(f"{type(err).__name__}: {err}".split())
+    if got is not None:
+        raise FeatcacheError(f"Expected {path} to hold {holds}. Got {got} instead. {advice}")
+    return value
 
 
 def _write_or_check_config(out: Path, config: FitConfig) -> None:
@@ -25,22 +112,23 @@ def _write_or_check_config(out: Path, config: FitConfig) -> None:
 
 
 def _check_config(out: Path, config: FitConfig) -> bool:
-    """Whether ``out`` has a config.json (refused when it is another config's)."""
+    """Whether ``out`` has a config.json (refused when it is another config's, or not a
+    config fit wrote)."""
     path = out / "config.json"
-    current = json.loads(json.dumps(asdict(config)))
-    if path.exists():
-        # a field added since the run dir was made (allow_incomplete) counts as its default
-        defaults = {f.name: f.default for f in dataclass_fields(FitConfig)}
-        defaults = {k: v for k, v in defaults.items() if v is not MISSING}
-        saved = {**json.loads(json.dumps(defaults)), **json.loads(path.read_text())}
-        if saved != current:
-            changed = sorted(k for k in current if saved.get(k) != current[k])
-            raise FeatcacheError(
-                f"Run dir {out} was started with a different config ({', '.join(changed)} "
-                "differ). Use another --out, or the original options to resume."
-            )
-        return True
-    return False
+    if not path.exists():
+        return False
+    saved = _read_object(
+        path,
+        "the JSON object of the config fit wrote",
+        f"Use another --out, or remove {out} to start over.",
+    )
+    changed = config_changes(saved, config)
+    if changed:
+        raise FeatcacheError(
+            f"Run dir {out} was started with a different config ({', '.join(changed)} "
+            "differ). Use another --out, or the original options to resume."
+        )
+    return True
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
@@ -58,13 +146,21 @@ def finished_metrics(out: Path, config: FitConfig) -> dict | None:
     if not path.is_file():
         return None
     _write_or_check_config(out, config)
+    metrics = _read_object(
+        path,
+        "the JSON object of a finished run's metrics",
+        "Remove it to run the fit again, or use another --out.",
+    )
     remove_checkpoint(out)  # left by a kill between metrics.json and the cleanup
-    return json.loads(path.read_text())
+    return metrics
 
 
 def remove_checkpoint(out: Path) -> None:
-    for path in out.glob("checkpoint*"):  # the JSON, tensors files, temp files of a kill
-        path.unlink()
+    """Delete the checkpoint files fit wrote in ``out`` (module docstring), by exact name:
+    the JSON, tensors files, and the temp files a kill left of either."""
+    for path in out.iterdir():
+        if _CHECKPOINT_FILES.fullmatch(path.name) and not path.is_dir():
+            path.unlink()
 
 
 def write_file(path: Path, data: bytes) -> None:

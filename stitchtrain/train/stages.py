@@ -6,9 +6,14 @@ Shared stages: an LFM or FFM stage is the same computation in every run whose co
 what decides it (``SharedStages.stage_key``: the config without the later stages, the test
 stores and the scoring options; the stages up to it; the stores' ids, the train / validation
 rows, the device and the torch version), e.g. the FFM stage of ``ffm`` and of ``ffm+tlt`` at
-one position. ``stage-<stage>.json`` records that key, the stage's result and history rows and
-its stitch file's SHA-256; given ``reuse`` run dirs, a stage whose key and hash one of them
-holds is taken from it (``metrics.json``: ``stages.<stage>.reused_from``) instead of trained.
+one position. ``stage-<stage>.json`` records that key, the stage's result and history rows, its
+stitch file's name (``stitch-<stage>.safetensors``) and SHA-256, and ``digest``
+(``rundir.record_digest``: SHA-256 of all the rest); given ``reuse`` run dirs, a stage whose key
+and hash one of them holds is taken from it (``metrics.json``: ``stages.<stage>.reused_from``)
+instead of trained. A record is not taken (the stage is trained) unless it parses (JSON nested
+too deeply does not), its digest covers what it says (an edited key, result or history is not
+taken), and its stitch file is the plain name ``stitch-<stage>.safetensors`` inside its run dir
+(no path, no symlink) with the recorded hash and the stitch's shapes.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +30,7 @@ import torch
 from safetensors.torch import load
 
 from stitchtrain.train.config import HEADS
-from stitchtrain.train.rundir import write_file
+from stitchtrain.train.rundir import read_json, record_digest, run_dir_file, write_file
 
 __all__ = ["SharedStages"]
 
@@ -83,15 +89,18 @@ class SharedStages:
 
     def _write_stage_record(self, stage_index: int, stitch_file: bytes) -> None:
         """``stage-<stage>.json``: the key, result and history rows of a finished LFM / FFM
-        stage and its stitch file's SHA-256 (written after that file, atomically)."""
+        stage, its stitch file's name and SHA-256, and the digest of all that (written after
+        the stitch file, atomically)."""
         stage = self.stages[stage_index]
         result = {k: v for k, v in self.stage_results[stage].items() if k != "reused_from"}
         record = {
             "key": self.stage_key(stage_index),
             "result": result,
             "history": [row for row in self.history if row["stage"] == stage],
+            "stitch_file": f"stitch-{stage}.safetensors",
             "stitch_sha256": hashlib.sha256(stitch_file).hexdigest(),
         }
+        record["digest"] = record_digest(record)
         write_file(self.out / f"stage-{stage}.json", json.dumps(record, indent=1).encode())
 
     def reusable_stage(self, stage_index: int) -> tuple[Path, dict, bytes] | None:
@@ -142,15 +151,21 @@ _STAGE_RESULT = ("lr", "grid", "val_loss", "val_metric")  # the keys a stage rec
 def _finished_stage(
     run_dir: Path, stage: str, key: dict, shapes: dict[str, tuple[int, ...]]
 ) -> tuple[dict, bytes] | None:
-    """(stage record, stitch file bytes) of ``run_dir``'s finished ``stage`` when its key is
-    ``key``, its result and history rows are well formed and its stitch file has the recorded
-    SHA-256 and the stitch's tensor ``shapes``; else None (absent, other, changed, damaged)."""
+    """(stage record, stitch file bytes) of ``run_dir``'s finished ``stage`` when its record
+    parses and matches its digest, its key is ``key``, its result and history rows are well
+    formed and its stitch file is ``stitch-<stage>.safetensors`` in ``run_dir`` with the
+    recorded SHA-256 and the stitch's tensor ``shapes``; else None (absent, other, changed,
+    damaged, elsewhere)."""
     try:
-        record = json.loads((run_dir / f"stage-{stage}.json").read_text())
-        stitch_file = (run_dir / f"stitch-{stage}.safetensors").read_bytes()
+        record = read_json(run_dir / f"stage-{stage}.json")
+        if not isinstance(record, dict) or record.get("digest") != record_digest(record):
+            return None
+        name = f"stitch-{stage}.safetensors"
+        path = run_dir_file(run_dir, record.get("stitch_file"), re.escape(name), name)
+        stitch_file = path.read_bytes()
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("key") != key:
+    if record.get("key") != key:
         return None
     result, history = record.get("result"), record.get("history")
     if not (isinstance(result, dict) and all(k in result for k in _STAGE_RESULT)):
