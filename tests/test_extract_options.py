@@ -114,11 +114,11 @@ def test_each_image_decoded_once_for_several_encoders(tmp_path, manifest, monkey
     calls = []
     original = extract_module.decode_image
 
-    def counting(path, **kwargs):
-        calls.append(path)
-        return original(path, **kwargs)
+    def counting(data, **kwargs):  # the bytes read once (Record.load), named by the image id
+        calls.append(kwargs["name"])
+        return original(data, **kwargs)
 
     monkeypatch.setattr(extract_module, "decode_image", counting)
     plan, result = _extract(manifest, tmp_path, models=["dinov2-tiny", "clip-tiny", "dinov3-tiny"])
     assert len(result["stores"]) == 3 and all(s["complete"] for s in result["stores"])
-    assert sorted(calls) == sorted(r.path for r in plan.records)
+    assert sorted(calls) == sorted(r.id for r in plan.records)
