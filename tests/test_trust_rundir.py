@@ -279,3 +279,25 @@ def test_json_nested_too_deeply_is_a_one_line_cli_error(killed, name):
     assert name in lines[0] and "nested too deeply" in lines[0], result.output
     with pytest.raises(FeatcacheError, match=name):  # and the API raises the project's error
         fit(config)
+
+
+def test_every_reader_of_a_run_dirs_config_refuses_deep_json_in_one_line(tmp_path):
+    """eval and tree build read a finished run's config.json too: one error line, exit 2."""
+    from cli.tree_app import tree_app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(DEEP)
+    (run / "stitch.safetensors").write_bytes(b"")  # the config is refused before it is read
+    commands = [
+        (app, ["eval", str(run)]),
+        (tree_app, ["build", "--trunk", "dinov2-tiny", "--position", "2", "--branch", str(run),
+                    "--out", str(tmp_path / "tree"), "--random-init"]),
+    ]  # fmt: skip
+    for command, args in commands:
+        result = CliRunner().invoke(command, args)
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+        assert "config.json" in lines[0] and "nested too deeply" in lines[0], result.output
+    assert not (tmp_path / "tree").exists()

@@ -25,7 +25,6 @@ with unmarked shards is refused unless the run's ``allow_incomplete``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from stitchtrain.scoring.probe import evaluate_probe, fit_linear_decoder, fit_li
 from stitchtrain.scoring.segscore import OriginalMasks
 from stitchtrain.train.config import FitConfig
 from stitchtrain.train.encoders import load_run_encoder
+from stitchtrain.train.rundir import read_json_object
 from stitchtrain.train.trainer import StitchTrainer
 
 __all__ = [
@@ -321,7 +321,9 @@ def load_run(run_dir: str | Path, **overrides):
         raise FeatcacheError(f"No config.json in {run_dir}: not a stitchtrain run dir.")
     if not (run_dir / "stitch.safetensors").is_file():
         raise FeatcacheError(f"{run_dir} has no stitch.safetensors: the run has not finished.")
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_json_object(
+        run_dir / "config.json", "a run's config (a JSON object)", "Is it a stitchtrain run dir?"
+    )
     recipe = StitchTrainer(FitConfig(**{**config, **overrides}))
     recipe.stitch.load_state_dict(load_file(str(run_dir / "stitch.safetensors")))
     if (run_dir / "head.safetensors").is_file():

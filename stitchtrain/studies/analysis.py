@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
 from stitchtrain.data.loader import valid_rows
+from stitchtrain.train.rundir import read_json_object
 
 __all__ = [
     "SCENARIOS",
@@ -53,11 +54,21 @@ SCENARIOS = (
 )
 
 
+def _predictions_test_store(path: Path) -> str:
+    """The test store URL a ``predictions.json`` names (one-line error for a damaged file)."""
+    store = read_json_object(path, "a predictions record", "Run predictions again.").get(
+        "test_store"
+    )
+    if not isinstance(store, str):
+        raise FeatcacheError(f"Expected {path} to name its test_store. Got {store!r} instead.")
+    return store
+
+
 def _run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     if not path.is_file():
         raise FeatcacheError(f"No config.json in {run_dir}: not a stitchtrain run dir.")
-    return json.loads(path.read_text())
+    return read_json_object(path, "a run's config (a JSON object)", "Is it a stitchtrain run dir?")
 
 
 def _rebuild(run_dir: Path, **overrides):
@@ -218,7 +229,7 @@ def prediction_analysis(
         )
     predictions = [run_predictions(run) for run in runs]
     tests = [
-        FeatureStore.open(json.loads((run / "predictions.json").read_text())["test_store"])
+        FeatureStore.open(_predictions_test_store(run / "predictions.json"))
         if (run / "predictions.json").is_file()
         else None
         for run in runs
@@ -392,5 +403,6 @@ def read_transfers(root: str | Path) -> list[dict[str, Any]]:
     for description in sorted(Path(root).rglob("transfer.json")):
         metrics_path = description.parent / "metrics.json"
         if metrics_path.is_file():
-            found.append({**json.loads(metrics_path.read_text()), "dir": str(description.parent)})
+            metrics = read_json_object(metrics_path, "transfer metrics", "Run the transfer again.")
+            found.append({**metrics, "dir": str(description.parent)})
     return found

@@ -36,6 +36,7 @@ __all__ = [
     "config_changes",
     "finished_metrics",
     "read_json",
+    "read_json_object",
     "record_digest",
     "remove_checkpoint",
     "run_dir_file",
@@ -92,7 +93,7 @@ def config_changes(saved: dict, config: FitConfig) -> list[str]:
     return sorted(k for k in current.keys() | saved.keys() if saved.get(k) != current.get(k))
 
 
-def _read_object(path: Path, holds: str, advice: str) -> dict:
+def read_json_object(path: Path, holds: str, advice: str) -> dict:
     """The JSON object in ``path``; anything else is a one-line ``FeatcacheError``: "Expected
     ``path`` to hold ``holds``. Got ... instead. ``advice``"."""
     try:
@@ -117,7 +118,7 @@ def _check_config(out: Path, config: FitConfig) -> bool:
     path = out / "config.json"
     if not path.exists():
         return False
-    saved = _read_object(
+    saved = read_json_object(
         path,
         "the JSON object of the config fit wrote",
         f"Use another --out, or remove {out} to start over.",
@@ -146,7 +147,7 @@ def finished_metrics(out: Path, config: FitConfig) -> dict | None:
     if not path.is_file():
         return None
     _write_or_check_config(out, config)
-    metrics = _read_object(
+    metrics = read_json_object(
         path,
         "the JSON object of a finished run's metrics",
         "Remove it to run the fit again, or use another --out.",

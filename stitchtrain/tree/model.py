@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from featcache.encoders import Encoder
 from stitchtrain.model.stitches import build_stitch
+from stitchtrain.train.rundir import read_json_object
 from stitchtrain.tree.branch import TreeBranch, _run_blocks
 from stitchtrain.tree.errors import TreeError
 from stitchtrain.tree.runs import resolve_runs
@@ -392,7 +393,7 @@ class VFMStitchTree(nn.Module):
         path = directory / TREE_FILE
         if not path.is_file():
             raise TreeError(f"No tree at {directory} (no {TREE_FILE}). Build one with tree build.")
-        described = json.loads(path.read_text())
+        described = read_json_object(path, f"a {TREE_FORMAT} description", "Build the tree again.")
         if described.get("format") != TREE_FORMAT or described.get("version") != TREE_VERSION:
             raise TreeError(
                 f"Expected {path} to be a {TREE_FORMAT} version {TREE_VERSION} file. Got format "

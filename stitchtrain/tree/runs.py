@@ -3,7 +3,6 @@ the trunk encoder they name (``load_trunk``)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from featcache.encoders import Encoder, load_encoder
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
 from stitchtrain.model.stitches import build_stitch
+from stitchtrain.train.rundir import read_json_object
 from stitchtrain.tree.errors import TreeError
 from stitchtrain.tree.saved import _layout, _load_stitch_state
 
@@ -99,7 +99,9 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     if not path.is_file():
         raise TreeError(f"{run_dir} is not a stitchtrain run dir (no config.json).")
-    config = json.loads(path.read_text())
+    config = read_json_object(
+        path, "a run's config (a JSON object)", "Is it a stitchtrain run dir?"
+    )
     if not (run_dir / "stitch.safetensors").is_file():
         raise TreeError(
             f"Run dir {run_dir} has no stitch.safetensors: the run has not finished. "

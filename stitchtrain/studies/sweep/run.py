@@ -21,6 +21,7 @@ from stitchtrain.studies.sweep.config import _PROBE_FIELDS
 from stitchtrain.studies.sweep.grid import SweepPlan, SweepPoint
 from stitchtrain.studies.sweep.results import _row, _write_table
 from stitchtrain.train.config import FitConfig, FitStopped
+from stitchtrain.train.rundir import read_json
 
 __all__ = ["completed_row", "run_point", "run_sweep"]
 
@@ -34,9 +35,9 @@ def _finished_run(point: SweepPoint, run_dir: Path) -> dict | None:
     """metrics.json of a run dir that finished with this point's config (the sweep was
     stopped before it could write sweep_point.json), else None."""
     try:
-        saved = json.loads((run_dir / "config.json").read_text())
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        saved = read_json(run_dir / "config.json")
+        metrics = read_json(run_dir / "metrics.json")
+    except (OSError, ValueError):  # not JSON, nested too deeply included: not a finished run
         return None
     config = point.config
     if point.kind == "probe":
@@ -54,8 +55,8 @@ def completed_row(point: SweepPoint, out: str | Path) -> dict | None:
     run_dir = point.run_dir(out)
     marker = run_dir / "sweep_point.json"
     try:
-        saved = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
+        saved = read_json(marker)
+    except (OSError, ValueError):
         saved = {}
     if saved.get("point") == _point_record(point):
         return saved["row"]
