@@ -119,6 +119,7 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
                 f"Expected --layers in 0..{encoder.depth} for {name} (depth {encoder.depth}). "
                 f"Got {bad} instead."
             )
+        encoder.check_storable(config.layers)  # a hybrid's source layers may not fit
         spec = StoreSpec(
             encoder=encoder.describe(),
             dataset={

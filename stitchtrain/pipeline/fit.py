@@ -22,6 +22,7 @@ the stores, loading an encoder or training. A run dir made with a different conf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -72,6 +73,12 @@ class StitchRecipe(StitchTrainer):
         metrics["stages"] = self.stage_results
         metrics["final_stage"] = final_stage
         metrics["protocol"] = self.protocol()
+        metrics["stitch_sha256"] = {  # what a hybrid of this run checks (stitchtrain.hybrid)
+            stage: hashlib.sha256(
+                self.out.joinpath(f"stitch-{stage}.safetensors").read_bytes()
+            ).hexdigest()
+            for stage in self.stages
+        }
         write_file(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
         remove_checkpoint(self.out)
         return metrics
