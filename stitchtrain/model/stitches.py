@@ -89,6 +89,8 @@ class TokenAligner(nn.Module):
             patches = _resample_patches(patches, self.source.grid, self.target.grid)
         if self.prefix_shared:
             prefix = source_prefix  # (B, P, D)
+        elif self.target.num_prefix_tokens == 0:
+            return patches  # no target slot (an empty prefix would export badly to ONNX)
         else:
             if self.source.has_cls:
                 seed = source_prefix[:, self.source.prefix.index("cls")]  # (B, D)
