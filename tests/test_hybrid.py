@@ -223,3 +223,45 @@ def test_fit_with_a_hybrid_as_target_loads_its_tail_by_name(pair, hybrid_stores,
     assert 0 <= metrics["test_accuracy"] <= 1
     recipe = load_run(out)
     assert recipe.target_encoder.name == f"stitched:{pair['run'].resolve()}"
+
+
+def test_task_agnostic_recipe_llava_ffm_export_extract_probe(pair, tmp_path):
+    """README "Hybrid VFMs": FFM on an unlabelled LLaVA-style corpus (no test split, no
+    labels) -> export -> extract the hybrid on a labelled dataset -> probe it and both
+    parents: one table, as Table 4."""
+    data = pair["manifest"].parent
+    images = sorted((data / "images").rglob("*.png"))
+    corpus = [{"id": str(i), "image": str(path.relative_to(data)),
+               "conversations": [{"from": "human", "value": "<image>"}]}
+              for i, path in enumerate(images)]  # fmt: skip
+    (tmp_path / "llava.json").write_text(json.dumps(corpus))
+    shutil.copytree(data / "images", tmp_path / "images")
+    stores = _extract([SOURCE, TARGET], tmp_path / "llava.json", tmp_path / "corpus", "train",
+                      layers=[POSITION])  # fmt: skip
+    metrics = fit(FitConfig(source=stores[SOURCE], target=stores[TARGET], position=POSITION,
+                            out=str(tmp_path / "ffm"), objective="ffm", lrs=(5e-3,), epochs=2,
+                            batch_size=8))  # fmt: skip
+    assert metrics["evaluation"].startswith("none: unlabelled")
+    result = runner.invoke(
+        stitchtrain_app, ["export", str(tmp_path / "ffm"), "--out", str(tmp_path / "hybrid")]
+    )
+    assert result.exit_code == 0, result.output
+    hybrid_stores = {}
+    for split in ("train", "test"):
+        result = _extract_cli(pair, f"stitched:{tmp_path / 'hybrid'}", tmp_path / "labelled",
+                              "--layers", "3", "--split", split, "--json")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.output[result.output.index("{") :])["stores"][0]
+        hybrid_stores[split] = summary["url"]
+    table = {}
+    for train in (hybrid_stores["train"], pair["stores"]["train"][SOURCE],
+                  pair["stores"]["train"][TARGET]):  # fmt: skip
+        out = tmp_path / "probes" / str(len(table))
+        args = ["probe", "--store", train, "--out", str(out), "--lr", "5e-3", "--epochs", "3"]
+        result = runner.invoke(stitchtrain_app, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        encoder = FeatureStore.open(train).attrs["encoder"]
+        name = (encoder.get("hybrid") or {}).get("label", encoder["name"])
+        table[name] = json.loads(result.output[result.output.index("{") :])["test_accuracy"]
+    assert list(table) == [f"{SOURCE}[:{POSITION}]→{TARGET}", SOURCE, TARGET]
+    assert all(0 <= accuracy <= 1 for accuracy in table.values())

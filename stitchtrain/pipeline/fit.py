@@ -6,7 +6,9 @@ composition of training (``stitchtrain.train``) and evaluation (``stitchtrain.ev
               then find and check the test stores (``evaluation.evaluation_split``)
     stages    the objective's stages in order (``StitchTrainer.train``)
     evaluate  test-split accuracy / mIoU and the Figure 2 feature distances
-              (``stitchtrain.evaluate.evaluation``)
+              (``stitchtrain.evaluate.evaluation``); none for LFM / FFM on unlabelled
+              stores (a task-agnostic stitch, e.g. on a LLaVA-style corpus: its hybrid is
+              what gets probed)
     save      config.json, stitch.safetensors, head.safetensors, history.csv, metrics.json,
               and per LFM / FFM stage stitch-<stage>.safetensors + stage-<stage>.json
 
@@ -54,8 +56,13 @@ class StitchRecipe(StitchTrainer):
         finished = finished_metrics(self.out, self.config)
         if finished is not None:
             return finished
-        split = evaluation_split(self)  # test stores are refused here, before any training step
-        incomplete = {**self.incomplete, **split.incomplete}
+        # an unlabelled corpus (a LLaVA-style manifest) trains a task-agnostic LFM / FFM stitch
+        # that has no test score: its use is a hybrid (stitchtrain.hybrid), probed elsewhere
+        scored = bool(self.target.attrs["dataset"].get("classes")) or "tlt" in self.stages
+        scored = scored or self.config.task != "cls"
+        # test stores are refused here, before any training step
+        split = evaluation_split(self) if scored else None
+        incomplete = {**self.incomplete, **(split.incomplete if split else {})}
         for url, note in incomplete.items():
             (log or _log.warning)(
                 f"{url}: {len(note['unmarked_shards'])} of {note['num_shards']} shards have no "
@@ -66,7 +73,10 @@ class StitchRecipe(StitchTrainer):
         final_stage = self.stages[-1]
         if progress is not None:
             progress({"event": "evaluate"})
-        metrics = evaluate_run(self.out, recipe=self, split=split)
+        if split is not None:
+            metrics = evaluate_run(self.out, recipe=self, split=split)
+        else:
+            metrics = {"evaluation": "none: unlabelled train stores (no test score)"}
         metrics["train_rows"], metrics["val_rows"] = len(self.train_rows), len(self.val_rows)
         if incomplete:
             metrics["incomplete_stores"] = incomplete
