@@ -31,6 +31,7 @@ LrSchedule = Literal["constant", "cosine"]
 SegDecoder = Literal["grid", "fixed"]
 Miou = Literal["mmseg", "gt-present"]  # stitchtrain.scoring.metrics.MIOU_DEFINITIONS
 ScoreResolution = Literal["original", "input"]  # stitchtrain.scoring.segscore.SCORE_RESOLUTIONS
+ExportFormat = Literal["safetensors", "onnx"]  # stitchtrain.hybrid.export.EXPORT_FORMATS
 
 app = typer.Typer(
     help="Train stitch layers between vision foundation models from cached features.",
@@ -395,6 +396,33 @@ def probe(
         print(json.dumps(metrics, indent=2))
     else:
         console.print(_metrics_table(f"linear probe: {metrics['encoder']}", metrics))
+
+
+@app.command()
+@reports_errors
+def export(
+    run_dir: str = typer.Argument(..., help="A finished fit run dir (the hybrid's stitch)."),
+    out: str = typer.Option(..., help="Export folder to write (new or empty)."),
+    stage: str | None = typer.Option(None, help="Stage to export (default: the run's final)."),
+    with_weights: bool = typer.Option(
+        False,
+        "--with-weights",
+        help="Also write both parents' weights (source/target.safetensors).",
+    ),
+    fmt: ExportFormat = typer.Option(
+        "safetensors", "--format", help="onnx: also write model.onnx, checked in onnxruntime."
+    ),
+) -> None:
+    """Write RUN_DIR's stitch as a hybrid encoder folder that stitched:DIR loads."""
+    from stitchtrain.hybrid.export import export_hybrid
+
+    config = export_hybrid(run_dir, out, stage=stage, with_weights=with_weights, fmt=fmt)
+    console.print(f"exported {config['label']} (stage {config['stage']}) to {out}", markup=False)
+    for name in config["files"]:
+        console.print(f"  {name}", markup=False)
+    if "onnx" in config:
+        difference = config["onnx"]["max_abs_diff"]
+        console.print(f"onnxruntime vs torch: max abs difference {difference:.3g}", markup=False)
 
 
 @app.command(name="eval")

@@ -204,6 +204,13 @@ class Encoder(nn.Module):
             )
         return n
 
+    def check_storable(self, layers: list[int] | tuple[int, ...]) -> None:
+        """Refuse ``layers`` whose tokens are not ``(num_tokens, width)`` (a store holds one
+        token shape per encoder). Every layer of a plain encoder is; a hybrid's source layers
+        may not be (``stitchtrain.hybrid``)."""
+        for n in layers:
+            self._check_layer(n, "layer")
+
     def run(self, images: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         """Layer ``upto`` tokens ``(B, T, D)`` for preprocessed ``images`` ``(B, 3, H, W)``.
 

@@ -4,6 +4,15 @@ Names:
   ``dinov2-l``, ``clip-tiny``, ...           a preset (``featcache models`` lists them)
   ``timm:<model>[.<tag>]``                    any timm VisionTransformer / Eva
   ``open_clip:<model>[@<tag>]``               any open_clip ViT or TimmModel visual tower
+  ``<scheme>:<value>``                        a name scheme of ``ENCODER_SCHEMES``, e.g.
+                                              ``stitched:RUN_OR_EXPORT_DIR`` (a hybrid VFM)
+
+Name schemes: ``ENCODER_SCHEMES`` maps a scheme to the loader that resolves it, named by a
+``"module:function"`` string and imported with importlib only when a name of that scheme is
+loaded. featcache thereby never imports the package that implements a scheme (``stitched:``
+lives in ``stitchtrain.hybrid``, above featcache): the loader is a plug-in found at run time,
+like an entry point, and the layering contract (docs/design.md) holds for every import
+statement; loading ``stitched:...`` needs stitchtrain installed, as the table says.
 
 Weights, in order of precedence:
   ``weights=FILE``      a local safetensors state dict (timm model, or open_clip CLIP / visual)
@@ -20,6 +29,7 @@ import copy
 import difflib
 import functools
 import hashlib
+import importlib
 import json
 import os
 from pathlib import Path
@@ -32,7 +42,11 @@ from featcache.encoders.base import Encoder
 from featcache.encoders.presets import PRESETS, Preset
 from featcache.errors import UnknownModelError, WeightsUnavailableError
 
-__all__ = ["load_encoder", "resolve_spec", "describe_preset"]
+__all__ = ["ENCODER_SCHEMES", "load_encoder", "resolve_spec", "describe_preset"]
+
+# Name scheme -> "module:function" of its loader, called as load_encoder's own signature with
+# the name's value after "<scheme>:" (module docstring: imported only when the scheme is used).
+ENCODER_SCHEMES = {"stitched": "stitchtrain.hybrid.encoder:load_stitched"}
 
 _HOW_TO_SUPPLY = (
     "Pass weights=FILE (CLI: --weights FILE) with a local safetensors state dict of that model, "
@@ -62,8 +76,9 @@ def resolve_spec(name: str) -> Preset:
     matches = _close_matches(name, list(PRESETS))
     hint = f" Close matches: {', '.join(matches)}." if matches else ""
     raise UnknownModelError(
-        f"Expected a preset ({', '.join(PRESETS)}), 'timm:<model>' or "
-        f"'open_clip:<model>[@<tag>]'. Got {name!r} instead.{hint}"
+        f"Expected a preset ({', '.join(PRESETS)}), 'timm:<model>', "
+        f"'open_clip:<model>[@<tag>]' or 'stitched:<run or export dir>'. "
+        f"Got {name!r} instead.{hint}"
     )
 
 
@@ -118,7 +133,8 @@ def load_encoder(
     """Build a frozen, eval-mode ``Encoder`` from a preset or library name.
 
     Args:
-        name: preset, ``timm:<model>`` or ``open_clip:<model>[@<tag>]``.
+        name: preset, ``timm:<model>``, ``open_clip:<model>[@<tag>]`` or a scheme of
+            ``ENCODER_SCHEMES`` (``stitched:DIR``: a hybrid of a fit run or an export).
         pretrained: False refuses the hub (random or file weights only); None/True allow it.
         weights: local safetensors state dict to load.
         random_init: seeded random weights instead of pretrained ones.
@@ -129,6 +145,17 @@ def load_encoder(
             the pretrained eval geometry; None keeps the model's own); they override the
             preset's and enter the fingerprint.
     """
+    scheme, _, value = name.partition(":")
+    if scheme in ENCODER_SCHEMES:
+        return _scheme_loader(scheme)(
+            value,
+            pretrained=pretrained,
+            weights=weights,
+            random_init=random_init,
+            seed=seed,
+            device=device,
+            **overrides,
+        )
     preset = resolve_spec(name)
     arch = {**preset.overrides, **overrides}
     geometry = _geometry_overrides(arch)  # removed from arch: not architecture kwargs
@@ -151,6 +178,19 @@ def load_encoder(
         encoder.preprocessing = encoder.preprocessing.with_geometry(**geometry)
         encoder._fingerprint = None
     return encoder.to(device)
+
+
+def _scheme_loader(scheme: str):
+    """The loader function of name scheme ``scheme`` (``ENCODER_SCHEMES``), imported now."""
+    module_name, _, function = ENCODER_SCHEMES[scheme].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UnknownModelError(
+            f"Expected the package that loads '{scheme}:' names ({module_name}) to be "
+            f"installed. Got {type(err).__name__}: {err} instead."
+        ) from err
+    return getattr(module, function)
 
 
 def _geometry_overrides(arch: dict[str, Any]) -> dict[str, Any]:

@@ -116,6 +116,7 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
                 "(use --tokens all or pooled)."
             )
         layers = resolve_layers(config.layers, encoder.depth, name)
+        encoder.check_storable(layers)  # a hybrid's source layers may not fit
         spec = StoreSpec(
             encoder=encoder.describe(),
             dataset={

@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from featcache.encoders.base import Encoder, TokenLayout
 
-__all__ = ["STITCH_KINDS", "Stitch", "TokenAligner", "build_stitch"]
+__all__ = ["STITCH_KINDS", "Stitch", "TokenAligner", "build_stitch", "stitched_outputs"]
 
 STITCH_KINDS = ("linear", "mlp", "lora")
 _LSTSQ_CHUNK_TOKENS = 1 << 16  # float64 rows per normal-equation update (bounds memory)
@@ -89,6 +89,8 @@ class TokenAligner(nn.Module):
             patches = _resample_patches(patches, self.source.grid, self.target.grid)
         if self.prefix_shared:
             prefix = source_prefix  # (B, P, D)
+        elif self.target.num_prefix_tokens == 0:
+            return patches  # no target slot (an empty prefix would export badly to ONNX)
         else:
             if self.source.has_cls:
                 seed = source_prefix[:, self.source.prefix.index("cls")]  # (B, D)
@@ -389,3 +391,12 @@ def _check_lora_args(
         )
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"Expected lora_rank >= 1. Got {rank!r} instead.")
+
+
+def stitched_outputs(
+    stitch: Stitch, target: Encoder, tokens: Tensor, position: int
+) -> tuple[Tensor, Tensor]:
+    """The stitched model past the source: target blocks n+1..N, final norm and pool on
+    ``stitch(tokens)`` (source layer n tokens; layer n-1 for LoRA), as ``(final, pooled)``.
+    The one forward that training, evaluation and the hybrid encoder run."""
+    return target.run_from(stitch(tokens), position)

@@ -6,7 +6,9 @@ composition of training (``stitchtrain.train``) and evaluation (``stitchtrain.ev
               then find and check the test stores (``evaluation.evaluation_split``)
     stages    the objective's stages in order (``StitchTrainer.train``)
     evaluate  test-split accuracy / mIoU and the Figure 2 feature distances
-              (``stitchtrain.evaluate.evaluation``)
+              (``stitchtrain.evaluate.evaluation``); none for LFM / FFM on unlabelled
+              stores (a task-agnostic stitch, e.g. on a LLaVA-style corpus: its hybrid is
+              what gets probed)
     save      config.json, stitch.safetensors, head.safetensors, history.csv, metrics.json,
               and per LFM / FFM stage stitch-<stage>.safetensors + stage-<stage>.json
 
@@ -22,6 +24,7 @@ the stores, loading an encoder or training. A run dir made with a different conf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -53,8 +56,13 @@ class StitchRecipe(StitchTrainer):
         finished = finished_metrics(self.out, self.config)
         if finished is not None:
             return finished
-        split = evaluation_split(self)  # test stores are refused here, before any training step
-        incomplete = {**self.incomplete, **split.incomplete}
+        # an unlabelled corpus (a LLaVA-style manifest) trains a task-agnostic LFM / FFM stitch
+        # that has no test score: its use is a hybrid (stitchtrain.hybrid), probed elsewhere
+        scored = bool(self.target.attrs["dataset"].get("classes")) or "tlt" in self.stages
+        scored = scored or self.config.task != "cls"
+        # test stores are refused here, before any training step
+        split = evaluation_split(self) if scored else None
+        incomplete = {**self.incomplete, **(split.incomplete if split else {})}
         for url, note in incomplete.items():
             (log or _log.warning)(
                 f"{url}: {len(note['unmarked_shards'])} of {note['num_shards']} shards have no "
@@ -65,13 +73,22 @@ class StitchRecipe(StitchTrainer):
         final_stage = self.stages[-1]
         if progress is not None:
             progress({"event": "evaluate"})
-        metrics = evaluate_run(self.out, recipe=self, split=split)
+        if split is not None:
+            metrics = evaluate_run(self.out, recipe=self, split=split)
+        else:
+            metrics = {"evaluation": "none: unlabelled train stores (no test score)"}
         metrics["train_rows"], metrics["val_rows"] = len(self.train_rows), len(self.val_rows)
         if incomplete:
             metrics["incomplete_stores"] = incomplete
         metrics["stages"] = self.stage_results
         metrics["final_stage"] = final_stage
         metrics["protocol"] = self.protocol()
+        metrics["stitch_sha256"] = {  # what a hybrid of this run checks (stitchtrain.hybrid)
+            stage: hashlib.sha256(
+                self.out.joinpath(f"stitch-{stage}.safetensors").read_bytes()
+            ).hexdigest()
+            for stage in self.stages
+        }
         write_file(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
         remove_checkpoint(self.out)
         return metrics

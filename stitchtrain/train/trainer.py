@@ -56,7 +56,7 @@ from stitchtrain.model.losses import (
     segmentation_loss,
     segmentation_targets,
 )
-from stitchtrain.model.stitches import Stitch, build_stitch
+from stitchtrain.model.stitches import Stitch, build_stitch, stitched_outputs
 from stitchtrain.scoring.metrics import ConfusionMatrix
 from stitchtrain.train.checkpoint import (
     CHECKPOINT_EVERY_S,
@@ -278,7 +278,7 @@ class StitchTrainer(Checkpoints, SharedStages):
     # -- one step -------------------------------------------------------------------------------
     def stitched_outputs(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Source tokens -> stitched model ``(final, pooled)`` through the frozen target tail."""
-        return self.target_encoder.run_from(self.stitch(source), self.config.position)
+        return stitched_outputs(self.stitch, self.target_encoder, source, self.config.position)
 
     def _loss(self, stage: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """(loss, predictions for the task metric or None)."""
