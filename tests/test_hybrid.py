@@ -213,6 +213,17 @@ def test_extracted_hybrid_store_verifies_and_holds_the_runs_stitched_tokens(pair
     assert again.exit_code == 0 and "complete, nothing to do" in " ".join(again.output.split())
 
 
+def test_extract_of_a_hybrid_without_layers_stores_its_own_layers(pair, tmp_path):
+    """No --layers: the depth-aware default, less the source's layers whose tokens are not the
+    hybrid's shape (dinov2-tiny's 1..2 beside siglip2-tiny's tokens); given, they are refused."""
+    result = _extract_cli(pair, f"stitched:{pair['run']}", tmp_path / "default", "--split", "test")
+    assert result.exit_code == 0, result.output
+    (url,) = [str(p) for p in (tmp_path / "default" / "test").glob("*.zarr")]
+    assert FeatureStore.open(url).layers == [3, 4, 5, 6]
+    refused = _extract_cli(pair, f"stitched:{pair['run']}", tmp_path / "given", "--layers", "1,3")
+    _one_line_error(refused, "layers 0..2 are its source's")
+
+
 def test_fit_with_a_hybrid_as_target_loads_its_tail_by_name(pair, hybrid_stores, tmp_path):
     """FFM from dinov2-tiny into the hybrid at layer 3: the tail is stitched:RUN's blocks 4..6,
     loaded through load_encoder and checked against the store's fingerprint."""

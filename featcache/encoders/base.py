@@ -204,6 +204,11 @@ class Encoder(nn.Module):
             )
         return n
 
+    def storable_layers(self, layers: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+        """The layers of ``layers`` whose tokens are ``(num_tokens, width)``: all of them for a
+        plain encoder; a hybrid leaves out its source's when their shape differs."""
+        return tuple(layers)
+
     def check_storable(self, layers: list[int] | tuple[int, ...]) -> None:
         """Refuse ``layers`` whose tokens are not ``(num_tokens, width)`` (a store holds one
         token shape per encoder). Every layer of a plain encoder is; a hybrid's source layers

@@ -116,7 +116,9 @@ def plan_extraction(config: ExtractConfig, encoders: list[Encoder] | None = None
                 "(use --tokens all or pooled)."
             )
         layers = resolve_layers(config.layers, encoder.depth, name)
-        encoder.check_storable(layers)  # a hybrid's source layers may not fit
+        if config.layers == "default":  # a hybrid's source layers of another shape left out
+            layers = encoder.storable_layers(layers)
+        encoder.check_storable(layers)  # given explicitly, they are refused
         spec = StoreSpec(
             encoder=encoder.describe(),
             dataset={

@@ -134,6 +134,11 @@ class HybridEncoder(Encoder):
         return self.target._pool(tokens, final)
 
     # -- what a store can hold -----------------------------------------------------------------
+    def storable_layers(self, layers: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+        source = self.source
+        same = source.layout.num_tokens == self.num_tokens and source.width == self.width
+        return tuple(n for n in layers if same or n > self.source_layers)
+
     def check_storable(self, layers: list[int] | tuple[int, ...]) -> None:
         super().check_storable(layers)
         source = self.source
