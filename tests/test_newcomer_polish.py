@@ -15,6 +15,7 @@ from test_report import assert_figures_equal_tables, write_sweep_dir
 from typer.testing import CliRunner
 
 from cli.experiments_app import experiments_app
+from cli.featcache_app import app as featcache_app
 from stitchtrain.studies.cka import CKAResult, cka_heatmap
 from stitchtrain.studies.report.page import build_report
 
@@ -133,3 +134,37 @@ def test_report_with_cka_on_runs_that_name_no_store_says_so(tmp_path):
         "(columns config.source / config.target)."
     )
     assert "Table 1 layout" in markdown
+
+
+# -- featcache ls ---------------------------------------------------------------------------------
+def _ls_rows(output: str) -> list[dict[str, str]]:
+    """The rows of ``featcache ls``'s table: header cell -> cell (the first line of each)."""
+    [head] = [line for line in output.splitlines() if line.startswith("┃")]
+    header = [c.strip() for c in head.split("┃")[1:-1]]
+    lines = [line for line in output.splitlines() if line.startswith("│")]
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in lines]
+    return [dict(zip(header, row, strict=True)) for row in rows if row[1]]
+
+
+def test_ls_counts_skipped_images_apart_from_images(tmp_path):
+    data = tmp_path / "data"
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (40, 30), (40 * i, 10, 200)).save(data / "ab"[i % 2] / f"ok{i}.png")
+    (data / "a" / "text.jpg").write_text("not an image")
+    (data / "b" / "empty.jpg").write_bytes(b"")
+    args = ["extract", "--model", "dinov2-tiny", "--data", str(data), "--out", str(tmp_path / "s")]
+    result = runner.invoke(featcache_app, [*args, "--layers", "1", "--on-bad-image", "skip"])
+    assert result.exit_code == 0, result.output
+    listing = runner.invoke(featcache_app, ["ls", str(tmp_path / "s")])
+    assert listing.exit_code == 0, listing.output
+    [row] = _ls_rows(listing.output)
+    assert (row["images"], row["skipped"]) == ("5", "2"), listing.output
+
+
+def test_ls_of_a_folder_without_stores_says_so(tmp_path):
+    (tmp_path / "notes.txt").write_text("no stores here")
+    result = runner.invoke(featcache_app, ["ls", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"no featcache stores under {tmp_path}\n"
