@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from cli.experiments_app import experiments_app
 from cli.featcache_app import app as featcache_app
+from cli.stitchtrain_app import app as stitchtrain_app
 from stitchtrain.studies.cka import CKAResult, cka_heatmap
 from stitchtrain.studies.report.page import build_report
 
@@ -168,3 +169,39 @@ def test_ls_of_a_folder_without_stores_says_so(tmp_path):
     result = runner.invoke(featcache_app, ["ls", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert result.output == f"no featcache stores under {tmp_path}\n"
+
+
+# -- fit on a finished run dir --------------------------------------------------------------------
+def test_rerunning_a_finished_fit_says_so(stores, tmp_path):
+    _, urls = stores
+    out = tmp_path / "run"
+    args = [
+        "fit",
+        "--source",
+        urls["dinov2-tiny", "train"],
+        "--target",
+        urls["siglip2-tiny", "train"],
+        "--position",
+        "2",
+        "--objective",
+        "lfm",
+        "--lr",
+        "5e-3",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+    ]
+    first = runner.invoke(stitchtrain_app, args)
+    assert first.exit_code == 0, first.output
+    assert "finished run" not in first.output
+    again = runner.invoke(stitchtrain_app, args)
+    assert again.exit_code == 0, again.output
+    lines = [line for line in again.output.splitlines() if "finished run" in line]
+    assert lines == [
+        f"{out} holds a finished run: its metrics are shown, nothing was retrained (another "
+        "--out trains anew)."
+    ], again.output
+    rows = [line for line in first.output.splitlines() if line.startswith("│")]
+    assert any("test_accuracy" in row for row in rows)
+    assert [line for line in again.output.splitlines() if line.startswith("│")] == rows
