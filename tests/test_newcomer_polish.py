@@ -205,3 +205,17 @@ def test_rerunning_a_finished_fit_says_so(stores, tmp_path):
     rows = [line for line in first.output.splitlines() if line.startswith("│")]
     assert any("test_accuracy" in row for row in rows)
     assert [line for line in again.output.splitlines() if line.startswith("│")] == rows
+
+
+# -- the missing-weights hint ---------------------------------------------------------------------
+def test_missing_weights_hint_shows_the_real_option_syntax():
+    from cli._parse import parse_weights
+    from featcache import WeightsUnavailableError, load_encoder
+
+    with pytest.raises(WeightsUnavailableError) as caught:
+        load_encoder("dinov2-s", pretrained=False)
+    message = str(caught.value)
+    assert "--weights FILE" not in message
+    [option] = re.findall(r"--weights (\S+?)[;)]", message)
+    assert parse_weights([option]) == {"dinov2-s": "FILE"}  # what extract / tree accept
+    assert "--source-weights" in message and "--target-weights" in message  # fit's options
