@@ -90,16 +90,22 @@ def models() -> None:
 app.registered_commands.extend(extract_app.registered_commands)  # extract
 
 
-def stores_table(root: str) -> Table:
-    """One row per store under ``root``."""
+def stores_table(root: str) -> Table | str:
+    """One row per store under ``root``: images (rows minus skipped ones) and skipped (images
+    unreadable at extraction, ``--on-bad-image skip``) apart; with no store under ``root``,
+    one line saying so."""
     from rich.table import Table
 
     from featcache.store import find_stores
 
+    stores = find_stores(root)
+    if not stores:
+        return f"no featcache stores under {root}"
     table = Table(title=f"stores under {root}")
-    for column in ("store", "encoder", "dataset", "split", "layers", "images", "size", "complete"):
+    columns = ("store", "encoder", "dataset", "split", "layers", "images", "skipped", "size")
+    for column in (*columns, "complete"):
         table.add_column(column, overflow="fold")
-    for store in find_stores(root):
+    for store in stores:
         s = store.summary()
         table.add_row(
             s["url"],
@@ -107,7 +113,8 @@ def stores_table(root: str) -> Table:
             s["dataset"],
             s["split"],
             ",".join(map(str, s["layers"])) or "-",
-            str(s["images"]),
+            str(s["images"] - len(s["skipped"])),
+            str(len(s["skipped"])),
             format_size(s["bytes"]),
             "yes" if s["complete"] else f"no ({s['shards_done']}/{s['num_shards']})",
         )
@@ -117,14 +124,16 @@ def stores_table(root: str) -> Table:
 @app.command(name="ls")
 @reports_errors
 def list_stores(root: str = typer.Argument(..., help="Directory or URL holding stores.")) -> None:
-    """List the stores under ROOT: encoder, dataset, split, layers, images, size, complete."""
+    """List the stores under ROOT: encoder, dataset, split, layers, images, skipped, size,
+    complete (images: readable ones; skipped: unreadable, --on-bad-image skip). No store
+    under ROOT: one line saying so (exit status 0)."""
     from featcache.errors import FeatcacheError
 
     if "://" not in root and not Path(root).exists():
         raise FeatcacheError(
             f"Expected ROOT to be a directory or URL. Got {root}, which is absent."
         )
-    console.print(stores_table(root))
+    console.print(stores_table(root), highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -301,6 +301,7 @@ def fit(
     # torch: after the checks, so bad values exit fast
     from stitchtrain.pipeline.fit import fit as run_fit
     from stitchtrain.train.config import FitConfig
+    from stitchtrain.train.rundir import check_run_dir
 
     config = FitConfig(
         source=source,
@@ -339,6 +340,13 @@ def fit(
         _print_fit_plan(config, as_json, reuse or [])
         return
 
+    if check_run_dir(Path(out), config) == "finished":  # fit returns its metrics at once
+        (err_console if as_json else console).print(
+            f"{out} holds a finished run: its metrics are shown, nothing was retrained "
+            "(another --out trains anew).",
+            highlight=False,
+            soft_wrap=True,
+        )
     # stages -> learning rates -> epochs; with --json on stderr, so stdout holds the JSON only
     with (
         progress_display(err_console if as_json else console) as display,

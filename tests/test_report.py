@@ -330,8 +330,10 @@ def _check_cka(data, tables, kind, a, b) -> None:
     header, *rows = found[0]
     columns = {h: {float(r[0]): r[i] for r in rows} for i, h in enumerate(header)}
     similarity = columns[header[1]]
-    if kind == "cka_heatmap":
-        diagonal = data[data.layer_a == data.layer_b]
+    if kind == "cka_heatmap":  # every layer both stores hold; at the positions, the table
+        diagonal = data[
+            (data.layer_a == data.layer_b) & data.layer_a.astype(float).isin(similarity)
+        ]
         _near(
             dict(zip(diagonal.layer_a.astype(float), diagonal.cka, strict=True)),
             similarity,

@@ -48,10 +48,15 @@ __all__ = ["ENCODER_SCHEMES", "load_encoder", "resolve_spec", "describe_preset"]
 # the name's value after "<scheme>:" (module docstring: imported only when the scheme is used).
 ENCODER_SCHEMES = {"stitched": "stitchtrain.hybrid.encoder:load_stitched"}
 
-_HOW_TO_SUPPLY = (
-    "Pass weights=FILE (CLI: --weights FILE) with a local safetensors state dict of that model, "
-    "or random_init=True (CLI: --random-init) for random weights."
-)
+
+def _how_to_supply(name: str) -> str:
+    """The hint after a missing-weights error, in each CLI's own syntax: ``--weights
+    NAME=FILE`` (extract, tree), ``--source-weights`` / ``--target-weights FILE`` (fit)."""
+    return (
+        f"Pass weights=FILE (CLI: --weights {name}=FILE; stitchtrain fit: --source-weights / "
+        "--target-weights FILE) with a local safetensors state dict of that model, or "
+        "random_init=True (CLI: --random-init) for random weights."
+    )
 
 
 def _close_matches(word: str, candidates: list[str], n: int = 5) -> list[str]:
@@ -163,7 +168,7 @@ def load_encoder(
     use_random = weights_path is None and (random_init or preset.tiny)
     if weights_path is None and not use_random and pretrained is False:
         raise WeightsUnavailableError(
-            f"{name} needs weights and pretrained=False forbids the hub. {_HOW_TO_SUPPLY}"
+            f"{name} needs weights and pretrained=False forbids the hub. {_how_to_supply(name)}"
         )
     spec = {"library": preset.library, "model": preset.model, "overrides": {**arch, **geometry}}
     with torch.random.fork_rng(devices=[]), _single_threaded(use_random):
@@ -265,7 +270,7 @@ def _load_timm(name, model, arch, spec, weights_path, use_random) -> Encoder:
         if not use_random:
             raise WeightsUnavailableError(
                 f"No pretrained weights for {name} (timm {model}): the hub did not supply them "
-                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). {_HOW_TO_SUPPLY}"
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). {_how_to_supply(name)}"
             ) from err
         raise
     return wrap_timm_model(module, name=name, spec=spec)
@@ -375,7 +380,7 @@ def _load_open_clip(name, model, arch, spec, weights_path, use_random) -> Encode
         if not tag:
             raise WeightsUnavailableError(
                 f"{name} names no pretrained tag; use open_clip:{architecture}@<tag> with one of "
-                f"{open_clip.list_pretrained_tags_by_model(architecture)}. {_HOW_TO_SUPPLY}"
+                f"{open_clip.list_pretrained_tags_by_model(architecture)}. {_how_to_supply(name)}"
             )
         try:
             visual = open_clip.create_model(architecture, pretrained=tag).visual
@@ -383,7 +388,7 @@ def _load_open_clip(name, model, arch, spec, weights_path, use_random) -> Encode
             raise WeightsUnavailableError(
                 f"No pretrained weights for {name} (open_clip {architecture}@{tag}): the hub did "
                 f"not supply them ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-                f"{_HOW_TO_SUPPLY}"
+                f"{_how_to_supply(name)}"
             ) from err
     image_size = (
         tuple(visual.image_size)

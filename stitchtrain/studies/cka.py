@@ -45,6 +45,7 @@ __all__ = [
     "cka_matrix",
     "cka_stores",
     "parse_layers",
+    "cka_heatmap",
     "plot_cka",
 ]
 
@@ -383,27 +384,48 @@ def cka_stores(
     )
 
 
-def plot_cka(result: CKAResult, path: str | Path) -> Path:
-    """Heatmap of a ``CKAResult`` (rows: store A's layers, columns: store B's) as a PNG."""
+def cka_heatmap(result: CKAResult, names: tuple[str, str] | None = None):
+    """The heatmap of a ``CKAResult`` (rows: store A's layers, columns: store B's) as a
+    matplotlib ``Figure``. The colours span the values' own range (their minimum to their
+    maximum, which the colour bar states), so 0.95 and 0.97 look different; every cell prints
+    its value to 3 decimals. ``names``: how to call encoders A and B (default: the stores'
+    encoder names)."""
     from matplotlib.figure import Figure
 
     values = np.asarray(result.values)
-    size = (2.5 + 0.45 * len(result.layers_b), 2.0 + 0.4 * len(result.layers_a))
-    figure = Figure(figsize=(max(size[0], 4.0), max(size[1], 3.2)), dpi=110)
+    name_a, name_b = names or (result.encoder_a, result.encoder_b)
+    low, high = float(values.min()), float(values.max())
+    if high > low:
+        scale = {"vmin": low, "vmax": high}
+        label = f"CKA: colours span the values, {low:.3f}–{high:.3f}"
+    else:  # one value everywhere: one colour
+        scale = {"vmin": low - 0.5, "vmax": high + 0.5}
+        label = f"CKA: all {low:.3f}"
+    size = (2.5 + 0.55 * len(result.layers_b), 2.0 + 0.4 * len(result.layers_a))
+    figure = Figure(
+        figsize=(max(size[0], 4.2), max(size[1], 3.2) + 0.6), dpi=110, layout="constrained"
+    )
     axes = figure.subplots()
-    image = axes.imshow(values, vmin=0.0, vmax=1.0, cmap="magma", origin="lower", aspect="auto")
+    image = axes.imshow(values, cmap="magma", origin="lower", aspect="auto", **scale)
     axes.set_xticks(range(len(result.layers_b)), result.layers_b)
     axes.set_yticks(range(len(result.layers_a)), result.layers_a)
-    axes.set_xlabel(f"{result.encoder_b} layer")
-    axes.set_ylabel(f"{result.encoder_a} layer")
-    if values.size <= 100:
-        for (i, j), value in np.ndenumerate(values):
-            colour = "black" if value > 0.6 else "white"
-            axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
-    axes.set_title(f"{result.estimator} CKA ({result.tokens} tokens, {result.images} images)")
-    figure.colorbar(image, ax=axes, label="CKA")
-    figure.tight_layout()
+    axes.set_xlabel(f"{name_b} layer")
+    axes.set_ylabel(f"{name_a} layer")
+    fontsize = 7 if max(values.shape) <= 10 else 5
+    for (i, j), value in np.ndenumerate(values):
+        colour = "black" if image.norm(value) > 0.6 else "white"  # magma: light at the top
+        axes.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=fontsize, color=colour)
+    axes.set_title(
+        f"{result.estimator} CKA, {name_a} vs {name_b}\n({result.tokens} tokens, "
+        f"{result.images} images)"
+    )
+    figure.colorbar(image, ax=axes, label=label, location="bottom", aspect=40)
+    return figure
+
+
+def plot_cka(result: CKAResult, path: str | Path) -> Path:
+    """``cka_heatmap`` of ``result`` written to ``path`` as a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    cka_heatmap(result).savefig(path)
     return path

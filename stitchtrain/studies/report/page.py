@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stitchtrain.studies.report.folder import check_report_dir, replaced_whole
+from stitchtrain.studies.report.plots import PAGE_WIDTH_PX
 from stitchtrain.studies.report.render import _templates
 from stitchtrain.studies.report.runs import _DatasetRuns, load_results
 from stitchtrain.studies.report.sections import (
@@ -36,7 +37,8 @@ def _write(sections: list[_Section], out: Path, title: str) -> Path:
             else:
                 markdown += [item, ""]
     (out / "report.md").write_text("\n".join(markdown))
-    page = _templates().get_template("report.html.j2").render(title=title, sections=sections)
+    template = _templates().get_template("report.html.j2")
+    page = template.render(title=title, sections=sections, width=PAGE_WIDTH_PX)
     (out / "index.html").write_text(page)
     return out / "index.html"
 

@@ -19,6 +19,7 @@ from stitchtrain.studies.report.runs import (
     _select,
 )
 
+PAGE_WIDTH_PX = 1100  # the report page's content width (index.html's body max-width)
 _COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X"]  # one per objective: a line on top hides none
 
@@ -42,7 +43,7 @@ class _Series:
     high: list[float] | None = None
 
 
-def _figure(width: float = 5.2, height: float = 4.0, panels: int = 1):
+def _figure(width: float = 7.0, height: float = 4.4, panels: int = 1):
     """A constrained-layout figure and its axes (a list when ``panels`` > 1)."""
     from matplotlib.figure import Figure
 
@@ -96,7 +97,9 @@ def _legend_below(figure, *axes, per_row: int = 4) -> None:
 
 
 def _save(figure, path: Path) -> Path:
-    figure.savefig(path)
+    """``figure`` as a PNG ``PAGE_WIDTH_PX`` pixels wide (the dpi follows its width in
+    inches), so the page shows it across its content width at its own size."""
+    figure.savefig(path, dpi=PAGE_WIDTH_PX / figure.get_figwidth())
     return path
 
 
@@ -280,11 +283,11 @@ def _cka_figure(positions, cka_values, accuracies: dict[str, list[float]], metri
     return figure
 
 
-def _plot_cka_heatmap(result, path: Path) -> Path:
-    """``stitchtrain.studies.cka.plot_cka``'s heatmap of ``result.values``, with those values
-    written to ``path`` with suffix .csv (layer_a, layer_b, cka; the layout of
-    ``CKAResult.save``)."""
-    from stitchtrain.studies.cka import plot_cka
+def _plot_cka_heatmap(result, path: Path, names: tuple[str, str]) -> Path:
+    """``stitchtrain.studies.cka.cka_heatmap`` of ``result.values`` (encoders called
+    ``names``), with those values written to ``path`` with suffix .csv (layer_a, layer_b, cka;
+    the layout of ``CKAResult.save``)."""
+    from stitchtrain.studies.cka import cka_heatmap
 
     rows = [
         (layer_a, layer_b, result.values[i][j])
@@ -293,4 +296,4 @@ def _plot_cka_heatmap(result, path: Path) -> Path:
     ]
     data = pd.DataFrame(rows, columns=["layer_a", "layer_b", "cka"])
     data.to_csv(path.with_suffix(".csv"), index=False)
-    return plot_cka(result, path)
+    return _save(cka_heatmap(result, names), path)

@@ -45,8 +45,27 @@ class _Section:
     blocks: list[tuple[str, Any]] = field(default_factory=list)  # ("figure"|"table"|"text", x)
 
 
+def _train_stores(runs: pd.DataFrame, a: str, b: str) -> tuple[str, str]:
+    """The train stores (source, target) that the results record for ``runs`` (of a→b), from
+    the columns ``config.source`` / ``config.target``; a ``FeatcacheError`` when they name
+    none (results written without them)."""
+    urls = [
+        runs[column].iloc[0] if column in runs else None
+        for column in ("config.source", "config.target")
+    ]
+    if not all(isinstance(url, str) and url for url in urls):
+        raise FeatcacheError(
+            f"the results name no train store of {a} or {b} (columns config.source / "
+            "config.target)."
+        )
+    return urls[0], urls[1]
+
+
 def _cka_blocks(stitched, pair, objective, stitch, metric_name, out, prefix, max_images):
-    """CKA of the pair's train stores at each swept position, against the stitched metric."""
+    """CKA of the pair's train stores: the heatmap over every layer both stores hold, and at
+    each swept position such a layer, against the stitched metric. Encoders are named by
+    their sweep keys, as in the other figures."""
+    from featcache.store import FeatureStore
     from stitchtrain.studies.cka import cka_stores
 
     a, b = pair
@@ -55,16 +74,17 @@ def _cka_blocks(stitched, pair, objective, stitch, metric_name, out, prefix, max
     if one.empty:
         one = _select(runs, source=b, target=a)
         a, b = b, a
-    positions = _positions(one)
-    if one.empty or not positions:
+    if one.empty or not _positions(one):
         return []
-    result = cka_stores(
-        one["config.source"].iloc[0],
-        one["config.target"].iloc[0],
-        [str(p) for p in positions],
-        [str(p) for p in positions],
-        max_images=max_images,
-    )
+    store_a, store_b = (FeatureStore.open(url) for url in _train_stores(one, a, b))
+    layers = [str(n) for n in sorted(set(store_a.layers) & set(store_b.layers))]
+    positions = [p for p in _positions(one) if str(p) in layers]
+    if not positions:
+        raise FeatcacheError(
+            f"no swept position ({', '.join(map(str, _positions(one)))}) is a layer both "
+            f"stores hold ({a}: {store_a.layers}, {b}: {store_b.layers})."
+        )
+    result = cka_stores(store_a, store_b, layers, layers, max_images=max_images)
     diagonal = [result.value(p, p) for p in positions]
     accuracies = {}
     for source, target in ((a, b), (b, a)):
@@ -77,7 +97,7 @@ def _cka_blocks(stitched, pair, objective, stitch, metric_name, out, prefix, max
         path = out / f"{prefix}cka_{_safe(a)}_{_safe(b)}.png"
         blocks.append(_figure_block(_plot_cka(positions, diagonal, accuracies, metric_name, path)))
     heatmap = out / f"{prefix}cka_heatmap_{_safe(a)}_{_safe(b)}.png"
-    blocks.append(_figure_block(_plot_cka_heatmap(result, heatmap)))
+    blocks.append(_figure_block(_plot_cka_heatmap(result, heatmap, (a, b))))
     rows = [
         [str(p), f"{c:.3f}", *[f"{v[i] * 100:.1f}" for v in accuracies.values()]]
         for i, (p, c) in enumerate(zip(positions, diagonal, strict=True))
