@@ -209,14 +209,16 @@ def test_epochs_count_from_one_in_console_json_metrics_and_history(pair, tmp_pat
     assert said == best, result.stderr
 
 
-def test_a_checkpoint_counting_epochs_from_zero_resumes_to_the_same_files(pair, tmp_path):
+def test_a_checkpoint_counting_epochs_from_zero_is_refused_and_the_restart_matches(pair, tmp_path):
     """A checkpoint written before epochs counted from 1 (history rows from 0, best epochs from
-    0) resumes to the history and metrics of an uninterrupted run of this version."""
+    0; no digest, no config: the writer before run-dir digests) is refused in one line naming
+    the files to remove; removed as told, the run ends as an uninterrupted run of this version."""
     import json
     import shutil
 
     from conftest import history_without_timing
 
+    from featcache.errors import FeatcacheError
     from stitchtrain.pipeline.fit import StitchRecipe, fit
     from stitchtrain.train.config import FitConfig
 
@@ -262,7 +264,13 @@ def test_a_checkpoint_counting_epochs_from_zero_resumes_to_the_same_files(pair, 
         for result in grid:
             result["best_epoch"] -= 1
     record["state"]["best_epoch"] -= 1
+    del record["digest"], record["config"]
     path.write_text(json.dumps(record))
+    with pytest.raises(FeatcacheError, match="checkpoint.json") as refused:
+        fit(config)
+    assert "\n" not in str(refused.value) and "remove" in str(refused.value).lower()
+    for name in [path.name, *(p.name for p in path.parent.glob("checkpoint-*.safetensors"))]:
+        (path.parent / name).unlink()
     assert fit(config) == want_metrics
     assert history_without_timing(tmp_path / "run") == want
 

@@ -24,8 +24,8 @@ are checked finite as they are read, and a non-finite loss stops the run before 
 Epochs count from 1 wherever they are read: history.csv's ``epoch``, metrics.json's
 ``best_epoch`` (per learning rate of a stage's ``grid``), progress events and messages. The
 loop's own counter (``_StageState.epoch``: the epochs done, which seeds each epoch's batch order)
-counts from 0. A checkpoint written before that convention is read as if written by this one
-(``_epochs_from_one``).
+counts from 0. A checkpoint written before that convention records no digest and is refused
+(``checkpoint.Checkpoints``), saying which files to remove to start the run again.
 
 Checkpoints and resume: ``checkpoint.Checkpoints``; shared stages (``reuse``):
 ``stages.SharedStages``.
@@ -487,7 +487,7 @@ class StitchTrainer(Checkpoints, SharedStages):
         gets event dicts: "lr_start", "epoch" (a history row), "lr_done", "stage_reused"."""
         self.out.mkdir(parents=True, exist_ok=True)
         _write_or_check_config(self.out, self.config)
-        resume = _epochs_from_one(self._load_checkpoint())
+        resume = self._load_checkpoint()
         self._last_checkpoint = time.monotonic()
         self.stage_results = dict(resume["stage_results"]) if resume else {}
         self.history = list(resume["history"]) if resume else []
@@ -497,20 +497,3 @@ class StitchTrainer(Checkpoints, SharedStages):
                 self._run_stage(stage_index, resume if stage_index == first else None, progress)
         write_file(self.out / "stitch.safetensors", save(_contiguous(self.stitch.state_dict())))
         _write_history(self.out / "history.csv", self.history)
-
-
-def _epochs_from_one(resume: dict | None) -> dict | None:
-    """A checkpoint written before epochs counted from 1 (a history row of epoch 0) with its
-    history rows and best epochs counted from 1, as this version writes them; else as given."""
-    if resume is None or all(row["epoch"] != 0 for row in resume["history"]):
-        return resume
-    for row in resume["history"]:
-        row["epoch"] += 1
-    finished = [*resume["state"]["finished"]]
-    for result in resume["stage_results"].values():
-        finished += result["grid"]
-    for record in finished:
-        record["best_epoch"] += 1
-    if resume["state"]["best_epoch"] >= 0:  # -1: no epoch of the lr in progress yet
-        resume["state"]["best_epoch"] += 1
-    return resume
