@@ -24,7 +24,7 @@ from typing import Any
 
 import typer
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, Interrupted
 
 __all__ = [
     "RICH_MARKUP_MODE",
@@ -101,8 +101,9 @@ def version_option() -> Any:
 
 def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the library's deliberate errors into a red one-line message and exit status 2, or
-    the error's own ``exit_code`` (``FitStopped``: 143); the message escaped: its brackets
-    print as written."""
+    the error's own ``exit_code``; a stop on a signal (``Interrupted``: exit status 130 for
+    Ctrl-C, 143 for SIGTERM) is no error and prints its message alone, in yellow. The message
+    is escaped: its brackets print as written."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -110,6 +111,8 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except FeatcacheError as err:
             message = f"[bold red]error:[/] {escape(err)}"
+            if isinstance(err, Interrupted):
+                message = f"[bold yellow]{escape(err)}[/]"
             err_console.print(message, markup=True, soft_wrap=True, highlight=False)
             raise typer.Exit(code=getattr(err, "exit_code", 2)) from err
 

@@ -320,8 +320,8 @@ class FitProgress:
     lr_index, lrs, epoch: epochs already done, epochs: the maximum), "epoch" (a history row,
     epoch counted from 1, plus epochs), "lr_done" (stage, lr, epochs_run, epochs, best_epoch
     counted from 1, val_loss, stopped_early), "stage_reused" (stage, stage_index, stages,
-    from: the run dir it was taken from, val_loss), "evaluate". Call ``close`` (or use
-    ``with``) when fit returns.
+    from: the run dir it was taken from, val_loss), "resume" (message: where a resumed fit
+    starts), "evaluate". Call ``close`` (or use ``with``) when fit returns.
     """
 
     def __init__(self, display: ProgressDisplay, *, parent: Task | None = None) -> None:
@@ -390,6 +390,8 @@ class FitProgress:
                 f"{event['stage']} stage {count}: taken from {event['from']} (the same stage, "
                 f"finished there; val loss {event['val_loss']:.4g})"
             )
+        elif kind == "resume":
+            self.display.log(event["message"])
         elif kind == "evaluate":
             self._close_training()
             self.waiting = self.display.task(

@@ -6,12 +6,15 @@ weights file, and each message says what was expected, what was given, and what 
 
 from __future__ import annotations
 
+import signal
+
 __all__ = [
     "FeatcacheError",
     "UnknownModelError",
     "WeightsUnavailableError",
     "LayerIndexError",
     "BadImageError",
+    "Interrupted",
 ]
 
 
@@ -38,3 +41,16 @@ class BadImageError(FeatcacheError, ValueError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class Interrupted(FeatcacheError):
+    """A SIGINT (Ctrl-C) or SIGTERM stopped the work; the message says what was kept and that
+    the same command resumes. ``exit_code`` is 128 + the signal's number (130, 143), what a
+    shell reports for a process that signal ended; ``at_once``: a second signal stopped it
+    without waiting for a safe point."""
+
+    def __init__(self, message: str, signal_name: str = "SIGTERM", *, at_once: bool = False):
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.at_once = at_once
+        self.exit_code = 128 + signal.Signals[signal_name].value

@@ -242,6 +242,7 @@ def _modes(*roots: Path) -> dict[str, int]:
 def test_every_file_of_stores_run_probe_and_tree_dirs_follows_the_umask(tmp_path, umask):
     """stitch.safetensors and head.safetensors included: teammates read the trained weights."""
     import featcache
+    from stitchtrain.hybrid.export import export_hybrid
     from stitchtrain.pipeline.fit import StitchRecipe
     from stitchtrain.scoring.probe import probe_store
     from stitchtrain.tree.model import VFMStitchTree
@@ -256,12 +257,15 @@ def test_every_file_of_stores_run_probe_and_tree_dirs_follows_the_umask(tmp_path
         probe_store(source, tmp_path / "probe", lrs=(1e-3,), epochs=1)
         trunk = featcache.load_encoder("dinov2-tiny")
         VFMStitchTree.from_runs(trunk, 2, [out]).save(tmp_path / "tree")
+        export_hybrid(out, tmp_path / "export", with_weights=True)
     finally:
         os.umask(previous)
-    modes = _modes(tmp_path / "stores", out, tmp_path / "probe", tmp_path / "tree")
+    folders = ("stores", "probe", "tree", "export")
+    modes = _modes(out, *(tmp_path / name for name in folders))
     names = {str(Path(p).relative_to(tmp_path)) for p in modes}
     written = {"run/stitch.safetensors", "run/head.safetensors", "run/stitch-ffm.safetensors"}
-    assert written | {"probe/head.safetensors", "tree/tree.json"} <= names
+    exported = {f"export/{role}.safetensors" for role in ("stitch", "source", "target")}
+    assert written | exported | {"probe/head.safetensors", "tree/tree.json"} <= names
     want = {True: 0o666 & ~umask, False: 0o777 & ~umask}  # files, folders
     wrong = {p: oct(m) for p, m in modes.items() if m != want[Path(p).is_file()]}
     assert not wrong, f"expected {oct(want[True])} files, {oct(want[False])} folders: {wrong}"

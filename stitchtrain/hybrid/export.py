@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from featcache.encoders import load_encoder
 from stitchtrain.hybrid.encoder import HybridEncoder, layer_map
@@ -119,7 +119,8 @@ def _write(hybrid: HybridEncoder, folder: Path, with_weights: bool, onnx: bool) 
         for role in ("source", "target"):
             state = getattr(hybrid, role).module.state_dict()
             tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-            save_file(tensors, str(folder / f"{role}.safetensors"))
+            # not save_file: it writes mode 0600; these bytes follow the umask
+            (folder / f"{role}.safetensors").write_bytes(save(tensors))
     if onnx:
         cpu = hybrid.to("cpu")
         images = torch.randn(2, 3, *cpu.image_size, generator=torch.Generator().manual_seed(0))

@@ -1,11 +1,12 @@
 """Checkpoint and resume: the training state of a fit in progress, written to its run dir and read
-back (``Checkpoints``, a part of ``StitchTrainer``), the epoch-checkpoint interval, SIGTERM's stop
-at an epoch's end, and the tensor copies and (de)serialisation it uses.
+back (``Checkpoints``, a part of ``StitchTrainer``), the epoch-checkpoint interval, the stop on
+SIGINT (Ctrl-C) / SIGTERM at an epoch's end, and the tensor copies and (de)serialisation it uses.
 
 Checkpoints: after an epoch once ``checkpoint_every`` seconds (default ``CHECKPOINT_EVERY_S``;
 0: every epoch) have passed since the last one, always when a learning rate finishes, and after
-a SIGTERM at the end of the epoch in progress (then the fit stops: ``FitStopped``, exit status
-143), the training state is written to the run dir as two files:
+a SIGINT or SIGTERM at the end of the epoch in progress (then the fit stops: ``FitStopped``, exit
+status 130 or 143; a second signal stops it at once, keeping the last checkpoint), the training
+state is written to the run dir as two files:
     checkpoint-<sha256[:16]>.safetensors   every tensor: the stitch, head and AdamW state of the
                                            learning rate in progress (after an epoch only), the
                                            best snapshots (current: this lr; overall: the
@@ -37,8 +38,6 @@ import contextlib
 import hashlib
 import json
 import re
-import signal
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -49,6 +48,8 @@ from safetensors.torch import load, save
 from torch import nn
 
 from featcache.errors import FeatcacheError
+from featcache.interrupts import stop_on_signal
+from stitchtrain.train.config import FitStopped
 from stitchtrain.train.rundir import (
     CHECKPOINT,
     CHECKPOINT_TENSORS,
@@ -62,7 +63,13 @@ from stitchtrain.train.rundir import (
 if TYPE_CHECKING:
     from stitchtrain.train.stages import _StageState
 
-__all__ = ["CHECKPOINT_EVERY_S", "Checkpoints", "checkpoint_interval"]
+__all__ = [
+    "CHECKPOINT_EVERY_S",
+    "Checkpoints",
+    "checkpoint_interval",
+    "describe_position",
+    "resume_message",
+]
 
 # An epoch checkpoint costs 15-20 ms (a few MB hashed, written, fsynced): on a GPU, where an
 # epoch of a small stitch can take less, one per epoch would be most of the fit.
@@ -76,12 +83,38 @@ def checkpoint_interval(seconds: Any) -> float:
     return float(seconds)
 
 
+def describe_position(stages: list[str], lrs: tuple[float, ...], record: dict) -> str:
+    """Where a checkpoint record stands, in words: "after epoch 3 of stage ffm, lr 0.005",
+    "at the start of lr 0.01 (2/3) of stage ffm" or "after the last lr of stage ffm"."""
+    stage, state = stages[record["stage_index"]], record["state"]
+    if state["lr_index"] >= len(lrs):
+        return f"after the last lr of stage {stage}"
+    lr = lrs[state["lr_index"]]
+    if state["epoch"] == 0:
+        return f"at the start of lr {lr:g} ({state['lr_index'] + 1}/{len(lrs)}) of stage {stage}"
+    return f"after epoch {state['epoch']} of stage {stage}, lr {lr:g}"
+
+
+def resume_message(stages: list[str], config: Any, record: dict, out: Any) -> str:
+    """The line a resumed fit prints (epochs counted from 1): "resuming from epoch 4 of stage
+    ffm (lr 0.005, 1/3): the checkpoint in OUT", or "resuming after the last epoch of ..."
+    when the learning rate in progress has run all its epochs (or stopped early)."""
+    stage, state, lrs = stages[record["stage_index"]], record["state"], config.lrs
+    if state["lr_index"] >= len(lrs):
+        where = f"at the end of stage {stage} (every lr done)"
+    else:
+        lr, k = lrs[state["lr_index"]], state["lr_index"] + 1
+        done = state["epoch"] >= config.epochs or state["stale"] >= config.patience
+        epoch = "after the last epoch" if done else f"from epoch {state['epoch'] + 1}"
+        where = f"{epoch} of stage {stage} (lr {lr:g}, {k}/{len(lrs)})"
+    return f"resuming {where}: the checkpoint in {out}"
+
+
 class Checkpoints:
     """The checkpoint methods of ``StitchTrainer`` (module docstring). They read the trainer's
-    ``out``, ``device``, ``stitch``, ``head``, ``stage_results`` and ``history``, and keep its
-    epoch-checkpoint clock (``_last_checkpoint``) and stop request (``_stop_signal``)."""
+    ``out``, ``device``, ``config``, ``stages``, ``stitch``, ``head``, ``stage_results`` and
+    ``history``, and keep its epoch-checkpoint clock (``_last_checkpoint``)."""
 
-    _stop_signal: str | None
     _last_checkpoint: float
 
     def _save_checkpoint(self, stage_index, state: _StageState, optimizer, current, overall):
@@ -138,22 +171,40 @@ class Checkpoints:
         return resume
 
     @contextlib.contextmanager
-    def _stop_at_epoch_end_on_sigterm(self):
-        """While training: a SIGTERM (a batch scheduler preempting the job) lets the epoch in
-        progress finish, then the stage loop checkpoints and raises ``FitStopped``. Only in the
-        main thread (signal handlers live there; a Dask worker's fit keeps the default)."""
-        if threading.current_thread() is not threading.main_thread():
+    def _stop_at_epoch_end_on_signal(self):
+        """While training: a SIGINT (Ctrl-C) or SIGTERM (a batch scheduler preempting the job)
+        lets the epoch in progress finish, then the stage loop checkpoints and raises
+        ``FitStopped``; a second signal stops at once, keeping the last checkpoint
+        (``featcache.interrupts``: main thread only, a Dask worker's fit keeps the default)."""
+        with stop_on_signal("stopping after the epoch in progress, which is checkpointed"):
             yield
-            return
 
-        def request_stop(signum, frame) -> None:
-            self._stop_signal = signal.Signals(signum).name
+    def _stopped_at_once(self, signal_name: str) -> FitStopped:
+        """The ``FitStopped`` of a second signal: what the run dir keeps, read from it."""
+        kept = self._checkpoint_position()
+        if kept is None:
+            return FitStopped(
+                f"Stopped at once by a second {signal_name}: no checkpoint had been written yet "
+                f"in {self.out} (one is written after --checkpoint-every seconds and when a "
+                "learning rate ends), so the same command starts the run over.",
+                signal_name,
+                at_once=True,
+            )
+        return FitStopped(
+            f"Stopped at once by a second {signal_name}: {self.out} keeps the checkpoint "
+            f"{kept}; the same command resumes from there.",
+            signal_name,
+            at_once=True,
+        )
 
-        previous = signal.signal(signal.SIGTERM, request_stop)
+    def _checkpoint_position(self) -> str | None:
+        """Where the run dir's checkpoint is ("after epoch 3 of stage ffm, lr 0.005"), or None
+        when it has none (or none that can be read)."""
         try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+            record = json.loads((self.out / CHECKPOINT).read_text())
+            return describe_position(self.stages, self.config.lrs, record)
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return None
 
     def _restore_rng(self, resume: dict) -> None:
         torch.set_rng_state(resume["rng"]["torch"])

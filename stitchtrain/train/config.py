@@ -5,11 +5,10 @@ options accept, the learning-rate schedule it names, and the errors a fit raises
 from __future__ import annotations
 
 import math
-import signal
 from dataclasses import dataclass
 from typing import Any
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, Interrupted
 from stitchtrain.data.loader import parse_size
 from stitchtrain.scoring.metrics import MIOU_DEFINITIONS
 from stitchtrain.scoring.segscore import SCORE_RESOLUTIONS
@@ -32,10 +31,10 @@ class NonFiniteLossError(FeatcacheError, FloatingPointError):
     """A NaN or infinite training or validation loss."""
 
 
-class FitStopped(FeatcacheError):
-    """A SIGTERM stopped the fit at an epoch's end, after writing a checkpoint there."""
-
-    exit_code = 128 + signal.SIGTERM  # 143: what a process ended by SIGTERM reports
+class FitStopped(Interrupted):
+    """A SIGINT (Ctrl-C) or SIGTERM stopped the fit: at an epoch's end, after writing a
+    checkpoint there, or at once on a second signal, keeping the last checkpoint. Exit status
+    130 (SIGINT) or 143 (SIGTERM)."""
 
 
 OBJECTIVES = ("lfm", "ffm", "tlt", "ffm+tlt", "lfm+tlt")

@@ -43,8 +43,9 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, Interrupted
 from featcache.extract import resolve_device
+from featcache.interrupts import stop_requested
 from featcache.store import FeatureStore
 from stitchtrain.data.integrity import format_rows, usable_rows
 from stitchtrain.data.loader import FeatureLoader, Field, parse_size, split_rows
@@ -64,6 +65,7 @@ from stitchtrain.train.checkpoint import (
     _contiguous,
     _snapshot,
     checkpoint_interval,
+    resume_message,
 )
 from stitchtrain.train.config import FitConfig, FitStopped, NonFiniteLossError, scheduled_lr
 from stitchtrain.train.encoders import _layout, load_run_encoder
@@ -84,7 +86,6 @@ class StitchTrainer(Checkpoints, SharedStages):
         reuse: Sequence[str | Path] = (),
     ) -> None:
         self.checkpoint_every = checkpoint_interval(checkpoint_every)  # not in the config
-        self._stop_signal: str | None = None  # set by SIGTERM during run(): stop at epoch end
         self._last_checkpoint = time.monotonic()  # the epoch checkpoints' clock (run: reset)
         self.config = config
         self.out = Path(config.out)
@@ -392,16 +393,18 @@ class StitchTrainer(Checkpoints, SharedStages):
                     state.stale += 1
                 state.epoch += 1
                 due = time.monotonic() - self._last_checkpoint >= self.checkpoint_every
-                if due or self._stop_signal:
+                stop = stop_requested()  # a SIGINT / SIGTERM during this epoch
+                if due or stop:
                     self._save_checkpoint(stage_index, state, optimizer, current, overall)
-                if self._stop_signal:
-                    raise FitStopped(
-                        f"Stopped by {self._stop_signal} after epoch {state.epoch} of stage "
-                        f"{stage}, lr {lr:g}: the checkpoint in {self.out} holds the run so far; "
-                        "the same command resumes it."
-                    )
                 if progress is not None:
                     progress({**row, "event": "epoch", "epochs": config.epochs})
+                if stop:
+                    raise FitStopped(
+                        f"Stopped by {stop} after epoch {state.epoch} of stage {stage}, lr "
+                        f"{lr:g}: the checkpoint in {self.out} holds the run so far; the same "
+                        "command resumes it.",
+                        stop,
+                    )
             state.finished.append(
                 {
                     "lr": lr,
@@ -484,7 +487,10 @@ class StitchTrainer(Checkpoints, SharedStages):
     def train(self, progress=None) -> None:
         """Train every stage, resuming from the checkpoint if there is one; writes config.json
         (or checks it), each stage's files, stitch.safetensors and history.csv. ``progress``
-        gets event dicts: "lr_start", "epoch" (a history row), "lr_done", "stage_reused"."""
+        gets event dicts: "resume" (its message: where a resumed run starts), "lr_start",
+        "epoch" (a history row), "lr_done", "stage_reused". A SIGINT (Ctrl-C) or SIGTERM
+        stops the run at the end of the epoch in progress, checkpointed; a second at once
+        (``FitStopped``, module ``checkpoint``)."""
         self.out.mkdir(parents=True, exist_ok=True)
         _write_or_check_config(self.out, self.config)
         resume = self._load_checkpoint()
@@ -492,8 +498,17 @@ class StitchTrainer(Checkpoints, SharedStages):
         self.stage_results = dict(resume["stage_results"]) if resume else {}
         self.history = list(resume["history"]) if resume else []
         first = resume["stage_index"] if resume else 0
-        with self._stop_at_epoch_end_on_sigterm():
-            for stage_index in range(first, len(self.stages)):
-                self._run_stage(stage_index, resume if stage_index == first else None, progress)
+        if resume is not None and progress is not None:
+            message = resume_message(self.stages, self.config, resume, self.out)
+            progress({"event": "resume", "message": message})
+        with self._stop_at_epoch_end_on_signal():
+            try:
+                for stage_index in range(first, len(self.stages)):
+                    resume_here = resume if stage_index == first else None
+                    self._run_stage(stage_index, resume_here, progress)
+            except Interrupted as err:  # a second signal, anywhere in the loop
+                if isinstance(err, FitStopped):
+                    raise
+                raise self._stopped_at_once(err.signal_name) from None
         write_file(self.out / "stitch.safetensors", save(_contiguous(self.stitch.state_dict())))
         _write_history(self.out / "history.csv", self.history)

@@ -1,5 +1,11 @@
 """Running a sweep: one point (``run_point``), the points already finished (``completed_row``)
-and every point of a plan, in sequence or on a Dask cluster (``run_sweep``)."""
+and every point of a plan, in sequence or on a Dask cluster (``run_sweep``).
+
+In sequence, a SIGINT (Ctrl-C) or SIGTERM stops the sweep: the point in progress finishes its
+epoch and is checkpointed (a probe point finishes), no other point starts, and ``Interrupted``
+says how many points are finished (kept: a re-run skips them) and that the same command
+resumes; a second signal stops at once, the point in progress keeping its last checkpoint
+(``featcache.interrupts``)."""
 
 from __future__ import annotations
 
@@ -14,13 +20,14 @@ from typing import Any
 
 import pandas as pd
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, Interrupted
+from featcache.interrupts import stop_on_signal, stop_requested
 from stitchtrain.pipeline.fit import fit
 from stitchtrain.scoring.probe import probe_store
 from stitchtrain.studies.sweep.config import _PROBE_FIELDS
 from stitchtrain.studies.sweep.grid import SweepPlan, SweepPoint
 from stitchtrain.studies.sweep.results import _row, _write_table
-from stitchtrain.train.config import FitConfig, FitStopped
+from stitchtrain.train.config import FitConfig
 from stitchtrain.train.rundir import read_json
 
 __all__ = ["completed_row", "run_point", "run_sweep"]
@@ -88,7 +95,7 @@ def run_point(point: SweepPoint, out: str, fit_progress=None) -> dict[str, Any]:
             metrics = probe_store(kwargs.pop("store_url"), run_dir, **kwargs)
         else:
             metrics = fit(point.fit_config(out), fit_progress, reuse=point.other_runs(out))
-    except FitStopped:  # a SIGTERM stops the sweep, not just this point
+    except Interrupted:  # a SIGINT / SIGTERM stops the sweep, not just this point
         raise
     except Exception as err:  # a failed point is recorded and the sweep goes on
         message = f"{type(err).__name__}: {err}"
@@ -122,6 +129,20 @@ def _client(scheduler: str):
             f"tcp://HOST:8786. Got {scheduler!r} instead."
         )
     return Client(scheduler), None
+
+
+def _sweep_stopped(
+    signal_name: str, out: Path, done: int, total: int, point: SweepPoint, err: Interrupted | None
+) -> Interrupted:
+    """The one-line ``Interrupted`` of a stopped sweep: the points finished and kept, the
+    point that was in progress (``err``: how its fit stopped) and that the command resumes."""
+    kept = f"{done} of {total} points of the sweep in {out} are finished and kept"
+    if err is None:
+        message = f"Stopped by {signal_name}: {kept}; the same command resumes at {point.id}."
+    else:
+        message = f"{err} Sweep point {point.id}: {kept}; the same command resumes the sweep."
+    kind = Interrupted if err is None else type(err)  # a fit's stop stays a FitStopped
+    return kind(message, signal_name, at_once=err is not None and err.at_once)
 
 
 ProgressFn = Callable[[dict, int, int], None]
@@ -166,9 +187,17 @@ def run_sweep(
             progress(rows[point.id], len(rows), total)
 
     if scheduler in (None, "sequential"):
-        for point in pending:
-            fit_progress = None if started is None else started(point)
-            finished(point, run_point(point, str(out), fit_progress))
+        with stop_on_signal("stopping the sweep after the epoch in progress, checkpointed"):
+            for point in pending:
+                if stop_requested():  # arrived between two points: none is in progress
+                    raise _sweep_stopped(stop_requested(), out, len(rows), total, point, None)
+                fit_progress = None if started is None else started(point)
+                try:
+                    row = run_point(point, str(out), fit_progress)
+                except Interrupted as err:
+                    stopped = _sweep_stopped(err.signal_name, out, len(rows), total, point, err)
+                    raise stopped from err
+                finished(point, row)
     elif pending:
         from distributed import as_completed
 
