@@ -340,19 +340,20 @@ def fit(
         _print_fit_plan(config, as_json, reuse or [])
         return
 
-    if check_run_dir(Path(out), config) == "finished":  # fit returns its metrics at once
-        (err_console if as_json else console).print(
-            f"{out} holds a finished run: its metrics are shown, nothing was retrained "
-            "(another --out trains anew).",
-            highlight=False,
-            soft_wrap=True,
-        )
+    finished = check_run_dir(Path(out), config) == "finished"  # fit returns its metrics at once
     # stages -> learning rates -> epochs; with --json on stderr, so stdout holds the JSON only
     with (
         progress_display(err_console if as_json else console) as display,
         FitProgress(display) as progress,
     ):
         metrics = run_fit(config, progress, checkpoint_every=checkpoint_every, reuse=reuse or ())
+    if finished:  # said once its metrics were read (a damaged metrics.json is an error instead)
+        (err_console if as_json else console).print(
+            f"{out} holds a finished run: its metrics are shown, nothing was retrained "
+            "(another --out trains anew).",
+            highlight=False,
+            soft_wrap=True,
+        )
     if reuse and not any("reused_from" in r for r in (metrics.get("stages") or {}).values()):
         err_console.print(
             "note: no finished LFM / FFM stage in the --reuse run dirs is this run's (other "
