@@ -1,0 +1,152 @@
+"""Hybrid VFMs (issue 22) where other tools meet them: sweeps, transfers and the report name a
+hybrid by its readable label; the tree takes a hybrid branch and counts its stitches' cost;
+``featcache show`` / ``info`` and ``stitchtrain positions`` take hybrids; a hybrid is the
+source of a further (linear and LoRA) fit.
+
+One tiny pair of one token shape (dinov2-tiny -> clip-tiny at position 2, FFM, linear stitch),
+so every layer of the hybrid is storable; the hybrid's stores (layers 1..4) extracted from its
+run dir.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import extract_demo_stores
+from typer.testing import CliRunner
+
+from featcache.extract import ExtractConfig, plan_extraction, run_extraction
+from stitchtrain.pipeline.fit import fit
+from stitchtrain.train.config import FitConfig
+
+runner = CliRunner()
+SOURCE, TARGET, POSITION = "dinov2-tiny", "clip-tiny", 2
+LABEL = f"{SOURCE}[:{POSITION}]→{TARGET}"
+SHARD = 16
+
+
+def _fit(source, target, position, out, objective="ffm", **options):
+    common = dict(lrs=(5e-3,), epochs=1, patience=1, batch_size=8, stitch="linear")
+    return fit(FitConfig(source=source, target=target, position=position, out=str(out),
+                         objective=objective, **{**common, **options}))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """Parents' stores (layers 1..4, train and test), the FFM run, the hybrid's stores
+    (layers 1..4)."""
+    root = tmp_path_factory.mktemp("hybrid-uses")
+    stores = extract_demo_stores(root / "data", root / "stores", models=[SOURCE, TARGET],
+                                 layers=[1, 2, 3, 4], shard_size=SHARD)  # fmt: skip
+    run = root / "run"
+    _fit(stores[SOURCE, "train"], stores[TARGET, "train"], POSITION, run)
+    hybrid = {}
+    for split in ("train", "test"):
+        plan = plan_extraction(
+            ExtractConfig(models=[f"stitched:{run}"], data=str(root / "data" / "manifest.csv"),
+                          out=str(root / "hybrid-stores"), layers=[1, 2, 3, 4], split=split,
+                          shard_size=SHARD)
+        )  # fmt: skip
+        run_extraction(plan)
+        hybrid[split] = plan.urls[0]
+    return {"root": root, "stores": stores, "run": run, "hybrid": hybrid}
+
+
+# -- point 1: readable names ---------------------------------------------------------------------
+def test_sweep_points_name_a_hybrid_by_its_label(made):
+    from stitchtrain.studies.sweep.grid import plan_sweep
+    from stitchtrain.studies.sweep.results import _row
+
+    stores = made["stores"]
+    config = {
+        "stores": {
+            "hyb": dict(made["hybrid"]),
+            "dino": {"train": stores[SOURCE, "train"], "test": stores[SOURCE, "test"]},
+        },
+        "grid": {"positions": [3], "objectives": ["lfm"], "stitches": ["linear"]},
+    }
+    plan = plan_sweep(config)
+    names = {(p.source, p.source_encoder) for p in plan.points}
+    assert names == {("hyb", LABEL), ("dino", SOURCE)}
+    stitch = next(p for p in plan.points if (p.source, p.target) == ("dino", "hyb"))
+    row = _row(stitch, "ok", {}, 0.0)
+    assert (row["source_encoder"], row["target_encoder"]) == (SOURCE, LABEL)
+
+
+def test_transfer_and_table12_name_a_hybrid_by_its_label(made, tmp_path):
+    from stitchtrain.studies.analysis import prediction_analysis, transfer_run
+
+    dino, hyb = made["stores"][SOURCE, "train"], made["hybrid"]["train"]
+    _fit(dino, hyb, 3, tmp_path / "d-h")
+    _fit(dino, dino, 3, tmp_path / "d-d")
+    _fit(hyb, hyb, 3, tmp_path / "h-h")
+    metrics = transfer_run(tmp_path / "d-h", dino, hyb, tmp_path / "transfer", epochs=1)
+    assert (metrics["source_encoder"], metrics["target_encoder"]) == (SOURCE, LABEL)
+    result = prediction_analysis(tmp_path / "d-h", tmp_path / "d-d", tmp_path / "h-h")
+    assert result["stitched"] == f"{SOURCE}→{LABEL}"
+    assert result["baseline_b"] == f"{LABEL}→{LABEL}"
+    assert "stitched:" not in str(result)
+
+
+# -- point 4 of the issue: hybrids in the tree -----------------------------------------------------
+def _trunk(made):
+    """dinov2-tiny as its store was extracted (the demo data's geometry)."""
+    from featcache.store import FeatureStore
+    from stitchtrain.train.encoders import load_run_encoder
+
+    return load_run_encoder(FeatureStore.open(made["stores"][SOURCE, "train"]), None, False, "cpu")
+
+
+def _tree_with_a_hybrid_branch(made, out):
+    """Trunk dinov2-tiny at position 1; one branch fit from it into the hybrid's store (LFM,
+    linear): the branch runs hybrid blocks 2..6, its inner stitch after block 2."""
+    from stitchtrain.tree.model import VFMStitchTree
+
+    run = out / "d-h1"
+    _fit(made["stores"][SOURCE, "train"], made["hybrid"]["train"], 1, run, objective="lfm")
+    return run, VFMStitchTree.from_runs(_trunk(made), 1, [run])
+
+
+def test_a_tree_branch_can_be_a_hybrids_tail(made, tmp_path):
+    import torch
+
+    from stitchtrain.evaluate.evaluation import load_run
+
+    run, tree = _tree_with_a_hybrid_branch(made, tmp_path)
+    assert tree.names == [SOURCE, LABEL]
+    assert tree.branches[0].encoder.name == f"stitched:{made['run'].resolve()}"
+    trunk = _trunk(made)
+    x = torch.randn(2, 3, *trunk.image_size, generator=torch.Generator().manual_seed(0))
+    recipe = load_run(run)
+    with torch.no_grad():
+        outputs = tree(x)
+        final, pooled = recipe.stitched_outputs(trunk.run(x, upto=1))
+    assert torch.equal(outputs[LABEL][0], final) and torch.equal(outputs[LABEL][1], pooled)
+    saved = tree.save(tmp_path / "tree")
+    again = type(tree).load(saved)
+    with torch.no_grad():
+        assert torch.equal(again(x)[LABEL][0], final)
+
+
+def test_tree_cost_counts_the_stitches_and_a_hybrids_inner_stitch(made, tmp_path):
+    """Table 13's stitch columns against a hand count: the tree's linear stitch and the
+    hybrid's inner one, both 96 -> 96 on 65 tokens (CLS + 8x8): parameters 96 * 96 + 96 each;
+    FLOPs per image 2 * 65 * 96 * 96 each (a linear map: 2 x MACs; the aligner is the identity
+    between equal layouts, and the bias add counts none)."""
+    from stitchtrain.tree.bench import run_bench
+    from stitchtrain.tree.bench_config import BenchConfig
+
+    _, tree = _tree_with_a_hybrid_branch(made, tmp_path)
+    saved = tree.save(tmp_path / "tree")
+    result = run_bench(BenchConfig(tree=str(saved), batch_sizes=(1,), warmup=0, repeats=1,
+                                   device="cpu"))  # fmt: skip
+    naive, vst = result["cost"]
+    per_stitch = {"params": 96 * 96 + 96, "flops": 2 * 65 * 96 * 96}
+    assert vst["stitches"] == 2
+    assert vst["stitch_params"] == 2 * per_stitch["params"]
+    assert vst["stitch_gflops"] * 1e9 == pytest.approx(2 * per_stitch["flops"], rel=1e-12)
+    assert naive["stitches"] == 1  # the naive system runs the hybrid whole: its inner stitch
+    assert naive["stitch_params"] == per_stitch["params"]
+    assert naive["stitch_gflops"] * 1e9 == pytest.approx(per_stitch["flops"], rel=1e-12)
+    # blocks: trunk 1..6, the hybrid's 2..6 (dinov2 block 2, clip blocks 3..6), each once
+    assert vst["blocks_run"] == 6 + 5
+
