@@ -150,3 +150,37 @@ def test_tree_cost_counts_the_stitches_and_a_hybrids_inner_stitch(made, tmp_path
     # blocks: trunk 1..6, the hybrid's 2..6 (dinov2 block 2, clip blocks 3..6), each once
     assert vst["blocks_run"] == 6 + 5
 
+
+# -- fit --dry-run on an unlabelled corpus -------------------------------------------------------
+def test_dry_run_of_a_task_agnostic_fit_asks_for_no_test_stores(made, tmp_path):
+    """An FFM fit on an unlabelled LLaVA-style corpus (no test split) plans as it runs: no
+    test stores, no test loader, no test score."""
+    import json
+    import shutil
+
+    from cli.stitchtrain_app import app as stitchtrain_app
+
+    data = made["root"] / "data"
+    images = sorted((data / "images").rglob("*.png"))
+    corpus = [{"id": str(i), "image": str(path.relative_to(data))} for i, path in enumerate(images)]
+    (tmp_path / "llava.json").write_text(json.dumps(corpus))
+    shutil.copytree(data / "images", tmp_path / "images")
+    plan = plan_extraction(
+        ExtractConfig(models=[SOURCE, TARGET], data=str(tmp_path / "llava.json"),
+                      out=str(tmp_path / "corpus"), layers=[POSITION], shard_size=SHARD)
+    )  # fmt: skip
+    run_extraction(plan)
+    source, target = plan.urls
+    args = ["fit", "--source", source, "--target", target, "--position", str(POSITION),
+            "--objective", "ffm", "--out", str(tmp_path / "ffm"), "--lr", "5e-3",
+            "--epochs", "1"]  # fmt: skip
+    dry = runner.invoke(stitchtrain_app, [*args, "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    planned = json.loads(dry.output[dry.output.index("{") :])
+    assert planned["test_rows"] == 0 and "test" not in planned["loaders"]
+    assert planned["evaluation"].startswith("none: unlabelled")
+    assert not (tmp_path / "ffm").exists()
+    done = runner.invoke(stitchtrain_app, [*args, "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output[done.output.index("{") :])["evaluation"] == planned["evaluation"]
+
