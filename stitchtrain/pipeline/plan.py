@@ -2,8 +2,9 @@
 
 ``plan_fit(config)`` runs fit's setup (``StitchRecipe``: stores opened and checked, pairing,
 geometry, position, encoder fingerprints; the test stores found and checked, unless the run
-has no test score, ``StitchRecipe.scored``, as fit; the run dir's state) and builds the loaders training and evaluation would use, which decide staged or
-streamed from the memory budget without reading any data. Nothing is written.
+has no test score, ``StitchRecipe.scored``, as fit; the run dir's state) and builds the
+loaders training and evaluation would use, which decide staged or streamed from the memory
+budget without reading any data. Nothing is written.
 
 Memory of a training step (``step_memory``, bytes, float32, per stage at its batch size B):
 
