@@ -184,3 +184,72 @@ def test_dry_run_of_a_task_agnostic_fit_asks_for_no_test_stores(made, tmp_path):
     assert done.exit_code == 0, done.output
     assert json.loads(done.output[done.output.index("{") :])["evaluation"] == planned["evaluation"]
 
+
+# -- point 1's loose ends: show, info, positions, a hybrid as the source of a fit -----------------
+def _flat(output: str) -> str:
+    """CLI output as one line of words: table borders and wrapping removed."""
+    return " ".join(output.translate(str.maketrans("│┃", "  ")).split())
+
+
+def test_featcache_show_and_info_of_a_hybrid_store(made, tmp_path):
+    from cli.featcache_app import app as featcache_app
+
+    url = made["hybrid"]["test"]
+    shown = runner.invoke(featcache_app, ["show", url, "--images", "2", "--layer", "3",
+                                          "--out", str(tmp_path / "maps.png")])  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    assert (tmp_path / "maps.png").stat().st_size > 0
+    info = runner.invoke(featcache_app, ["info", url])
+    assert info.exit_code == 0, info.output
+    text = _flat(info.output)
+    for needle in (f"hybrid {LABEL}", f"source {SOURCE}", f"position {POSITION}",
+                   f"target {TARGET}", "stage ffm", "linear stitch"):  # fmt: skip
+        assert needle in text, (needle, text)
+
+
+def test_positions_of_hybrid_names_and_stores(made):
+    from cli.stitchtrain_app import app as stitchtrain_app
+
+    by_name = runner.invoke(stitchtrain_app, ["positions", f"stitched:{made['run']}", SOURCE])
+    assert by_name.exit_code == 0, by_name.output
+    assert f"{LABEL} -> {SOURCE}" in _flat(by_name.output)
+    assert "stitch positions: 1..5" in by_name.output
+    stores = [made["hybrid"]["train"], made["stores"][SOURCE, "train"]]
+    by_store = runner.invoke(stitchtrain_app, ["positions", *stores, "--objective", "lfm"])
+    assert by_store.exit_code == 0, by_store.output
+    assert f"{LABEL} -> {SOURCE}" in _flat(by_store.output)
+    assert "these stores allow: 1, 2, 3, 4" in _flat(by_store.output)
+
+
+@pytest.mark.parametrize("stitch", ["linear", "lora"])
+def test_a_hybrid_is_the_source_of_a_further_fit(made, tmp_path, stitch):
+    """hybrid -> dinov2-tiny at position 3: a linear stitch reads hybrid layer 3; a LoRA one
+    hybrid layer 2 and a LoRA copy of the hybrid's block 3, which is the inner stitch, then
+    clip block 3 (with zero LoRA factors: the hybrid's own layer 3, bit for bit)."""
+    import torch
+
+    import featcache
+    from stitchtrain.evaluate.evaluation import load_run
+
+    out = tmp_path / stitch
+    metrics = _fit(made["hybrid"]["train"], made["stores"][SOURCE, "train"], 3, out,
+                   stitch=stitch, lora_rank=4)  # fmt: skip
+    assert 0 <= metrics["test_accuracy"] <= 1
+    recipe = load_run(out)
+    hybrid = featcache.load_encoder(f"stitched:{made['run']}")
+    x = torch.randn(2, 3, *hybrid.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        final, pooled = recipe.stitched_outputs(hybrid.run(x, upto=2 if stitch == "lora" else 3))
+        want = recipe.target_encoder.run_from(recipe.stitch(hybrid.run(x, upto=2 if stitch ==
+                                              "lora" else 3)), 3)  # fmt: skip
+    assert torch.equal(final, want[0]) and torch.equal(pooled, want[1])
+    if stitch == "lora":
+        source = recipe.stitch._source_encoder[0]
+        assert source.fingerprint == hybrid.fingerprint
+        with torch.no_grad():
+            for name, tensor in recipe.stitch.named_parameters():
+                if "lora_B" in name:
+                    tensor.zero_()
+            layer2 = hybrid.run(x, upto=2)
+            adapted = source.run_block(3, layer2, block=recipe.stitch.block)
+        assert torch.equal(adapted, hybrid.run(x, upto=3))
