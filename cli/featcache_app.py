@@ -211,6 +211,18 @@ def _precision_text(summary: dict) -> str:
     )
 
 
+def _hybrid_text(hybrid: dict) -> str:
+    """A hybrid store's encoder as ``featcache info`` describes it: its label, source and target
+    (names, fingerprints), stitch kind, position, stage and stitch digest."""
+    source, target = hybrid["source"], hybrid["target"]
+    return (
+        f"{hybrid['label']}: source {source['name']} (fingerprint {source['fingerprint']}), "
+        f"{hybrid['stitch']} stitch at position {hybrid['position']} (stage {hybrid['stage']}, "
+        f"SHA-256 {hybrid['stitch_sha256'][:16]}...), target {target['name']} (fingerprint "
+        f"{target['fingerprint']})"
+    )
+
+
 def _info_rows(summary: dict, attrs: dict) -> list[tuple[str, str]]:
     """``featcache info``'s lines: (name, value) from ``FeatureStore.summary()`` and attrs."""
     encoder = attrs["encoder"]
@@ -235,6 +247,9 @@ def _info_rows(summary: dict, attrs: dict) -> list[tuple[str, str]]:
         ("size", format_size(summary["bytes"])),
         ("complete", f"yes ({done})" if summary["complete"] else f"no ({done})"),
     ]
+    hybrid = encoder.get("hybrid")
+    if hybrid:  # a stitched: encoder (Hybrid VFMs): its parents, position, stage and stitch
+        rows.insert(1, ("hybrid", _hybrid_text(hybrid)))
     if geometry:
         size = "x".join(map(str, geometry["image_size"]))
         grid = "x".join(map(str, geometry["grid"]))

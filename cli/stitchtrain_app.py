@@ -59,15 +59,18 @@ def _names_a_store(text: str) -> bool:
 
 
 def _encoder_facts(name: str) -> dict:
-    """Depth, width, prefix and grid of an encoder name (presets without torch)."""
+    """Readable name, depth, width, prefix and grid of an encoder name (presets without torch;
+    a ``stitched:`` hybrid by its label)."""
     from featcache.encoders import PRESETS, preset_summary
 
     if name in PRESETS:
-        return preset_summary(name)  # torch-free
+        return {"name": name, **preset_summary(name)}  # torch-free
     from featcache.encoders import load_encoder  # torch: only for names that are no preset
 
     encoder = load_encoder(name, random_init=True, device="meta")
+    parts = getattr(encoder, "parts", None)  # a HybridEncoder's (stitchtrain.hybrid)
     return {
+        "name": parts.label if parts is not None else name,
         "depth": encoder.depth,
         "width": encoder.width,
         "prefix": encoder.layout.prefix,
@@ -76,10 +79,13 @@ def _encoder_facts(name: str) -> dict:
 
 
 def _store_facts(store) -> dict:
-    """Name, depth, width, prefix, grid and stored layers of a store's encoder."""
+    """Readable name (a hybrid's label), depth, width, prefix, grid and stored layers of a
+    store's encoder."""
+    from stitchtrain.data.names import encoder_label
+
     encoder = store.attrs["encoder"]
     return {
-        "name": encoder["name"],
+        "name": encoder_label(encoder),
         "depth": encoder["depth"],
         "width": encoder["width"],
         "prefix": tuple(encoder["layout"]["prefix"]),
@@ -135,7 +141,7 @@ def positions(
         title = f"{src['name']} -> {tgt['name']}"
     else:
         src, tgt = _encoder_facts(source), _encoder_facts(target)
-        title = f"{source} -> {target}"
+        title = f"{src['name']} -> {tgt['name']}"
     table = Table(title=title)
     table.add_column("")
     table.add_column("source")

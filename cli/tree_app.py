@@ -186,7 +186,8 @@ def _cost_table(result: dict) -> Table:
     read = f"layer L = {layer}" if layer is not None else "each encoder's depth N"
     title = f"Table 13 (ours): extra computation over one encoder, read at {read}"
     table = Table(title=title)
-    columns = ["system", "blocks run", "formula", "blocks", "block FLOPs", "all FLOPs", "stitches"]
+    columns = ["system", "blocks run", "formula", "blocks", "block FLOPs", "all FLOPs", "stitches",
+               "stitch params", "stitch GFLOPs"]  # fmt: skip
     for index, column in enumerate(columns):
         table.add_column(column, justify="left" if index == 0 else "right")
     for row in rows:
@@ -198,6 +199,8 @@ def _cost_table(result: dict) -> Table:
             f"{row['block_flops_extra']:.1%}",
             f"{row['total_flops_extra']:.1%}",
             f"{row['stitch_share']:.1%}",
+            f"{row['stitch_params']:,} ({row['stitches']})",
+            f"{row['stitch_gflops']:.4g}",
         ]
         table.add_row(*cells)
     return table

@@ -25,6 +25,7 @@ from safetensors.torch import load
 from featcache.encoders import Encoder
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
+from stitchtrain.data.names import encoder_label
 from stitchtrain.hybrid.errors import HybridError
 from stitchtrain.model.stitches import Stitch, build_stitch
 from stitchtrain.train.encoders import load_run_encoder
@@ -77,11 +78,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 def hybrid_label(source: dict[str, Any], target: dict[str, Any], position: int) -> str:
     """``source[:n]→target`` from two encoder descriptions (a hybrid parent by its label)."""
-
-    def name(described: dict[str, Any]) -> str:
-        return (described.get("hybrid") or {}).get("label") or described["name"]
-
-    return f"{name(source)}[:{position}]→{name(target)}"
+    return f"{encoder_label(source)}[:{position}]→{encoder_label(target)}"
 
 
 def build_loaded_stitch(

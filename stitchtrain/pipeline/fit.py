@@ -37,14 +37,25 @@ from stitchtrain.train.config import FitConfig
 from stitchtrain.train.rundir import check_run_dir, finished_metrics, remove_checkpoint, write_file
 from stitchtrain.train.trainer import StitchTrainer
 
-__all__ = ["StitchRecipe", "fit"]
+__all__ = ["UNSCORED", "StitchRecipe", "fit"]
 
 _log = logging.getLogger(__name__)
+
+UNSCORED = "none: unlabelled train stores (no test score)"  # metrics.json's evaluation
 
 
 class StitchRecipe(StitchTrainer):
     """Setup, the stage loop, evaluation and saving for one ``FitConfig``: the
     ``StitchTrainer`` with ``run``, which composes its training with the test evaluation."""
+
+    @property
+    def scored(self) -> bool:
+        """Whether the run has a test score. Not for a task-agnostic stitch: LFM / FFM stages
+        only, the classification task, unlabelled target train stores (no classes: a
+        LLaVA-style corpus); its use is a hybrid (stitchtrain.hybrid), probed elsewhere. Such a
+        run neither looks for test stores nor evaluates, in ``fit`` and ``fit --dry-run``."""
+        labelled = bool(self.target.attrs["dataset"].get("classes"))
+        return labelled or "tlt" in self.stages or self.config.task != "cls"
 
     def run(self, progress=None, log=None) -> dict[str, Any]:
         """Train every stage (resuming from the checkpoint if there is one), evaluate, save;
@@ -56,12 +67,8 @@ class StitchRecipe(StitchTrainer):
         finished = finished_metrics(self.out, self.config)
         if finished is not None:
             return finished
-        # an unlabelled corpus (a LLaVA-style manifest) trains a task-agnostic LFM / FFM stitch
-        # that has no test score: its use is a hybrid (stitchtrain.hybrid), probed elsewhere
-        scored = bool(self.target.attrs["dataset"].get("classes")) or "tlt" in self.stages
-        scored = scored or self.config.task != "cls"
         # test stores are refused here, before any training step
-        split = evaluation_split(self) if scored else None
+        split = evaluation_split(self) if self.scored else None
         incomplete = {**self.incomplete, **(split.incomplete if split else {})}
         for url, note in incomplete.items():
             (log or _log.warning)(
@@ -76,7 +83,7 @@ class StitchRecipe(StitchTrainer):
         if split is not None:
             metrics = evaluate_run(self.out, recipe=self, split=split)
         else:
-            metrics = {"evaluation": "none: unlabelled train stores (no test score)"}
+            metrics = {"evaluation": UNSCORED}
         metrics["train_rows"], metrics["val_rows"] = len(self.train_rows), len(self.val_rows)
         if incomplete:
             metrics["incomplete_stores"] = incomplete

@@ -1,9 +1,10 @@
 """``stitchtrain fit --dry-run``: what a fit would do, after every check fit makes, no training.
 
 ``plan_fit(config)`` runs fit's setup (``StitchRecipe``: stores opened and checked, pairing,
-geometry, position, encoder fingerprints; the test stores found and checked; the run dir's
-state) and builds the loaders training and evaluation would use, which decide staged or
-streamed from the memory budget without reading any data. Nothing is written.
+geometry, position, encoder fingerprints; the test stores found and checked, unless the run
+has no test score, ``StitchRecipe.scored``, as fit; the run dir's state) and builds the
+loaders training and evaluation would use, which decide staged or streamed from the memory
+budget without reading any data. Nothing is written.
 
 Memory of a training step (``step_memory``, bytes, float32, per stage at its batch size B):
 
@@ -42,7 +43,7 @@ from stitchtrain.data.loader import FeatureLoader, Field, _default_budget, parse
 from stitchtrain.data.pairing import source_array
 from stitchtrain.data.sizes import format_size
 from stitchtrain.evaluate.evaluation import evaluation_split
-from stitchtrain.pipeline.fit import StitchRecipe
+from stitchtrain.pipeline.fit import UNSCORED, StitchRecipe
 from stitchtrain.train.config import FitConfig
 from stitchtrain.train.rundir import check_run_dir
 
@@ -85,6 +86,8 @@ class FitPlan:
     # stage -> the run dir it would be taken from, not trained (fit's shared stages, --reuse);
     # those stages' steps are not in max_steps
     reused: dict[str, str] = field(default_factory=dict)
+    # "test split", or fit's UNSCORED for a task-agnostic stitch (no test stores looked for)
+    evaluation: str = "test split"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +102,7 @@ class FitPlan:
             ("epochs / patience", f"{self.epochs} / {self.patience}"),
             ("batch size", ", ".join(f"{s} {b}" for s, b in self.batch_size.items())),
             ("rows train / val / test", f"{self.train_rows} / {self.val_rows} / {self.test_rows}"),
+            ("evaluation", self.evaluation),
             ("memory budget", format_size(self.memory_budget)),
         ]
         for name, loader in self.loaders.items():
@@ -195,19 +199,20 @@ def plan_fit(config: FitConfig, reuse: Sequence[str | Path] = ()) -> FitPlan:
         found = recipe.reusable_stage(index)
         if found is not None:
             reused[stage] = str(found[0])
-    split = evaluation_split(recipe)
+    split = evaluation_split(recipe) if recipe.scored else None  # as fit: none unscored
     loaders = {}
     for stage in recipe.stages:
         for part in ("train", "val"):
             loaders[f"{stage}/{part}"] = recipe._stage_loader(stage, part)
     labels = "labels" if config.task == "cls" else "masks"
     source_name = source_array(config.stitch, config.position)
-    loaders["test"] = recipe._loader(
-        [Field("source", split.source, source_name), Field("labels", split.target, labels)],
-        split.rows,
-        128,
-        shuffle=False,
-    )
+    if split is not None:
+        loaders["test"] = recipe._loader(
+            [Field("source", split.source, source_name), Field("labels", split.target, labels)],
+            split.rows,
+            128,
+            shuffle=False,
+        )
     entries = {name: _loader_entry(loader) for name, loader in loaders.items()}
     steps = {
         stage: math.ceil(len(recipe.train_rows) / config.stage_batch_size(stage))
@@ -235,7 +240,7 @@ def plan_fit(config: FitConfig, reuse: Sequence[str | Path] = ()) -> FitPlan:
         batch_size={stage: config.stage_batch_size(stage) for stage in recipe.stages},
         train_rows=len(recipe.train_rows),
         val_rows=len(recipe.val_rows),
-        test_rows=len(split.rows),
+        test_rows=len(split.rows) if split is not None else 0,
         memory_budget=int(budget),
         loaders=entries,
         staged_bytes=staged_bytes,
@@ -245,6 +250,7 @@ def plan_fit(config: FitConfig, reuse: Sequence[str | Path] = ()) -> FitPlan:
         optimiser_bytes={stage: m[1] for stage, m in memory.items()},
         peak_bytes=staged_bytes + model_bytes + max(sum(m) for m in memory.values()),
         max_steps=0 if state == "finished" else max_steps,
-        incomplete_stores=sorted({**recipe.incomplete, **split.incomplete}),
+        incomplete_stores=sorted({**recipe.incomplete, **(split.incomplete if split else {})}),
         reused=reused,
+        evaluation="test split" if split is not None else UNSCORED,
     )

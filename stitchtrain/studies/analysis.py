@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
 from stitchtrain.data.loader import valid_rows
+from stitchtrain.data.names import encoder_label
 from stitchtrain.train.rundir import read_json_object
 
 __all__ = [
@@ -197,9 +198,9 @@ def count_scenarios(
 def _describe(run_dir: Path) -> str:
     config = _run_config(run_dir)
     if "store" in config:
-        return f"probe {FeatureStore.open(config['store']).attrs['encoder']['name']}"
-    source = FeatureStore.open(config["source"]).attrs["encoder"]["name"]
-    target = FeatureStore.open(config["target"]).attrs["encoder"]["name"]
+        return f"probe {encoder_label(FeatureStore.open(config['store']).attrs['encoder'])}"
+    source = encoder_label(FeatureStore.open(config["source"]).attrs["encoder"])
+    target = encoder_label(FeatureStore.open(config["target"]).attrs["encoder"])
     return f"{source}→{target}"
 
 
@@ -369,8 +370,8 @@ def transfer_run(
         {
             "test_images": int(len(test_rows)),
             "run_dir": str(run_dir),
-            "source_encoder": recipe.source.attrs["encoder"]["name"],
-            "target_encoder": recipe.target.attrs["encoder"]["name"],
+            "source_encoder": encoder_label(recipe.source.attrs["encoder"]),
+            "target_encoder": encoder_label(recipe.target.attrs["encoder"]),
             "position": original.position,
             "stitch": original.stitch,
             "dataset": dataset_label(recipe.target.attrs),

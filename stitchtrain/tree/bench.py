@@ -42,6 +42,13 @@ for each system, the compute beyond one trunk encoder (read at layer R) with the
                      trunk encoder's full forward
   stitch_share       FLOPs inside the stitches relative to the trunk encoder's forward (a LoRA
                      stitch includes its block copy)
+  stitches           the stitches the system runs: the tree's own and, for a hybrid
+                     (``stitched:``) encoder, its inner stitch when its blocks run past it (the
+                     naive system runs a hybrid whole, so its inner stitch too)
+  stitch_params      their parameters (every tensor of each, a LoRA block copy included)
+  stitch_gflops      their counted FLOPs per image: a linear stitch on T target tokens costs
+                     2 T Ds Dt (an MLP 2 T (Ds H + H Dt)); token alignment resamples and
+                     copies, counting none, and bias adds count none
 
 The trunk encoder's own forward (the reference) is its run up to layer R. Two encoders of one
 architecture read at R = 23 of 24 give 9/23 = 39% (VST-14) and 1/23 = 4.3% (VST-22) counted.
@@ -149,6 +156,9 @@ def _cost_rows(
             "block_flops_extra": result["block_gflops"] / naive["trunk_block_gflops"] - 1,
             "total_flops_extra": result["gflops"] / naive["trunk_gflops"] - 1,
             "stitch_share": result["stitch_gflops"] / naive["trunk_gflops"],
+            "stitches": result["stitches"],
+            "stitch_params": result["stitch_params"],
+            "stitch_gflops": result["stitch_gflops"],
         }
         rows.append(row)
     return rows

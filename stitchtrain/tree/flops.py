@@ -79,19 +79,36 @@ def count_flops(module: nn.Module, *args: Any) -> FlopReport:
 
 
 def _block_modules(system: nn.Module) -> list[nn.Module]:
-    """Every transformer block a system holds: encoder blocks and LoRA stitches' block copies."""
-    blocks: list[nn.Module] = []
+    """Every transformer block a system holds, each once: encoder blocks and LoRA stitches'
+    block copies. A hybrid (``stitched:``) holds its parents, whose blocks are its own; a
+    LoRA hybrid's block n is its stitch, counted by the stitch's block copy."""
+    blocks: dict[int, nn.Module] = {}
     for module in system.modules():
         if isinstance(module, Encoder):
-            blocks += [module.block(n) for n in range(1, module.depth + 1)]
+            found = [module.block(n) for n in range(1, module.depth + 1)]
         elif isinstance(module, Stitch) and module.block is not None:
-            blocks.append(module.block)
-    return blocks
+            found = [module.block]
+        else:
+            continue
+        blocks.update((id(b), b) for b in found if not isinstance(b, Stitch))
+    return list(blocks.values())
 
 
 def _names_of(system: nn.Module, modules: Sequence[nn.Module]) -> list[str]:
     wanted = {id(m) for m in modules}
     return [name for name, m in system.named_modules() if id(m) in wanted]
+
+
+@contextlib.contextmanager
+def _called(modules: Sequence[nn.Module]):
+    """Yield a set that holds, after the context, the ids of ``modules`` that ran."""
+    ran: set[int] = set()
+    handles = [m.register_forward_hook(lambda m, *_: ran.add(id(m))) for m in modules]
+    try:
+        yield ran
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager

@@ -18,7 +18,13 @@ from torch import nn
 from stitchtrain.model.stitches import Stitch
 from stitchtrain.tree.bench_config import BenchConfig
 from stitchtrain.tree.branch import _free_blocks
-from stitchtrain.tree.flops import _block_modules, _count_calls, _names_of, count_flops
+from stitchtrain.tree.flops import (
+    _block_modules,
+    _called,
+    _count_calls,
+    _names_of,
+    count_flops,
+)
 from stitchtrain.tree.model import VFMStitchTree
 from stitchtrain.tree.systems import NaiveSystem, _inputs, _Template
 
@@ -150,12 +156,15 @@ def _on_device(template: _Template, precision: str, device: torch.device) -> nn.
 
 
 def _counted(system: nn.Module, template: _Template, device: torch.device) -> dict[str, Any]:
-    """Parameters, weight bytes, FLOPs (total, in blocks, in stitches) and blocks run."""
+    """Parameters, weight bytes, FLOPs (total, in blocks, in stitches) and blocks run; the
+    stitches that ran (a tree's own and a hybrid encoder's inner stitch alike), their count and
+    parameters (a LoRA stitch's block copy included)."""
     dtype = next(system.parameters()).dtype
     blocks = _block_modules(system)
-    stitches = [m for m in system.modules() if isinstance(m, Stitch)]
-    with _count_calls(blocks) as calls:
+    held = [m for m in system.modules() if isinstance(m, Stitch)]
+    with _count_calls(blocks) as calls, _called(held) as ran:
         flops = count_flops(system, _inputs(system, 1, device, dtype))
+    stitches = [stitch for stitch in held if id(stitch) in ran]
     result: dict[str, Any] = {
         "system": template.label,
         "position": template.position,
@@ -165,6 +174,8 @@ def _counted(system: nn.Module, template: _Template, device: torch.device) -> di
         "blocks_run": calls[0],
         "block_gflops": flops.sum_of(_names_of(system, blocks)) / 1e9,
         "stitch_gflops": flops.sum_of(_names_of(system, stitches)) / 1e9,
+        "stitches": len(stitches),
+        "stitch_params": sum(_held_parameters(stitch) for stitch in stitches),
     }
     if isinstance(system, NaiveSystem):  # the single-encoder reference of Table 13
         trunk = system.encoders[0]

@@ -62,6 +62,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from featcache.encoders import Encoder
+from stitchtrain.data.names import encoder_label
 from stitchtrain.model.stitches import build_stitch
 from stitchtrain.train.rundir import read_json_object
 from stitchtrain.tree.branch import TreeBranch, _run_blocks
@@ -294,7 +295,7 @@ class VFMStitchTree(nn.Module):
         for run in resolved:
             name, run_dir, config = run.name, run.run_dir, run.config
             source, target = run.source, run.target
-            target_name = target.attrs["encoder"]["name"]
+            target_name = target.attrs["encoder"]["name"]  # a hybrid's: stitched:DIR
             encoder = load_run_encoder(target, weights.get(target_name), random_init, device)
             stitch = build_stitch(
                 config["stitch"],
@@ -315,7 +316,7 @@ class VFMStitchTree(nn.Module):
             }
             branches.append(
                 TreeBranch(
-                    name or target_name,
+                    name or encoder_label(target.attrs["encoder"]),
                     encoder,
                     stitch.to(device),
                     position,

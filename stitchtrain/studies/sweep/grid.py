@@ -10,6 +10,7 @@ from typing import Any
 
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
+from stitchtrain.data.names import encoder_label
 from stitchtrain.data.pairing import check_geometry
 from stitchtrain.data.positions import check_position
 from stitchtrain.studies.sweep.config import (
@@ -41,7 +42,7 @@ class SweepPoint:
     kind: str
     source: str  # encoder keys of the config's [stores]
     target: str
-    source_encoder: str  # encoder names from the stores
+    source_encoder: str  # encoder names from the stores (a hybrid by its label)
     target_encoder: str
     position: int | None
     objective: str | None
@@ -120,7 +121,7 @@ def plan_sweep(config: dict[str, Any], base: str | Path = ".") -> SweepPlan:
     task = str(shared.get("task", "cls"))
 
     attrs = {key: FeatureStore.open(urls["train"]).attrs for key, urls in stores.items()}
-    names = {key: a["encoder"]["name"] for key, a in attrs.items()}
+    names = {key: encoder_label(a["encoder"]) for key, a in attrs.items()}
     dataset = str(config.get("dataset") or dataset_label(next(iter(attrs.values()))))
     defaults = FitConfig(source="", target="", position=1, out="", **shared)  # validates [fit]
 
