@@ -236,6 +236,24 @@ def test_fit_with_a_hybrid_as_target_loads_its_tail_by_name(pair, hybrid_stores,
     assert recipe.target_encoder.name == f"stitched:{pair['run'].resolve()}"
 
 
+def test_stitching_into_a_hybrid_starts_at_its_own_layers(pair, hybrid_stores, tmp_path):
+    """siglip2-tiny's tokens are not dinov2-tiny's: a stitch into the hybrid must produce one
+    of the hybrid's own layers (3..), not one of its source's (1, 2), though FFM reads only
+    the target's final tokens."""
+    from stitchtrain.data.pairing import PairingError, usable_positions
+
+    source = FeatureStore.open(pair["stores"]["train"][SOURCE])
+    target = FeatureStore.open(hybrid_stores["train"])
+    assert target.attrs["encoder"]["hybrid"]["own_layers_from"] == POSITION + 1
+    assert usable_positions(source, target, stitch="linear", objective="ffm") == [3, 4]
+    config = FitConfig(source=source.url, target=target.url, position=POSITION,
+                       out=str(tmp_path / "into"), objective="ffm", lrs=(5e-3,), epochs=1,
+                       batch_size=8)  # fmt: skip
+    with pytest.raises(PairingError, match="at least 3 into the hybrid"):
+        fit(config)
+    assert not (tmp_path / "into").exists()
+
+
 def test_task_agnostic_recipe_llava_ffm_export_extract_probe(pair, tmp_path):
     """README "Hybrid VFMs": FFM on an unlabelled LLaVA-style corpus (no test split, no
     labels) -> export -> extract the hybrid on a labelled dataset -> probe it and both

@@ -33,6 +33,7 @@ from featcache.datasets.core import TEST_SPLIT_WAYS
 from featcache.errors import FeatcacheError
 from featcache.preprocess import REFERENCE_SIZES, Geometry, token_offset
 from featcache.store import FeatureStore, find_stores
+from stitchtrain.data.names import encoder_label
 from stitchtrain.data.positions import (
     check_position,
     needed_arrays,
@@ -166,8 +167,9 @@ def usable_positions(
     pooled_only: bool = False,
 ) -> list[int]:
     """The stitch positions valid for the stores' encoders at which both stores hold what a
-    ``stitch`` trained by ``objective`` reads (``stitchtrain.data.positions``)."""
-    return positions_with_arrays(
+    ``stitch`` trained by ``objective`` reads (``stitchtrain.data.positions``), from the
+    target's own layers on when it is a hybrid (``own_layers_from``)."""
+    positions = positions_with_arrays(
         source.attrs["encoder"]["depth"],
         target.attrs["encoder"]["depth"],
         {"source": stored_arrays(source), "target": stored_arrays(target)},
@@ -175,6 +177,13 @@ def usable_positions(
         objective=objective,
         pooled_only=pooled_only,
     )
+    return [n for n in positions if n >= _own_layers_from(target)]
+
+
+def _own_layers_from(store: FeatureStore) -> int:
+    """The first layer of a hybrid's own token shape (its source's layers before it have
+    another); 0 for any other encoder."""
+    return int((store.attrs["encoder"].get("hybrid") or {}).get("own_layers_from", 0))
 
 
 def _require(store: FeatureStore, array: str, role: str, why: str, usable: str) -> None:
@@ -230,6 +239,12 @@ def check_pair(
     options = {"stitch": stitch, "objective": objective, "pooled_only": pooled_only}
     allowed = ", ".join(map(str, usable_positions(source, target, **options))) or "none"
     usable = f"for {objective} with a {stitch} stitch, these stores allow: {allowed}"
+    if position < _own_layers_from(target):
+        raise PairingError(
+            f"Expected --position of at least {_own_layers_from(target)} into the hybrid "
+            f"{encoder_label(target_encoder)}: its layers before that are its source's, of "
+            f"another token shape. Got {position} instead ({usable})."
+        )
     for role, array, why in needed_arrays(position, stitch, objective, pooled_only=pooled_only):
         _require(source if role == "source" else target, array, role, why, usable)
     stages = objective.split("+")

@@ -176,8 +176,12 @@ class HybridEncoder(Encoder):
 
     def describe(self) -> dict[str, Any]:
         """``Encoder.describe()`` plus ``hybrid``: the readable label, both parents' names
-        and fingerprints, the stitch, its stage and digest, and where layers come from."""
+        and fingerprints, the stitch, its stage and digest, where layers come from, and
+        ``own_layers_from``: the first layer of the hybrid's own token shape (0 when the
+        source's tokens have that shape too; a stitch into the hybrid must produce such a
+        layer, so it sits at a position at least that)."""
         parts = self.parts
+        own = self.storable_layers(range(self.depth + 1))  # its own token shape from there on
         return {
             **super().describe(),
             "hybrid": {
@@ -189,6 +193,7 @@ class HybridEncoder(Encoder):
                 "stage": parts.stage,
                 "stitch_sha256": parts.stitch_sha256,
                 "layers": layer_map(self.source_layers, self.position, self.depth, self.stitch),
+                "own_layers_from": own[0],
             },
         }
 
