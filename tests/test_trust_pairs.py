@@ -26,8 +26,10 @@ from typer.testing import CliRunner
 from cli.stitchtrain_app import app
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
+from stitchtrain.data.pairing import PairingError
 from stitchtrain.pipeline.fit import StitchRecipe, fit
 from stitchtrain.pipeline.plan import plan_fit
+from stitchtrain.studies.sweep.grid import plan_sweep
 from stitchtrain.train.config import FitConfig
 
 runner = CliRunner()
@@ -142,6 +144,21 @@ def test_tree_build_and_eval_refuse_a_run_whose_store_now_holds_other_pixels(pix
     ])  # fmt: skip
     _refused(built, config["source"], config["target"])
     _refused(runner.invoke(app, ["eval", str(run)]), config["source"], config["target"])
+
+
+def test_sweep_refuses_stores_of_different_pixels_before_any_point_runs(pixels):
+    stores = {
+        "a": {"train": _store(pixels, "old", "train"), "test": _store(pixels, "old", "test")},
+        "b": {"train": _store(pixels, "new", "train"), "test": _store(pixels, "new", "test")},
+    }
+    with pytest.raises(PairingError, match="same images"):
+        plan_sweep({"stores": stores, "grid": {"positions": [2]}})
+    stores["b"]["train"] = str(pixels["copy"]["train"])  # train paired, test stores not
+    with pytest.raises(PairingError, match="same images") as refused:
+        plan_sweep({"stores": stores, "grid": {"positions": [2]}})
+    assert _store(pixels, "new", "test") in str(refused.value)
+    stores["b"]["test"] = str(pixels["copy"]["test"])
+    assert plan_sweep({"stores": stores, "grid": {"positions": [2]}}).points
 
 
 # -- run dirs: a checkpoint, a stage's start stitch and temp files ------------------------------
