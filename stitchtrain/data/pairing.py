@@ -118,9 +118,9 @@ def check_same_images(first: FeatureStore, second: FeatureStore) -> None:
     for key in ("manifest_hash", "split", "order_seed", "num_images"):
         if first_data.get(key) != second_data.get(key):
             raise PairingError(
-                f"Expected {first.url} and {second.url} to hold the same images. Got dataset "
-                f"{key} {first_data.get(key)!r} vs {second_data.get(key)!r} instead: extract "
-                "both from the same --data and --split."
+                f"Expected {first.url} and {second.url} to hold the same images. Got different "
+                f"images (dataset {key} {first_data.get(key)!r} vs {second_data.get(key)!r}) "
+                "instead: extract both from the same --data and --split."
             )
     written = marked_rows(first, second)  # unmarked shards hold no ids yet
     if ids_hash(first, written) != ids_hash(second, written):
