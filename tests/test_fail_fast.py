@@ -219,8 +219,9 @@ def test_plan_run_dir_states(stores, tmp_path):
     config = _config(stores, out, objective="ffm", epochs=1, patience=1)
     out.mkdir()
     (out / "config.json").write_text(json.dumps(asdict(config)))
-    (out / "checkpoint.json").write_text("{}")
-    assert plan_fit(config).run_dir == "resumable"
+    (out / "checkpoint.json").write_text("{}")  # resume would refuse it: so does the plan
+    with pytest.raises(FeatcacheError, match="Cannot resume from .* no digest"):
+        plan_fit(config)
     (out / "checkpoint.json").unlink()
     (out / "metrics.json").write_text("{}")
     assert plan_fit(config).run_dir == "finished"

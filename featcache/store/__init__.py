@@ -80,7 +80,7 @@ from featcache.store.spec import (
     TOKEN_MODES,
     StoreSpec,
 )
-from featcache.store.storage import write_atomic
+from featcache.store.storage import remove_stale_partials, write_atomic
 
 __all__ = [
     "DIGEST_BYTES",
@@ -103,6 +103,7 @@ __all__ = [
     "float32_to_bfloat16_bits",
     "inner_chunk_images",
     "parse_compression",
+    "remove_stale_partials",
     "remove_store",
     "write_atomic",
 ]

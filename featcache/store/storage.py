@@ -35,7 +35,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import fsspec
 import zarr
@@ -211,14 +211,19 @@ def _writer_gone(pid: int, host: str) -> bool:
 
 
 def remove_stale_partials(
-    directories: Iterable[str], *, zarr_grace_s: float = ZARR_TEMP_GRACE_S
+    directories: Iterable[str],
+    *,
+    zarr_grace_s: float = ZARR_TEMP_GRACE_S,
+    targets: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Delete temp files directly in local ``directories`` left by writers that are gone.
 
     Ours go when their writer is provably gone (module doc); zarr's once older than
     ``zarr_grace_s`` seconds; any other ``.partial`` file is not ours to judge and stays.
-    Returns the removed paths. Directories are scanned one level deep, so the caller bounds
-    the work (a shard's directories, not the whole store).
+    ``targets``: only temp files whose target's name (the file name less the temp suffix) it
+    accepts are considered (a run dir's own files, not a user's). Returns the removed paths.
+    Directories are scanned one level deep, so the caller bounds the work (a shard's
+    directories, not the whole store).
     """
     removed, now = [], time.time()
     for directory in directories:
@@ -228,6 +233,9 @@ def remove_stale_partials(
             continue
         for entry in entries:
             ours = _OURS.search(entry.name)
+            suffix = ours or _ZARRS.search(entry.name)
+            if targets is not None and not (suffix and targets(entry.name[: suffix.start()])):
+                continue
             try:
                 if ours:
                     stale = _writer_gone(int(ours.group(1)), ours.group(2))

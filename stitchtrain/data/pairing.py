@@ -1,13 +1,15 @@
 """Which stores a stitch run reads, and whether they pair.
 
-Two stores pair when they hold the same images in the same rows: same dataset manifest hash,
-split and order seed, and the same ``ids`` in every row both have written (marked shards; the
-hash is compared, so a store written by another tool version or from a reordered manifest is
-caught), and the same content: every row valid in both has the same row digest (blake2b of the
-bytes decoded, ``check_digests``), so stores of different pixels under the same names never
-pair. Format-2 stores have no digests, and rows written from arrays have the all-zero digest
-(content not known): those rows are paired by id only, with a logged warning. Each objective
-then needs arrays:
+Two stores pair when they hold the same images in the same rows (``check_same_images``, the one
+rule every command that reads two stores row by row applies: fit and its dry run, eval, the
+test stores of a fit or transfer, predictions, cka, show, sweep, tree build): same dataset
+manifest hash, split, order seed and number of images, the same ``ids`` in every row both have
+written (marked shards; the hash is compared, so a store written by another tool version or
+from a reordered manifest is caught), and the same content: every row valid in both has the
+same row digest (blake2b of the bytes decoded, ``check_digests``), so stores of different
+pixels under the same names never pair. Format-2 stores have no digests, and rows written from
+arrays have the all-zero digest (content not known): those rows are paired by id only, with a
+logged warning. For a stitch, each objective then needs arrays:
 
   lfm       source layers/n (lora: layers/n-1)  target layers/n
   ffm       source layers/n (lora: layers/n-1)  target final (or pooled with pooled-only)
@@ -45,6 +47,7 @@ __all__ = [
     "PairingError",
     "ids_hash",
     "check_digests",
+    "check_same_images",
     "marked_rows",
     "check_pair",
     "check_geometry",
@@ -95,7 +98,7 @@ def check_digests(source: FeatureStore, target: FeatureStore, rows: np.ndarray) 
         row = int(rows[differ[0]])
         image = source.read("ids", slice(row, row + 1))[0]
         raise PairingError(
-            f"Expected source {source.url} and target {target.url} to hold the same images. Got "
+            f"Expected {source.url} and {target.url} to hold the same images. Got "
             f"different content for {image} (row {row}; {len(differ)} rows differ) instead: "
             "extract both from the same files."
         )
@@ -105,6 +108,29 @@ def check_digests(source: FeatureStore, target: FeatureStore, rows: np.ndarray) 
             f"{source.url} / {target.url}: {unknown} valid rows carry no row digest (written "
             "from arrays, not images): those are paired by id only."
         )
+
+
+def check_same_images(first: FeatureStore, second: FeatureStore) -> None:
+    """Raise ``PairingError`` unless two stores hold the same images in the same rows (module
+    docstring): the same dataset manifest hash, split, order seed and number of images, the
+    same ids in the rows both have written, and the same row digest in every row valid in both
+    (``check_digests``). Every command that pairs two stores row by row calls this."""
+    first_data, second_data = first.attrs["dataset"], second.attrs["dataset"]
+    for key in ("manifest_hash", "split", "order_seed", "num_images"):
+        if first_data.get(key) != second_data.get(key):
+            raise PairingError(
+                f"Expected {first.url} and {second.url} to hold the same images. Got different "
+                f"images (dataset {key} {first_data.get(key)!r} vs {second_data.get(key)!r}) "
+                "instead: extract both from the same --data and --split."
+            )
+    written = marked_rows(first, second)  # unmarked shards hold no ids yet
+    if ids_hash(first, written) != ids_hash(second, written):
+        raise PairingError(
+            f"Expected {first.url} and {second.url} to hold the same images in the same rows. "
+            "Got another order (ids hash differs) instead: extract both with the same featcache "
+            "version and order seed."
+        )
+    check_digests(first, second, written)
 
 
 GEOMETRY_TOLERANCE = 0.1  # target patches: paired token centres may differ by this much
@@ -212,21 +238,7 @@ def check_pair(
 
     ``allow_geometry_mismatch`` pairs stores whose tokens see different pixels
     (``check_geometry``)."""
-    source_data, target_data = source.attrs["dataset"], target.attrs["dataset"]
-    for key in ("manifest_hash", "split", "order_seed", "num_images"):
-        if source_data.get(key) != target_data.get(key):
-            raise PairingError(
-                f"Source {source.url} and target {target.url} hold different images: dataset "
-                f"{key} {source_data.get(key)!r} vs {target_data.get(key)!r}. Extract both from "
-                "the same --data and --split."
-            )
-    written = marked_rows(source, target)  # unmarked shards hold no ids yet
-    if ids_hash(source, written) != ids_hash(target, written):
-        raise PairingError(
-            f"Source {source.url} and target {target.url} order their images differently (ids "
-            "hash differs). Extract both with the same featcache version and order seed."
-        )
-    check_digests(source, target, written)
+    check_same_images(source, target)
     check_geometry(source, target, allow_mismatch=allow_geometry_mismatch)
     source_encoder, target_encoder = source.attrs["encoder"], target.attrs["encoder"]
     check_position(

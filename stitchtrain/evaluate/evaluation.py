@@ -37,7 +37,7 @@ from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
 from stitchtrain.data.integrity import usable_rows
 from stitchtrain.data.loader import Field
-from stitchtrain.data.pairing import find_split_store, source_array
+from stitchtrain.data.pairing import check_same_images, find_split_store, source_array
 from stitchtrain.model.losses import segmentation_logits, segmentation_loss, segmentation_targets
 from stitchtrain.scoring.intervals import (
     BOOTSTRAP_RESAMPLES,
@@ -59,6 +59,7 @@ __all__ = [
     "fit_stitched_probe",
     "stitched_pass",
     "test_stores",
+    "find_test_stores",
     "EvaluationSplit",
     "evaluation_split",
     "probe_accuracy",
@@ -67,6 +68,16 @@ __all__ = [
 
 
 def test_stores(recipe) -> tuple[FeatureStore, FeatureStore]:
+    """The run's (source, target) test stores (``find_test_stores``), refused unless they hold
+    the same images in the same rows (``pairing.check_same_images``: ids and row digests)."""
+    source, target = find_test_stores(recipe)
+    check_same_images(source, target)
+    return source, target
+
+
+def find_test_stores(recipe) -> tuple[FeatureStore, FeatureStore]:
+    """The run's test stores: as configured (``source_test`` / ``target_test``), else found
+    beside its train stores (``pairing.find_split_store``), not yet checked as a pair."""
     config = recipe.config
     source_array_name = source_array(config.stitch, config.position)
     source = (

@@ -212,22 +212,24 @@ def prediction_analysis(
     allow_geometry_mismatch: bool = False,
 ) -> dict[str, Any]:
     """Table 12 for a stitched run and its two self-stitch runs (all classification runs on
-    the same test images); predictions are computed once and cached in each run dir.
+    the same test images: ``pairing.check_same_images``, ids and row digests); predictions are
+    computed once and cached in each run dir.
 
     The stitched run's source and target stores must see the same pixels
     (``pairing.check_geometry``) unless ``allow_geometry_mismatch`` or the run was fit with
     it (its config.json records ``allow_geometry_mismatch``)."""
-    from stitchtrain.data.pairing import check_geometry, ids_hash
+    from stitchtrain.data.pairing import check_geometry, check_same_images
 
     runs = [Path(stitched_run), Path(self_a_run), Path(self_b_run)]
     stitched = _run_config(runs[0])
     if "source" in stitched and "target" in stitched:
         allowed = allow_geometry_mismatch or stitched.get("allow_geometry_mismatch", False)
-        check_geometry(
+        source, target = (
             FeatureStore.open(stitched["source"]),
             FeatureStore.open(stitched["target"]),
-            allow_mismatch=allowed,
         )
+        check_same_images(source, target)
+        check_geometry(source, target, allow_mismatch=allowed)
     predictions = [run_predictions(run) for run in runs]
     tests = [
         FeatureStore.open(_predictions_test_store(run / "predictions.json"))
@@ -235,11 +237,13 @@ def prediction_analysis(
         else None
         for run in runs
     ]
-    if any(t is None for t in tests) or len({ids_hash(t) for t in tests}) != 1:
+    if any(t is None for t in tests):
         raise FeatcacheError(
             "Expected the stitched run and both self-stitch runs to be tested on the same images "
             f"(same dataset split, same rows). Got test stores {[t and t.url for t in tests]}."
         )
+    for test in tests[1:]:  # the same images in the same rows: ids and row digests
+        check_same_images(tests[0], test)
     labels = tests[0].read("labels")
     counts = count_scenarios(labels, predictions[1], predictions[2], predictions[0])
     return {

@@ -313,21 +313,6 @@ def _dask_progress(progress: Callable[[str, int, int], None] | None, step: str) 
     return Callback() if progress is None else Callback(start_state=start_state, posttask=posttask)
 
 
-def _check_same_images(store_a: FeatureStore, store_b: FeatureStore) -> None:
-    from stitchtrain.data.pairing import PairingError, ids_hash
-
-    data_a, data_b = store_a.attrs["dataset"], store_b.attrs["dataset"]
-    same = all(
-        data_a.get(k) == data_b.get(k) for k in ("manifest_hash", "split", "order_seed")
-    ) and (store_a.url == store_b.url or ids_hash(store_a) == ids_hash(store_b))
-    if not same:
-        raise PairingError(
-            f"{store_a.url} and {store_b.url} hold different images (dataset, split or row "
-            "order differ): CKA compares two encoders on the same images. Extract both from "
-            "the same --data and --split."
-        )
-
-
 def cka_stores(
     store_a: str | FeatureStore,
     store_b: str | FeatureStore,
@@ -343,14 +328,15 @@ def cka_stores(
 ) -> CKAResult:
     """CKA between layers of two paired stores (default: every stored layer of each).
 
-    The stores must see the same pixels (``pairing.check_geometry``) unless
+    The stores must hold the same images in the same rows (``pairing.check_same_images``: ids
+    and row digests) and see the same pixels (``pairing.check_geometry``) unless
     ``allow_geometry_mismatch``. ``progress(step, done, total)`` is called as the dask tasks
     that read and reduce the arrays finish (``step`` names the computation)."""
-    from stitchtrain.data.pairing import check_geometry
+    from stitchtrain.data.pairing import check_geometry, check_same_images
 
     a = store_a if isinstance(store_a, FeatureStore) else FeatureStore.open(store_a)
     b = store_b if isinstance(store_b, FeatureStore) else FeatureStore.open(store_b)
-    _check_same_images(a, b)
+    check_same_images(a, b)  # CKA compares two encoders on the same images
     check_geometry(a, b, allow_mismatch=allow_geometry_mismatch)
     names_a = [str(x) for x in (layers_a or a.layers)]
     names_b = [str(x) for x in (layers_b or layers_a or b.layers)]

@@ -48,7 +48,7 @@ from featcache.show import (
 )
 from featcache.store import FeatureStore
 from stitchtrain.data.loader import valid_rows
-from stitchtrain.data.pairing import PairingError, source_array
+from stitchtrain.data.pairing import PairingError, check_same_images, source_array
 
 __all__ = ["COSINE_RANGE", "show_run", "patch_cosine"]
 
@@ -66,13 +66,15 @@ def patch_cosine(stitched: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def _stores(recipe) -> tuple[FeatureStore, FeatureStore, str]:
-    """(source, target, split): the run's test stores, else its train stores."""
-    from stitchtrain.evaluate.evaluation import test_stores
+    """(source, target, split): the run's test stores (refused unless they pair), else its
+    train stores."""
+    from stitchtrain.evaluate.evaluation import find_test_stores
 
     try:
-        source, target = test_stores(recipe)
+        source, target = find_test_stores(recipe)
     except PairingError:
         return recipe.source, recipe.target, "train"
+    check_same_images(source, target)
     return source, target, "test"
 
 

@@ -23,10 +23,11 @@ two leaves the previous checkpoint.json naming the previous tensors file, which 
 SHA-256 is not the one the JSON names is refused. The checkpoint files are removed once
 metrics.json is written, by their exact names (``rundir.remove_checkpoint``).
 
-Resume trusts nothing it did not write: checkpoint.json must parse (JSON nested too deeply is
-malformed too), carry the digest of its own content, have been written under the config of this
-run (a config.json edited after the kill and a command matching the edit are refused, naming
-the fields), and name its tensors file by a plain name of the pattern
+Resume trusts nothing it did not write (``rundir.read_checkpoint``, which ``fit --dry-run``
+runs too before it calls a run dir resumable): checkpoint.json must parse (JSON nested too
+deeply is malformed too), carry the digest of its own content, have been written under the
+config of this run (a config.json edited after the kill and a command matching the edit are
+refused, naming the fields), and name its tensors file by a plain name of the pattern
 ``checkpoint-<16 hex>.safetensors`` inside the run dir (no path, no symlink), whose SHA-256 it
 records. Every refusal is one line saying what to remove to restart; nothing is deleted or
 rewritten by it.
@@ -40,7 +41,6 @@ import json
 import re
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,10 +53,8 @@ from stitchtrain.train.config import FitStopped
 from stitchtrain.train.rundir import (
     CHECKPOINT,
     CHECKPOINT_TENSORS,
-    config_changes,
-    read_json,
+    read_checkpoint,
     record_digest,
-    run_dir_file,
     write_file,
 )
 
@@ -163,7 +161,7 @@ class Checkpoints:
         path = self.out / CHECKPOINT
         if not path.is_file():
             return None
-        record, payload = _read_checkpoint(self.out, self.config)
+        record, payload = read_checkpoint(self.out, self.config)
         resume = _join_tensors(record, load(payload))
         if resume["training"] is not None:  # JSON keys are strings; AdamW's are parameter ids
             state = resume["training"]["optimizer"]
@@ -210,46 +208,6 @@ class Checkpoints:
         torch.set_rng_state(resume["rng"]["torch"])
         if "cuda" in resume["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(resume["rng"]["cuda"], self.device)
-
-
-def _checkpoint_files(out: Path) -> str:
-    return f"checkpoint.json and the checkpoint-<16 hex>.safetensors files in {out}"
-
-
-def _read_checkpoint(out: Path, config) -> tuple[dict, bytes]:
-    """(record, tensors file bytes) of ``out``'s checkpoint.json, checked as the module
-    docstring says; anything else is a one-line ``FeatcacheError`` saying what to remove."""
-    path = out / CHECKPOINT
-    try:
-        record = read_json(path)
-        if not isinstance(record, dict):
-            raise ValueError(f"Expected a JSON object. Got a JSON {type(record).__name__} instead")
-        if "digest" not in record:
-            raise ValueError("it records no digest of its content (an older stitchtrain's?)")
-        if record["digest"] != record_digest(record):
-            raise ValueError("its content does not match the digest it records (edited?)")
-        changed = config_changes(record["config"], config)
-        tensors = record["tensors"]
-        if not changed:
-            shape = "checkpoint-<16 hex>.safetensors"
-            name = run_dir_file(out, tensors["file"], CHECKPOINT_TENSORS, shape).name
-            payload = (out / name).read_bytes()
-            got = hashlib.sha256(payload).hexdigest()
-            if got != tensors["sha256"]:
-                raise ValueError(f"{name} has SHA-256 {got}, it names {tensors['sha256']}")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        problem = str(err) if type(err) is ValueError else f"{type(err).__name__}: {err}"
-        raise FeatcacheError(
-            f"Cannot resume from {path}: {' '.join(problem.split())}. Remove "
-            f"{_checkpoint_files(out)} to restart the run from scratch."
-        ) from None
-    if changed:
-        raise FeatcacheError(
-            f"Cannot resume from {path}: it was written under another config ({', '.join(changed)}"
-            " differ from config.json and this command's: config.json was edited since). Use "
-            f"another --out, or remove {_checkpoint_files(out)} to restart the run from scratch."
-        )
-    return record, payload
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

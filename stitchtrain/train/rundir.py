@@ -4,12 +4,17 @@ which fit trusts what it reads back from a run dir:
 
 - fit removes only files it wrote, by their exact names (``remove_checkpoint``): checkpoint.json,
   ``checkpoint-<16 hex>.safetensors`` and their temp files ``<name>.fc-<pid>-<host>-<n>.partial``;
-  any other file in the run dir (``checkpoint-notes.txt``) is the user's and stays;
+  when a fit starts or resumes, the temp files of any file it writes atomically (``WRITTEN``)
+  whose writer is provably gone, by the store's rule (``remove_stale_temp_files``); any other
+  file in the run dir (``checkpoint-notes.txt``, ``notes.txt.fc-1-0badf00d-0.partial``) is the
+  user's and stays;
 - a file a record names is a plain name of its exact pattern whose file lies in the run dir
   itself, not behind a symlink (``run_dir_file``);
 - a record (checkpoint.json, stage-<stage>.json) carries ``digest``, the SHA-256 of the record
   without it as JSON with sorted keys and no spaces (``record_digest``), so an edited record is
-  told from a written one;
+  told from a written one; ``read_checkpoint`` checks checkpoint.json so for resume and for
+  ``check_run_dir`` (``fit --dry-run``), which calls a run dir resumable only when resume
+  would take its checkpoint;
 - a JSON file that does not parse, nested too deeply for Python's parser included, is a
   ``ValueError`` (``read_json``) that each caller turns into its one-line refusal.
 """
@@ -26,25 +31,35 @@ from pathlib import Path
 from typing import Any
 
 from featcache.errors import FeatcacheError
-from featcache.store import write_atomic
-from stitchtrain.train.config import FitConfig
+from featcache.store import remove_stale_partials, write_atomic
+from stitchtrain.train.config import OBJECTIVES, FitConfig
 
 __all__ = [
     "CHECKPOINT",
     "CHECKPOINT_TENSORS",
+    "WRITTEN",
     "check_run_dir",
+    "checkpoint_files",
     "config_changes",
     "finished_metrics",
+    "read_checkpoint",
     "read_json",
     "read_json_object",
     "record_digest",
     "remove_checkpoint",
+    "remove_stale_temp_files",
     "run_dir_file",
     "write_file",
 ]
 
 CHECKPOINT = "checkpoint.json"
 CHECKPOINT_TENSORS = r"checkpoint-[0-9a-f]{16}\.safetensors"  # named by its SHA-256's first 16 hex
+# the files fit writes atomically (write_file) into a run dir, by exact name
+_STAGE = rf"({'|'.join(s for s in OBJECTIVES if '+' not in s)})"
+WRITTEN = re.compile(
+    rf"metrics\.json|checkpoint\.json|{CHECKPOINT_TENSORS}|stage-{_STAGE}\.json"
+    rf"|(stitch|stitch-{_STAGE}|head)\.safetensors"
+)
 # what remove_checkpoint deletes: the checkpoint files and the temp files of their atomic writes
 _CHECKPOINT_FILES = re.compile(
     rf"(checkpoint\.json|{CHECKPOINT_TENSORS})(\.fc-\d+-[0-9a-f]{{8}}-\d+\.partial)?"
@@ -164,6 +179,57 @@ def remove_checkpoint(out: Path) -> None:
             path.unlink()
 
 
+def checkpoint_files(out: Path) -> str:
+    """What to remove to restart a run from scratch, in words."""
+    return f"checkpoint.json and the checkpoint-<16 hex>.safetensors files in {out}"
+
+
+def read_checkpoint(out: Path, config: FitConfig) -> tuple[dict, bytes]:
+    """(record, tensors file bytes) of ``out``'s checkpoint.json, checked as
+    ``stitchtrain.train.checkpoint``'s docstring says (digest, config, tensors file name and
+    SHA-256); anything else is a one-line ``FeatcacheError`` saying why it cannot resume and
+    what to remove."""
+    path = out / CHECKPOINT
+    try:
+        record = read_json(path)
+        if not isinstance(record, dict):
+            raise ValueError(f"Expected a JSON object. Got a JSON {type(record).__name__} instead")
+        if "digest" not in record:
+            raise ValueError("it records no digest of its content (an older stitchtrain's?)")
+        if record["digest"] != record_digest(record):
+            raise ValueError("its content does not match the digest it records (edited?)")
+        changed = config_changes(record["config"], config)
+        tensors = record["tensors"]
+        if not changed:
+            shape = "checkpoint-<16 hex>.safetensors"
+            name = run_dir_file(out, tensors["file"], CHECKPOINT_TENSORS, shape).name
+            payload = (out / name).read_bytes()
+            got = hashlib.sha256(payload).hexdigest()
+            if got != tensors["sha256"]:
+                raise ValueError(f"{name} has SHA-256 {got}, it names {tensors['sha256']}")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        problem = str(err) if type(err) is ValueError else f"{type(err).__name__}: {err}"
+        raise FeatcacheError(
+            f"Cannot resume from {path}: {' '.join(problem.split())}. Remove "
+            f"{checkpoint_files(out)} to restart the run from scratch."
+        ) from None
+    if changed:
+        raise FeatcacheError(
+            f"Cannot resume from {path}: it was written under another config ({', '.join(changed)}"
+            " differ from config.json and this command's: config.json was edited since). Use "
+            f"another --out, or remove {checkpoint_files(out)} to restart the run from scratch."
+        )
+    return record, payload
+
+
+def remove_stale_temp_files(out: Path) -> list[str]:
+    """Delete the temp files of ``WRITTEN`` files in run dir ``out`` whose writer is provably
+    gone (this host, no such process: ``featcache.store.remove_stale_partials``, the rule the
+    store's writers use); a live writer's and every other file stay. Returns the removed
+    paths."""
+    return remove_stale_partials([str(out)], targets=WRITTEN.fullmatch)
+
+
 def write_file(path: Path, data: bytes) -> None:
     """``data`` to ``path`` atomically and durably: a temp file naming this writer, fsynced,
     renamed into place, then the run dir fsynced (``featcache.store.write_atomic(sync=True)``).
@@ -174,8 +240,10 @@ def write_file(path: Path, data: bytes) -> None:
 
 def check_run_dir(out: Path, config: FitConfig) -> str:
     """The state of run dir ``out`` for ``config``, writing nothing: "fresh" (no config.json
-    yet), "resumable" (a checkpoint to continue from), "started" (config.json, no checkpoint:
-    it starts over) or "finished" (metrics.json). A run dir of another config is refused."""
+    yet), "resumable" (a checkpoint to continue from, validated as resume validates it:
+    ``read_checkpoint``), "started" (config.json, no checkpoint: it starts over) or "finished"
+    (metrics.json). A run dir of another config, or a checkpoint resume would refuse, is
+    refused with resume's one-line reason."""
     if out.exists() and not out.is_dir():
         raise FeatcacheError(
             f"Expected --out to be a directory (or a new path). Got the file {out} instead."
@@ -185,4 +253,7 @@ def check_run_dir(out: Path, config: FitConfig) -> str:
     _check_config(out, config)
     if (out / "metrics.json").is_file():
         return "finished"
-    return "resumable" if (out / CHECKPOINT).is_file() else "started"
+    if not (out / CHECKPOINT).is_file():
+        return "started"
+    read_checkpoint(out, config)
+    return "resumable"

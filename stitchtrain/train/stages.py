@@ -13,7 +13,9 @@ and hash one of them holds is taken from it (``metrics.json``: ``stages.<stage>.
 instead of trained. A record is not taken (the stage is trained) unless it parses (JSON nested
 too deeply does not), its digest covers what it says (an edited key, result or history is not
 taken), and its stitch file is the plain name ``stitch-<stage>.safetensors`` inside its run dir
-(no path, no symlink) with the recorded hash and the stitch's shapes.
+(no path, no symlink) with the recorded hash and the stitch's shapes. The stitch a run's next
+stage starts from (``stitch-<prev>.safetensors`` in its own run dir) is read the same way
+(``read_stage_record``), and a stitch file that fails it is refused, not trained from.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from safetensors.torch import load
 from stitchtrain.train.config import HEADS
 from stitchtrain.train.rundir import read_json, record_digest, run_dir_file, write_file
 
-__all__ = ["SharedStages"]
+__all__ = ["SharedStages", "read_stage_record"]
 
 
 @dataclass
@@ -148,6 +150,29 @@ _NOT_IN_STAGE_KEY = (
 _STAGE_RESULT = ("lr", "grid", "val_loss", "val_metric")  # the keys a stage record's result has
 
 
+def read_stage_record(run_dir: Path, stage: str) -> tuple[dict, bytes]:
+    """(stage record, stitch file bytes) of ``run_dir``'s ``stage-<stage>.json`` when the
+    record parses and matches its digest and names its stitch file by the plain name
+    ``stitch-<stage>.safetensors`` in ``run_dir`` (not a symlink) whose SHA-256 it records;
+    else ``ValueError`` saying which (``OSError`` for a file that cannot be read). Both a
+    stage taken from another run dir and the stitch a run's next stage starts from are read
+    through it."""
+    record = read_json(run_dir / f"stage-{stage}.json")
+    if not isinstance(record, dict):
+        raise ValueError(f"stage-{stage}.json holds a JSON {type(record).__name__}, not a record")
+    if record.get("digest") != record_digest(record):
+        raise ValueError(f"stage-{stage}.json does not match the digest it records (edited?)")
+    name = f"stitch-{stage}.safetensors"
+    path = run_dir_file(run_dir, record.get("stitch_file"), re.escape(name), name)
+    stitch_file = path.read_bytes()
+    got = hashlib.sha256(stitch_file).hexdigest()
+    if got != record.get("stitch_sha256"):
+        raise ValueError(
+            f"{name} has SHA-256 {got}, stage-{stage}.json records {record.get('stitch_sha256')}"
+        )
+    return record, stitch_file
+
+
 def _finished_stage(
     run_dir: Path, stage: str, key: dict, shapes: dict[str, tuple[int, ...]]
 ) -> tuple[dict, bytes] | None:
@@ -157,12 +182,7 @@ def _finished_stage(
     recorded SHA-256 and the stitch's tensor ``shapes``; else None (absent, other, changed,
     damaged, elsewhere)."""
     try:
-        record = read_json(run_dir / f"stage-{stage}.json")
-        if not isinstance(record, dict) or record.get("digest") != record_digest(record):
-            return None
-        name = f"stitch-{stage}.safetensors"
-        path = run_dir_file(run_dir, record.get("stitch_file"), re.escape(name), name)
-        stitch_file = path.read_bytes()
+        record, stitch_file = read_stage_record(run_dir, stage)
     except (OSError, ValueError):
         return None
     if record.get("key") != key:
@@ -175,8 +195,6 @@ def _finished_stage(
     if not all(isinstance(row, dict) and row.get("stage") == stage for row in history):
         return None
     if any(row.get("epoch") == 0 for row in history):  # from before epochs counted from 1
-        return None
-    if hashlib.sha256(stitch_file).hexdigest() != record.get("stitch_sha256"):
         return None
     try:
         tensors = load(stitch_file)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 from torch import nn
 
 from featcache.errors import FeatcacheError, Interrupted
@@ -70,8 +70,14 @@ from stitchtrain.train.checkpoint import (
 from stitchtrain.train.config import FitConfig, FitStopped, NonFiniteLossError, scheduled_lr
 from stitchtrain.train.encoders import _layout, load_run_encoder
 from stitchtrain.train.heads import _SegHead, fit_probe_head, mask_ignore_value, mask_num_classes
-from stitchtrain.train.rundir import _write_history, _write_or_check_config, write_file
-from stitchtrain.train.stages import SharedStages, _better, _StageState
+from stitchtrain.train.rundir import (
+    _write_history,
+    _write_or_check_config,
+    checkpoint_files,
+    remove_stale_temp_files,
+    write_file,
+)
+from stitchtrain.train.stages import SharedStages, _better, _StageState, read_stage_record
 
 __all__ = ["StitchTrainer"]
 
@@ -205,9 +211,20 @@ class StitchTrainer(Checkpoints, SharedStages):
         return [(self.source, source), (self.target, list(dict.fromkeys(target)))]
 
     def _initial_state(self, stage_index: int) -> dict[str, torch.Tensor]:
-        """The stitch a stage starts from: fresh (first stage) or the previous stage's best."""
+        """The stitch a stage starts from: fresh (first stage) or the previous stage's best, its
+        ``stitch-<stage>.safetensors`` checked against its stage record (``read_stage_record``:
+        a plain file in the run dir with the recorded SHA-256); else a one-line refusal."""
         if stage_index > 0:
-            return load_file(str(self.out / f"stitch-{self.stages[stage_index - 1]}.safetensors"))
+            previous = self.stages[stage_index - 1]
+            try:
+                return load(read_stage_record(self.out, previous)[1])
+            except (OSError, ValueError) as err:
+                problem = str(err) if type(err) is ValueError else f"{type(err).__name__}: {err}"
+                raise FeatcacheError(
+                    f"Cannot start stage {self.stages[stage_index]} of {self.out} from the "
+                    f"{previous} stage's stitch: {' '.join(problem.split())}. Remove "
+                    f"{checkpoint_files(self.out)} to restart the run from scratch."
+                ) from None
         torch.manual_seed(self._seed(self.stages[0], 0))
         stitch = self._new_stitch()
         if self.config.init == "identity":
@@ -493,6 +510,7 @@ class StitchTrainer(Checkpoints, SharedStages):
         (``FitStopped``, module ``checkpoint``)."""
         self.out.mkdir(parents=True, exist_ok=True)
         _write_or_check_config(self.out, self.config)
+        remove_stale_temp_files(self.out)  # left by a killed fit of this run dir
         resume = self._load_checkpoint()
         self._last_checkpoint = time.monotonic()
         self.stage_results = dict(resume["stage_results"]) if resume else {}

@@ -39,11 +39,12 @@ def resolve_runs(
     allow_geometry_mismatch: bool = False,
 ) -> list[ResolvedRun]:
     """Check every run dir of a tree before any encoder is loaded: finished (config.json and
-    stitch.safetensors), stitched at ``position``, its source and target stores found, their
+    stitch.safetensors), stitched at ``position``, its source and target stores found and
+    holding the same images (``pairing.check_same_images``: ids and row digests), their
     geometries paired (``pairing.check_geometry``, unless allowed here or by the run), and one
     source encoder (fingerprint) across all runs: the trunk's. Raises ``TreeError`` /
     ``PairingError`` naming the run dir."""
-    from stitchtrain.data.pairing import check_geometry
+    from stitchtrain.data.pairing import check_geometry, check_same_images
 
     resolved = []
     for item in runs:
@@ -58,6 +59,7 @@ def resolve_runs(
                 f"{config['position']}."
             )
         source, target = (_open_run_store(config, role, run_dir) for role in ("source", "target"))
+        check_same_images(source, target)
         allowed = allow_geometry_mismatch or config.get("allow_geometry_mismatch", False)
         check_geometry(source, target, allow_mismatch=allowed)
         first = resolved[0] if resolved else None

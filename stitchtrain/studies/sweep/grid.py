@@ -11,7 +11,7 @@ from typing import Any
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore
 from stitchtrain.data.names import encoder_label
-from stitchtrain.data.pairing import check_geometry
+from stitchtrain.data.pairing import check_geometry, check_same_images
 from stitchtrain.data.positions import check_position
 from stitchtrain.studies.sweep.config import (
     _BASELINE_KEYS,
@@ -163,11 +163,16 @@ def plan_sweep(config: dict[str, Any], base: str | Path = ".") -> SweepPlan:
 
     directions = [(s, t) for s, t in pairs if s != t]
     for source, target in directions:  # refused here, before any point runs
-        check_geometry(
+        train = (
             FeatureStore.open(stores[source]["train"]),
             FeatureStore.open(stores[target]["train"]),
-            allow_mismatch=defaults.allow_geometry_mismatch,
         )
+        check_same_images(*train)  # the same images in the same rows: ids and row digests
+        check_geometry(*train, allow_mismatch=defaults.allow_geometry_mismatch)
+        if stores[source]["test"] and stores[target]["test"]:
+            check_same_images(
+                FeatureStore.open(stores[source]["test"]), FeatureStore.open(stores[target]["test"])
+            )
     encoders = list(dict.fromkeys(k for pair in pairs for k in pair))
     points: list[SweepPoint] = []
     if baselines["probe"] and task == "cls":
