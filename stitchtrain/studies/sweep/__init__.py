@@ -5,8 +5,9 @@ A sweep config (TOML or YAML) names the encoders' stores and the grid::
     dataset = "fmow"                      # optional label for tables (default: from the stores)
 
     [stores]                              # encoder key -> train store (test store found beside it)
-    dinov2 = "stores/train/dinov2-l-....zarr"
+    dinov2 = "stores/train/dinov2-l-*.zarr"   # a glob must match exactly one store
     siglip2 = { train = "stores/train/siglip2-l-....zarr", test = "stores/test/siglip2-l-....zarr" }
+    clip = { train = "...", weights = "clip-l.safetensors" }  # fit's --source/--target-weights
 
     [grid]
     pairs = [["dinov2", "siglip2"]]       # default: every pair of distinct encoders

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from pathlib import Path
@@ -83,6 +84,26 @@ def _resolve(url: str, base: Path) -> str:
     return str((base / url).resolve())
 
 
+def _one_store(pattern: str, base: Path, where: str) -> str:
+    """A store path of the config, resolved against ``base``; a local glob (``*``, ``?``,
+    ``[...]``, as fit's shell globs) must match exactly one path, which it becomes."""
+    url = _resolve(pattern, base)
+    if "://" in url or not glob.has_magic(url):
+        return url
+    matches = sorted(glob.glob(url))
+    if not matches:
+        raise FeatcacheError(
+            f"Expected [stores] {where} to match one store. Got {pattern!r}, which matches no "
+            f"store under {base} (featcache ls ROOT lists the stores)."
+        )
+    if len(matches) > 1:
+        raise FeatcacheError(
+            f"Expected [stores] {where} to match one store. Got {pattern!r}, which matches "
+            f"{len(matches)}: {', '.join(matches)} (name one)."
+        )
+    return matches[0]
+
+
 def _stores(config: dict, base: Path) -> dict[str, dict[str, str | None]]:
     stores = config.get("stores")
     if not isinstance(stores, dict) or not stores:
@@ -100,12 +121,16 @@ def _stores(config: dict, base: Path) -> dict[str, dict[str, str | None]]:
             value = {"train": value}
         if not isinstance(value, dict) or "train" not in value:
             raise FeatcacheError(
-                f"Expected [stores] {key} = PATH or {{ train = PATH, test = PATH }}. Got {value!r}."
+                f"Expected [stores] {key} = PATH or {{ train = PATH, test = PATH, weights = FILE "
+                f"}}. Got {value!r}."
             )
-        _unknown(f"stores.{key}", value, {"train", "test"})
+        _unknown(f"stores.{key}", value, {"train", "test", "weights"})
         resolved[key] = {
-            "train": _resolve(str(value["train"]), base),
-            "test": _resolve(str(value["test"]), base) if value.get("test") else None,
+            "train": _one_store(str(value["train"]), base, key),
+            "test": _one_store(str(value["test"]), base, f"{key}.test")
+            if value.get("test")
+            else None,
+            "weights": _resolve(str(value["weights"]), base) if value.get("weights") else None,
         }
     return resolved
 

@@ -124,6 +124,7 @@ def plan_sweep(config: dict[str, Any], base: str | Path = ".") -> SweepPlan:
     names = {key: encoder_label(a["encoder"]) for key, a in attrs.items()}
     dataset = str(config.get("dataset") or dataset_label(next(iter(attrs.values()))))
     defaults = FitConfig(source="", target="", position=1, out="", **shared)  # validates [fit]
+    _no_weights_twice(stores, shared)
 
     def point(kind, source, target, objective=None, stitch=None, position=None, seed=0):
         common = {
@@ -153,6 +154,7 @@ def plan_sweep(config: dict[str, Any], base: str | Path = ".") -> SweepPlan:
             "target": stores[target]["train"],
             "source_test": stores[source]["test"],
             "target_test": stores[target]["test"],
+            **_store_weights(stores[source]["weights"], stores[target]["weights"]),
             "position": position,
             "stitch": stitch,
             "objective": objective,
@@ -193,3 +195,20 @@ def plan_sweep(config: dict[str, Any], base: str | Path = ".") -> SweepPlan:
     unique = list({p.id: p for p in points}.values())
     resolved = {**config, "stores": stores, "dataset": dataset}
     return SweepPlan(unique, resolved)
+
+
+def _store_weights(source: str | None, target: str | None) -> dict[str, str]:
+    """The fit weights a point takes from its stores' ``weights`` (none given: [fit]'s)."""
+    named = {"source_weights": source, "target_weights": target}
+    return {field: path for field, path in named.items() if path is not None}
+
+
+def _no_weights_twice(stores: dict, shared: dict) -> None:
+    """Weights come from [fit] (one file for every point) or from each store, never both."""
+    given = [key for key, urls in stores.items() if urls["weights"] is not None]
+    fit_weights = [f for f in ("source_weights", "target_weights") if shared.get(f) is not None]
+    if given and fit_weights:
+        raise FeatcacheError(
+            f"Expected weights beside each store in [stores] or in [fit], not both. Got [stores] "
+            f"weights for {given} and [fit] {', '.join(fit_weights)}."
+        )
