@@ -17,6 +17,11 @@ Ctrl-C between two of a sweep's fits still stops the sweep before the next. The 
 prints the innermost context's notice on stderr, at once; the second raises
 ``Interrupted(at_once=True)`` wherever the main thread is, and whoever catches it says what was
 kept. The request is forgotten when the outermost context exits.
+
+Work with no safe point to wait for (a fit's setup: opening stores, loading an encoder; its
+test evaluation) runs in ``stop_at_once_on_signal``: there the first signal raises
+``Interrupted`` at once, and the caller says what is kept. A ``stop_on_signal`` nested in it
+(the training loop) defers the signal again; the innermost context decides.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from collections.abc import Iterator
 
 from featcache.errors import Interrupted
 
-__all__ = ["STOP_SIGNALS", "stop_on_signal", "stop_requested"]
+__all__ = ["STOP_SIGNALS", "stop_at_once_on_signal", "stop_on_signal", "stop_requested"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -39,7 +44,8 @@ class _Requests:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
-        self.notices: list[str] = []  # one per open context, innermost last
+        self.notices: list[str | None] = []  # one per open context, innermost last; None:
+        # a stop_at_once_on_signal context
         self.previous: dict[int, object] = {}
 
 
@@ -57,11 +63,15 @@ def _again(name: str) -> str:
 
 def _handle(signum: int, frame: object) -> None:
     name = signal.Signals(signum).name
-    if _requests.signal_name is None:
+    first = _requests.signal_name is None
+    if first:
         _requests.signal_name = name
+    if first and _requests.notices[-1] is not None:
         notice = f"\n{name}: {_requests.notices[-1]}; {_again(name)} to stop at once.\n"
         os.write(2, notice.encode())  # not through a console: a handler may run mid-print
         return
+    if first:  # innermost context: stop_at_once_on_signal
+        raise Interrupted(f"Stopped by {name}.", name)
     raise Interrupted(f"Stopped at once by a second {name}.", name, at_once=True)
 
 
@@ -69,6 +79,22 @@ def _handle(signum: int, frame: object) -> None:
 def stop_on_signal(notice: str) -> Iterator[None]:
     """While the block runs, SIGINT and SIGTERM request a stop (module docstring); ``notice``
     (what the work does now: "stopping after the epoch in progress") is printed on the first."""
+    with _context(notice):
+        yield
+
+
+@contextlib.contextmanager
+def stop_at_once_on_signal() -> Iterator[None]:
+    """While the block runs (outside a nested ``stop_on_signal``), SIGINT and SIGTERM raise
+    ``Interrupted`` at once: ``at_once`` False for the first signal (there was no safe point
+    to wait for), True for a second; the caller says what is kept."""
+    with _context(None):
+        yield
+
+
+@contextlib.contextmanager
+def _context(notice: str | None) -> Iterator[None]:
+    """Open one context: the outermost of the main thread installs the handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
