@@ -22,6 +22,10 @@ Work with no safe point to wait for (a fit's setup: opening stores, loading an e
 test evaluation) runs in ``stop_at_once_on_signal``: there the first signal raises
 ``Interrupted`` at once, and the caller says what is kept. A ``stop_on_signal`` nested in it
 (the training loop) defers the signal again; the innermost context decides.
+
+Processes started inside ``children_ignore_ctrl_c`` (a local Dask cluster's workers) ignore
+SIGINT: a Ctrl-C in a terminal goes to every process of the foreground group, and a worker must
+finish its task while the command that owns it stops at its safe point.
 """
 
 from __future__ import annotations
@@ -34,7 +38,13 @@ from collections.abc import Iterator
 
 from featcache.errors import Interrupted
 
-__all__ = ["STOP_SIGNALS", "stop_at_once_on_signal", "stop_on_signal", "stop_requested"]
+__all__ = [
+    "STOP_SIGNALS",
+    "children_ignore_ctrl_c",
+    "stop_at_once_on_signal",
+    "stop_on_signal",
+    "stop_requested",
+]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -112,3 +122,19 @@ def _context(notice: str | None) -> Iterator[None]:
                 if handler is not None:  # None: set outside Python, cannot be put back
                     signal.signal(signum, handler)
             _requests.signal_name = None
+
+
+@contextlib.contextmanager
+def children_ignore_ctrl_c() -> Iterator[None]:
+    """Processes started while the block runs ignore SIGINT (an ignored signal stays ignored
+    across fork and exec, and Python then installs no KeyboardInterrupt handler); this process
+    ignores it meanwhile too. Main thread only; elsewhere the block changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
