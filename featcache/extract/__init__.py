@@ -38,11 +38,12 @@ down to host rows), ``writer`` (the writer thread), ``run`` (``run_extraction``:
 
 from featcache.extract.config import ExtractConfig, parse_shard, resolve_device
 from featcache.extract.plan import ExtractPlan, images_to_extract, plan_extraction
-from featcache.extract.run import refresh_changed, run_extraction
+from featcache.extract.run import extraction_stopped, refresh_changed, run_extraction
 
 __all__ = [
     "ExtractConfig",
     "ExtractPlan",
+    "extraction_stopped",
     "images_to_extract",
     "parse_shard",
     "plan_extraction",

@@ -67,7 +67,7 @@ def refresh_changed(plan: ExtractPlan, store: FeatureStore, shards) -> set[int]:
     return current
 
 
-def _extract_stopped(signal_name: str, stores: list[FeatureStore], at_once: bool) -> Interrupted:
+def extraction_stopped(signal_name: str, stores: list[FeatureStore], at_once: bool) -> Interrupted:
     """The one-line ``Interrupted`` of a stopped extraction: each store's complete shards."""
     counts = ", ".join(
         f"{len(store.marked_shards())} of {store.num_shards} shards of {store.url}"
@@ -186,7 +186,7 @@ def run_extraction(
             for executor in (pool, reader):
                 executor.shutdown(wait=False, cancel_futures=True)
     if signal_name:
-        raise _extract_stopped(signal_name, stores, at_once=stopped is not None)
+        raise extraction_stopped(signal_name, stores, at_once=stopped is not None)
     return {
         "stores": [store.summary() for store in stores],
         "shards_processed": len(todo),

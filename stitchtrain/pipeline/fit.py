@@ -20,6 +20,13 @@ learning rate, at a learning-rate or stage boundary, or during evaluation. Every
 is seeded from (seed, stage, learning rate, epoch) or restored from the checkpoint. A run dir
 whose metrics.json exists is finished: ``fit`` returns those metrics at once, without opening
 the stores, loading an encoder or training. A run dir made with a different config is refused.
+
+Ctrl-C (SIGINT) or SIGTERM: during training the epoch in progress finishes and is checkpointed
+(``stitchtrain.train``); during setup and the test evaluation, which have no safe point to wait
+for, the fit stops at once (``featcache.interrupts.stop_at_once_on_signal``) with one line
+saying what is kept: the run dir's last checkpoint, if any, or that nothing was trained yet;
+during evaluation, that training is complete and checkpointed, so the same command re-runs
+only the evaluation (its checkpoint is past the last learning rate of the last stage).
 """
 
 from __future__ import annotations
@@ -31,9 +38,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from featcache.errors import Interrupted
+from featcache.interrupts import stop_at_once_on_signal, stop_requested
 from stitchtrain.evaluate.evaluation import evaluate_run, evaluation_split
-from stitchtrain.train.checkpoint import CHECKPOINT_EVERY_S, checkpoint_interval
-from stitchtrain.train.config import FitConfig
+from stitchtrain.train.checkpoint import (
+    CHECKPOINT_EVERY_S,
+    checkpoint_interval,
+    checkpoint_position,
+)
+from stitchtrain.train.config import FitConfig, FitStopped
 from stitchtrain.train.rundir import check_run_dir, finished_metrics, remove_checkpoint, write_file
 from stitchtrain.train.trainer import StitchTrainer
 
@@ -67,23 +80,38 @@ class StitchRecipe(StitchTrainer):
         finished = finished_metrics(self.out, self.config)
         if finished is not None:
             return finished
-        # test stores are refused here, before any training step
-        split = evaluation_split(self) if self.scored else None
-        incomplete = {**self.incomplete, **(split.incomplete if split else {})}
-        for url, note in incomplete.items():
-            (log or _log.warning)(
-                f"{url}: {len(note['unmarked_shards'])} of {note['num_shards']} shards have no "
-                f"completion marker; using the marked shards only, {note['rows_used']} of "
-                f"{note['num_rows']} rows."
-            )
-        self.train(progress)
+        trained = False
+        with stop_at_once_on_signal():  # the training loop defers a signal to its epoch's end
+            try:
+                # test stores are refused here, before any training step
+                split = evaluation_split(self) if self.scored else None
+                incomplete = {**self.incomplete, **(split.incomplete if split else {})}
+                for url, note in incomplete.items():
+                    (log or _log.warning)(
+                        f"{url}: {len(note['unmarked_shards'])} of {note['num_shards']} shards "
+                        f"have no completion marker; using the marked shards only, "
+                        f"{note['rows_used']} of {note['num_rows']} rows."
+                    )
+                self.train(progress)
+                trained = True
+                if stop_requested():  # arrived after the last epoch: stop before evaluating
+                    raise Interrupted("", stop_requested())
+                if progress is not None:
+                    progress({"event": "evaluate"})
+                if split is not None:
+                    metrics = evaluate_run(self.out, recipe=self, split=split)
+                else:
+                    metrics = {"evaluation": UNSCORED}
+            except FitStopped:
+                raise
+            except Interrupted as err:
+                if trained:
+                    raise _stopped(err, "during the test evaluation", (
+                        f"training is complete and checkpointed in {self.out}; the same command "
+                        "re-runs only the evaluation."
+                    )) from None  # fmt: skip
+                raise _stopped_in_setup(err, self.config) from None
         final_stage = self.stages[-1]
-        if progress is not None:
-            progress({"event": "evaluate"})
-        if split is not None:
-            metrics = evaluate_run(self.out, recipe=self, split=split)
-        else:
-            metrics = {"evaluation": UNSCORED}
         metrics["train_rows"], metrics["val_rows"] = len(self.train_rows), len(self.val_rows)
         if incomplete:
             metrics["incomplete_stores"] = incomplete
@@ -115,4 +143,27 @@ def fit(
     if finished is not None:
         return finished
     check_run_dir(Path(config.out), config)  # before opening a store or loading an encoder
-    return StitchRecipe(config, checkpoint_every, reuse).run(progress, log)
+    with stop_at_once_on_signal():
+        try:
+            recipe = StitchRecipe(config, checkpoint_every, reuse)
+        except Interrupted as err:
+            raise _stopped_in_setup(err, config) from None
+    return recipe.run(progress, log)
+
+
+def _stopped(err: Interrupted, when: str, kept: str) -> FitStopped:
+    """The one-line ``FitStopped`` of a signal outside the training loop."""
+    how = f"at once by a second {err.signal_name}" if err.at_once else f"by {err.signal_name}"
+    return FitStopped(f"Stopped {how} {when}: {kept}", err.signal_name, at_once=err.at_once)
+
+
+def _stopped_in_setup(err: Interrupted, config: FitConfig) -> FitStopped:
+    """A signal while the stores open, the encoder loads or the checkpoint is read: what the
+    run dir keeps (its checkpoint, if any)."""
+    when = "while setting up the fit (stores, encoder)"
+    kept = checkpoint_position(Path(config.out), config.objective.split("+"), config.lrs)
+    if kept is None:
+        return _stopped(err, when, "nothing was trained yet; the same command starts the run.")
+    return _stopped(
+        err, when, f"{config.out} keeps the checkpoint {kept}; the same command resumes from there."
+    )

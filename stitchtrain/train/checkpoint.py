@@ -41,6 +41,7 @@ import json
 import re
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -65,6 +66,7 @@ __all__ = [
     "CHECKPOINT_EVERY_S",
     "Checkpoints",
     "checkpoint_interval",
+    "checkpoint_position",
     "describe_position",
     "resume_message",
 ]
@@ -91,6 +93,16 @@ def describe_position(stages: list[str], lrs: tuple[float, ...], record: dict) -
     if state["epoch"] == 0:
         return f"at the start of lr {lr:g} ({state['lr_index'] + 1}/{len(lrs)}) of stage {stage}"
     return f"after epoch {state['epoch']} of stage {stage}, lr {lr:g}"
+
+
+def checkpoint_position(out: Path, stages: list[str], lrs: tuple[float, ...]) -> str | None:
+    """Where the checkpoint in run dir ``out`` is ("after epoch 3 of stage ffm, lr 0.005"),
+    or None when it has none (or none that can be read)."""
+    try:
+        record = json.loads((Path(out) / CHECKPOINT).read_text())
+        return describe_position(stages, lrs, record)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 def resume_message(stages: list[str], config: Any, record: dict, out: Any) -> str:
@@ -196,13 +208,8 @@ class Checkpoints:
         )
 
     def _checkpoint_position(self) -> str | None:
-        """Where the run dir's checkpoint is ("after epoch 3 of stage ffm, lr 0.005"), or None
-        when it has none (or none that can be read)."""
-        try:
-            record = json.loads((self.out / CHECKPOINT).read_text())
-            return describe_position(self.stages, self.config.lrs, record)
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            return None
+        """Where the run dir's checkpoint is (``checkpoint_position``)."""
+        return checkpoint_position(self.out, self.stages, self.config.lrs)
 
     def _restore_rng(self, resume: dict) -> None:
         torch.set_rng_state(resume["rng"]["torch"])
