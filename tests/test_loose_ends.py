@@ -23,6 +23,8 @@ from cli.featcache_app import app as featcache_app
 from featcache.extract import ExtractConfig, plan_extraction, run_extraction
 from featcache.store import FeatureStore, StoreError
 from stitchtrain.pipeline.fit import fit
+from stitchtrain.scoring.probe import probe_store
+from stitchtrain.studies.cka import cka_stores
 from stitchtrain.train.config import FitConfig
 
 runner = CliRunner()
@@ -155,3 +157,21 @@ def test_info_counts_readable_and_skipped_images_as_ls_does(skipped_store):
     listing = runner.invoke(featcache_app, ["ls", str(Path(skipped_store).parent), "--json"])
     [summary] = json.loads(listing.output)["stores"]
     assert (summary["images"], len(summary["skipped"])) == (7, 2)  # rows, as the store has them
+
+
+# -- point 3: probe and CKA name a hybrid by its label -------------------------------------------
+def test_probe_metrics_name_a_hybrid_by_its_label(made, tmp_path):
+    metrics = probe_store(made["hybrid"]["train"], tmp_path / "probe",
+                          test_store=made["hybrid"]["test"], epochs=1, lrs=(1e-2,))  # fmt: skip
+    assert metrics["encoder"] == LABEL
+    saved = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    assert saved["encoder"] == LABEL
+
+
+def test_cka_names_a_hybrid_by_its_label(made, tmp_path):
+    result = cka_stores(made["hybrid"]["train"], made["stores"][SOURCE, "train"], [3], [3])
+    assert (result.encoder_a, result.encoder_b) == (LABEL, SOURCE)
+    result.save(tmp_path / "cka")
+    saved = json.loads((tmp_path / "cka" / "cka.json").read_text())
+    assert (saved["encoder_a"], saved["encoder_b"]) == (LABEL, SOURCE)
+    assert "stitched:" not in json.dumps(saved)
