@@ -11,12 +11,14 @@ the image counts.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 from conftest import extract_demo_stores
 from PIL import Image
+from test_report import write_sweep_dir
 from typer.testing import CliRunner
 
 from cli.featcache_app import app as featcache_app
@@ -25,6 +27,7 @@ from featcache.store import FeatureStore, StoreError
 from stitchtrain.pipeline.fit import fit
 from stitchtrain.scoring.probe import probe_store
 from stitchtrain.studies.cka import cka_stores
+from stitchtrain.studies.report.page import build_report
 from stitchtrain.train.config import FitConfig
 
 runner = CliRunner()
@@ -157,6 +160,67 @@ def test_info_counts_readable_and_skipped_images_as_ls_does(skipped_store):
     listing = runner.invoke(featcache_app, ["ls", str(Path(skipped_store).parent), "--json"])
     [summary] = json.loads(listing.output)["stores"]
     assert (summary["images"], len(summary["skipped"])) == (7, 2)  # rows, as the store has them
+
+
+# -- point 2: the report's Models table -----------------------------------------------------------
+def _models_table(markdown: str) -> list[list[str]]:
+    block = markdown.split("## Models", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in block.splitlines() if line.startswith("|")]
+    rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
+    return [row for row in rows if set(row) != {"---"}]
+
+
+def test_report_names_the_encoder_each_sweep_key_stands_for(made, tmp_path):
+    """Keys ``dinov2`` (a preset) and ``siglip2`` (here the hybrid's store): the Models table
+    gives each key's encoder (the hybrid by its label), fingerprint, dataset and split, read
+    from the stores the results record; it comes first on both pages."""
+    source, hybrid = made["stores"][SOURCE, "train"], made["hybrid"]["train"]
+    sweep = write_sweep_dir(tmp_path / "sweep", stores={"dinov2": source, "siglip2": hybrid})
+    out = tmp_path / "report"
+    build_report([sweep], out, cka=False, predictions=False)
+    markdown = (out / "report.md").read_text()
+    assert markdown.index("## Models") < markdown.index("## shapes")
+    header, *rows = _models_table(markdown)
+    assert header[:5] == ["key", "encoder", "fingerprint", "dataset", "split"]
+    by_key = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert set(by_key) == {"dinov2", "siglip2"}
+    for key, url in (("dinov2", source), ("siglip2", hybrid)):
+        attrs = FeatureStore.open(url).attrs
+        assert by_key[key]["fingerprint"] == attrs["encoder"]["fingerprint"]
+        assert by_key[key]["dataset"] == attrs["dataset"]["source"]
+        assert by_key[key]["split"] == "train" and by_key[key]["store"] == url
+    assert by_key["dinov2"]["encoder"] == SOURCE
+    assert by_key["siglip2"]["encoder"] == LABEL
+    page = (out / "index.html").read_text()
+    assert page.index("<h2>Models</h2>") < page.index("<h2>shapes")
+    assert LABEL in page and "stitched:" not in page
+
+
+def test_report_models_table_without_recorded_stores_says_so(tmp_path):
+    out = tmp_path / "report"
+    build_report([write_sweep_dir(tmp_path / "sweep")], out, cka=False, predictions=False)
+    markdown = (out / "report.md").read_text()
+    header, *rows = _models_table(markdown)
+    by_key = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert by_key["dinov2"]["encoder"] == "dinov2-tiny"  # the results' own encoder column
+    assert by_key["dinov2"]["fingerprint"] == "–"
+    block = markdown.split("## Models", 1)[1].split("\n## ", 1)[0]
+    assert "The results name no store of dinov2, siglip2" in block
+
+
+def test_report_models_table_names_a_store_that_does_not_open(made, tmp_path):
+    gone = str(tmp_path / "moved.zarr")
+    stores = {"dinov2": made["stores"][SOURCE, "train"], "siglip2": gone}
+    out = tmp_path / "report"
+    build_report([write_sweep_dir(tmp_path / "sweep", stores=stores)], out, cka=False,
+                 predictions=False)  # fmt: skip
+    markdown = (out / "report.md").read_text()
+    header, *rows = _models_table(markdown)
+    by_key = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert (by_key["siglip2"]["encoder"], by_key["siglip2"]["store"]) == ("siglip2-tiny", gone)
+    assert by_key["siglip2"]["fingerprint"] == "–"
+    block = markdown.split("## Models", 1)[1].split("\n## ", 1)[0]
+    assert f"The store of siglip2 at {gone} did not open: No featcache store" in block
 
 
 # -- point 3: probe and CKA name a hybrid by its label -------------------------------------------
