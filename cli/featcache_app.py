@@ -90,50 +90,96 @@ def models() -> None:
 app.registered_commands.extend(extract_app.registered_commands)  # extract
 
 
-def stores_table(root: str) -> Table | str:
-    """One row per store under ``root``: images (rows minus skipped ones) and skipped (images
-    unreadable at extraction, ``--on-bad-image skip``) apart; with no store under ``root``,
+def stores_table(root: str) -> tuple[Table | str, list[str]]:
+    """``featcache ls``'s table: one row per store under ``root``, images (rows minus skipped
+    ones) and skipped (images unreadable at extraction, ``--on-bad-image skip``) apart, and a
+    store that does not open marked ``damaged``; with the table, one line per damaged store
+    giving its reason and the ``featcache verify`` command. With no store under ``root``,
     one line saying so."""
     from rich.table import Table
 
-    from featcache.store import find_stores
+    from featcache.store import scan_stores
 
-    stores = find_stores(root)
-    if not stores:
-        return f"no featcache stores under {root}"
+    stores, damaged = scan_stores(root)
+    if not stores and not damaged:
+        return f"no featcache stores under {root}", []
     table = Table(title=f"stores under {root}")
     columns = ("store", "encoder", "dataset", "split", "layers", "images", "skipped", "size")
     for column in (*columns, "complete"):
         table.add_column(column, overflow="fold")
+    rows = []
     for store in stores:
         s = store.summary()
-        table.add_row(
-            s["url"],
-            s["encoder"],
-            s["dataset"],
-            s["split"],
-            ",".join(map(str, s["layers"])) or "-",
-            str(s["images"] - len(s["skipped"])),
-            str(len(s["skipped"])),
-            format_size(s["bytes"]),
-            "yes" if s["complete"] else f"no ({s['shards_done']}/{s['num_shards']})",
+        rows.append(
+            (
+                s["url"],
+                s["encoder"],
+                s["dataset"],
+                s["split"],
+                ",".join(map(str, s["layers"])) or "-",
+                str(s["images"] - len(s["skipped"])),
+                str(len(s["skipped"])),
+                format_size(s["bytes"]),
+                "yes" if s["complete"] else f"no ({s['shards_done']}/{s['num_shards']})",
+            )
         )
-    return table
+    rows += [(d.url, *["-"] * (len(columns) - 1), "damaged") for d in damaged]
+    for row in sorted(rows):
+        table.add_row(*row)
+    lines = [
+        f"damaged: {d.url}: {d.reason} Run `featcache verify {d.url}` for every fault."
+        for d in damaged
+    ]
+    return table, lines
+
+
+def print_stores(root: str) -> None:
+    """Print ``stores_table(root)``: the table, then each damaged store's line."""
+    table, lines = stores_table(root)
+    console.print(table, highlight=False, soft_wrap=True)
+    for line in lines:  # one line each, however long
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def stores_json(root: str) -> dict:
+    """``featcache ls --json``: every store's summary (``FeatureStore.summary``) and every
+    damaged store's URL, reason and ``featcache verify`` command."""
+    from featcache.store import scan_stores
+
+    stores, damaged = scan_stores(root)
+    return {
+        "root": root,
+        "stores": [store.summary() for store in stores],
+        "damaged": [
+            {"url": d.url, "reason": d.reason, "verify": f"featcache verify {d.url}"}
+            for d in damaged
+        ],
+    }
 
 
 @app.command(name="ls")
 @reports_errors
-def list_stores(root: str = typer.Argument(..., help="Directory or URL holding stores.")) -> None:
+def list_stores(
+    root: str = typer.Argument(..., help="Directory or URL holding stores."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
     """List the stores under ROOT: encoder, dataset, split, layers, images, skipped, size,
-    complete (images: readable ones; skipped: unreadable, --on-bad-image skip). No store
-    under ROOT: one line saying so (exit status 0)."""
+    complete (images: readable ones; skipped: unreadable, --on-bad-image skip). A store that
+    does not open is listed as damaged, with its reason on a line below the table and the
+    featcache verify command to run. No store under ROOT: one line saying so. Exit status 0
+    (--json: the stores' summaries and the damaged stores)."""
+    import json
+
     from featcache.errors import FeatcacheError
 
     if "://" not in root and not Path(root).exists():
         raise FeatcacheError(
             f"Expected ROOT to be a directory or URL. Got {root}, which is absent."
         )
-    console.print(stores_table(root), highlight=False, soft_wrap=True)
+    if as_json:
+        print(json.dumps(stores_json(root), indent=2, default=str))
+        return
+    print_stores(root)
 
 
 @app.command()
@@ -152,7 +198,7 @@ def demo(
     with progress_display(console) as display:
         for config in configs:
             _extract_with_progress(config, display)
-    console.print(stores_table(str(out / "stores")))
+    print_stores(str(out / "stores"))
 
 
 @app.command()
@@ -231,6 +277,7 @@ def _info_rows(summary: dict, attrs: dict) -> list[tuple[str, str]]:
     arrays = [name for name in ("final", "pooled", "masks") if name in attrs.get("arrays", [])]
     layers = ",".join(map(str, summary["layers"])) or "none"
     done = f"{summary['shards_done']}/{summary['num_shards']} shards"
+    skipped = len(summary["skipped"])  # rows of images unreadable at extraction
     rows = [
         ("encoder", f"{summary['encoder']} (fingerprint {summary['fingerprint']})"),
         (
@@ -241,7 +288,7 @@ def _info_rows(summary: dict, attrs: dict) -> list[tuple[str, str]]:
         ("dataset", str(summary["dataset"])),
         ("split", str(summary["split"])),
         ("layers", f"{layers} (tokens {summary['tokens']}; also {', '.join(arrays) or '-'})"),
-        ("images", f"{summary['images']} ({len(summary['skipped'])} skipped)"),
+        ("images", f"{summary['images'] - skipped} readable, {skipped} skipped"),
         ("dtype", f"{summary['dtype']}, compression {attrs.get('compression', '-')}"),
         ("precision", _precision_text(summary)),
         ("size", format_size(summary["bytes"])),

@@ -164,7 +164,7 @@ def test_info_prints_a_summary_and_json_on_request(extracted):
     for name in ("encoder", "dataset", "split", "layers", "images", "size", "complete"):
         assert any(line.split("│")[1].strip() == name for line in lines if "│" in line), name
     assert "dinov2-tiny" in result.output and "5,6" in result.output
-    assert "18 (0 skipped)" in result.output and "yes (3/3 shards)" in result.output
+    assert "18 readable, 0 skipped" in result.output and "yes (3/3 shards)" in result.output
     assert "112x112 input" in result.output and "grid 8x8" in result.output
     with pytest.raises(json.JSONDecodeError):
         json.loads(result.output)

@@ -429,8 +429,9 @@ def test_build_report_reports_progress_step_by_step(synthetic_report, tmp_path):
         "figures shapes",
         "tables shapes",
         "tables across datasets",
+        "models",
         "runs table",
         "pages",
         "done",
     ]
-    assert [(done, total) for _, done, total in calls] == [(k, 5) for k in range(6)]
+    assert [(done, total) for _, done, total in calls] == [(k, 6) for k in range(7)]

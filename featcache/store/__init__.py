@@ -51,10 +51,11 @@ compression, bitround, bfloat16 bits, ids), ``layout`` (the arrays and their cod
 ``proof`` (every read proves its shard against the marker), ``consistency`` (what opening
 checks: the attributes against each other and every array's metadata), ``verify`` (faults of
 marked shards), ``feature_store`` (``FeatureStore``), ``catalog``
-(finding and removing stores), ``storage`` (fsspec URLs, atomic writes, temp files), ``errors``.
+(finding stores, damaged ones named, and removing stores), ``storage`` (fsspec URLs, atomic
+writes, temp files), ``errors``.
 """
 
-from featcache.store.catalog import find_stores, remove_store
+from featcache.store.catalog import DamagedStore, find_stores, remove_store, scan_stores
 from featcache.store.codec import (
     bfloat16_bits_to_float32,
     bitround_float16,
@@ -89,6 +90,7 @@ __all__ = [
     "PRECISIONS",
     "READABLE_FORMAT_VERSIONS",
     "TOKEN_MODES",
+    "DamagedStore",
     "FeatureStore",
     "ShardProofError",
     "StoreError",
@@ -105,5 +107,6 @@ __all__ = [
     "parse_compression",
     "remove_stale_partials",
     "remove_store",
+    "scan_stores",
     "write_atomic",
 ]

@@ -265,12 +265,15 @@ def probe_store(
 
     Trains on the store's valid rows (minus a seeded validation split), tests on the matching
     ``test`` split store; writes config.json, head.safetensors, metrics.json under ``out``.
+    metrics.json names the encoder as a user reads it (``names.encoder_label``: a hybrid by its
+    label); config.json's ``store`` says which store it was.
     """
     from safetensors.torch import save
 
     from featcache.store import FeatureStore
     from stitchtrain.data.integrity import check_usable, require_finite
     from stitchtrain.data.loader import split_rows
+    from stitchtrain.data.names import encoder_label
     from stitchtrain.data.pairing import find_split_store
 
     store = FeatureStore.open(store_url)
@@ -316,7 +319,7 @@ def probe_store(
         save({k: v.contiguous() for k, v in result.head.state_dict().items()})
     )
     metrics = {
-        "encoder": store.attrs["encoder"]["name"],
+        "encoder": encoder_label(store.attrs["encoder"]),  # a hybrid by its label
         "test_accuracy": test_accuracy,
         "val_accuracy": result.val_accuracy,
         "lr": result.lr,

@@ -34,6 +34,7 @@ from dask.callbacks import Callback
 from featcache.errors import FeatcacheError
 from featcache.store import FeatureStore, bfloat16_bits_to_float32
 from stitchtrain.data.loader import valid_rows
+from stitchtrain.data.names import encoder_label
 
 __all__ = [
     "TOKEN_MODES",
@@ -262,7 +263,9 @@ def cka_matrix(
 
 @dataclass
 class CKAResult:
-    """CKA values ``(len(layers_a), len(layers_b))`` between two stores' layers."""
+    """CKA values ``(len(layers_a), len(layers_b))`` between two stores' layers; the stores
+    by URL, their encoders by the name a user reads (``names.encoder_label``: a hybrid by its
+    label)."""
 
     store_a: str
     store_b: str
@@ -359,8 +362,8 @@ def cka_stores(
     return CKAResult(
         store_a=a.url,
         store_b=b.url,
-        encoder_a=a.attrs["encoder"]["name"],
-        encoder_b=b.attrs["encoder"]["name"],
+        encoder_a=encoder_label(a.attrs["encoder"]),
+        encoder_b=encoder_label(b.attrs["encoder"]),
         layers_a=names_a,
         layers_b=names_b,
         values=values.tolist(),

@@ -19,6 +19,9 @@ Every PNG has its data beside it, same name with .csv: the x and y arrays handed
 matplotlib (columns panel, series, x, y; one row per plotted point; the heatmap: layer_a,
 layer_b, cka), written by the same call that plots them (``_draw``).
 
+The page opens with "Models" (``models``): each sweep key's encoder (a hybrid by its label),
+fingerprint, and its stores' dataset and split, read from the stores the results record.
+
 Tables in the layout of the paper's Tables 1 (TLT by initialisation), 2 (self-stitch vs
 stitched across datasets), 3 (stitch families), 4 (task-specific vs task-agnostic FFM, when
 transfer outputs exist), 6 (LFM vs FFM under linear probing) and 12 (prediction analysis), and

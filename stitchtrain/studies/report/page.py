@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stitchtrain.studies.report.folder import check_report_dir, replaced_whole
+from stitchtrain.studies.report.models import MODELS_TITLE, models_section
 from stitchtrain.studies.report.plots import PAGE_WIDTH_PX
 from stitchtrain.studies.report.render import _templates
 from stitchtrain.studies.report.runs import _DatasetRuns, load_results
@@ -64,8 +65,8 @@ def build_report(
     ``progress(step, done, total)`` is called as each step starts, ``done`` of ``total``
     steps finished, and once at the end as ``("done", total, total)``. The steps, per
     dataset D: "figures D", "tables D", "CKA D" (with ``cka``), "predictions D" (with
-    ``predictions``); then "tables across datasets", "runs table" (when there are sweep
-    results) and "pages" (writing report.md and index.html).
+    ``predictions``); then "tables across datasets", "models" and "runs table" (when there are
+    sweep results) and "pages" (writing report.md and index.html).
 
     ``out`` must be new, empty or an earlier report (``folder.check_report_dir``); the report
     is built beside it and then replaces it whole (``folder.replaced_whole``)."""
@@ -92,6 +93,7 @@ def _build(frame, transfers, out: Path, cka, predictions, cka_max_images, title,
             steps.append((f"predictions {dataset}", lambda runs=runs: _predictions_section(runs)))
     steps.append(("tables across datasets", lambda: _across_section(frame, transfers)))
     if not frame.empty:
+        steps.append(("models", lambda: models_section(frame)))
         steps.append(("runs table", lambda: _runs_section(frame)))
     total = len(steps) + 1
     sections: list[_Section] = []
@@ -103,6 +105,7 @@ def _build(frame, transfers, out: Path, cka, predictions, cka_max_images, title,
             sections.append(section)
     if progress is not None:
         progress("pages", total - 1, total)
-    _write(sections, out, title)
+    # the Models section, what each sweep key stands for, heads the page
+    _write(sorted(sections, key=lambda section: section.title != MODELS_TITLE), out, title)
     if progress is not None:
         progress("done", total, total)
