@@ -81,7 +81,8 @@ def test_parquet_bytes_field_holding_a_path_is_refused_not_read(tmp_path):
     with pytest.raises(BadImageError) as info:
         record.decode()
     message = str(info.value)
-    assert str(file) in message and "row 0" in message and repr(str(secret)) in message
+    shown = repr(str(secret))[:200]  # a long value is shown cut at 200 characters
+    assert str(file) in message and "row 0" in message and shown in message
     assert "bytes" in message and "str" in message and "\n" not in message
 
 
@@ -90,7 +91,7 @@ def test_extract_cli_refuses_a_bytes_field_holding_a_path(tmp_path):
     file = _parquet(tmp_path / "hub" / "train.parquet",
                     [{"bytes": str(secret), "path": None}], _string_struct())  # fmt: skip
     line = _cli_error(_extract_cli(file, tmp_path / "out"))
-    assert str(file) in line and repr(str(secret)) in line
+    assert str(file) in line and repr(str(secret))[:200] in line
 
 
 @pytest.fixture()
