@@ -113,7 +113,7 @@ def stores_table(root: str) -> tuple[Table | str, list[str]]:
         rows.append(
             (
                 s["url"],
-                s["encoder"],
+                s["label"],
                 s["dataset"],
                 s["split"],
                 ",".join(map(str, s["layers"])) or "-",

@@ -10,6 +10,8 @@ run dir.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import extract_demo_stores
 from typer.testing import CliRunner
@@ -205,6 +207,20 @@ def test_featcache_show_and_info_of_a_hybrid_store(made, tmp_path):
     for needle in (f"hybrid {LABEL}", f"source {SOURCE}", f"position {POSITION}",
                    f"target {TARGET}", "stage ffm", "linear stitch"):  # fmt: skip
         assert needle in text, (needle, text)
+
+
+def test_ls_names_a_hybrid_store_by_its_label(made):
+    """The encoder column reads `dinov2-tiny[:2]→clip-tiny`, not the run dir's path; the JSON
+    keeps the name (`stitched:DIR`, what loads it) and adds the label."""
+    from cli.featcache_app import app as featcache_app
+
+    root = str(made["root"] / "hybrid-stores")
+    listed = runner.invoke(featcache_app, ["ls", root])
+    assert listed.exit_code == 0, listed.output
+    assert LABEL in _flat(listed.output) and "stitched:" not in listed.output
+    as_json = runner.invoke(featcache_app, ["ls", root, "--json"])
+    (store, *_) = json.loads(as_json.output)["stores"]
+    assert store["label"] == LABEL and store["encoder"] == f"stitched:{made['run']}"
 
 
 def test_positions_of_hybrid_names_and_stores(made):

@@ -402,6 +402,9 @@ class FeatureStore(ShardMarkers, ShardFiles, ShardProof, StoreVerification):
             "url": self.url,
             "store_id": self.attrs["store_id"],
             "encoder": self.attrs["encoder"]["name"],
+            # what users read: a hybrid's label (``stitched:DIR`` is a path), else the name
+            "label": (self.attrs["encoder"].get("hybrid") or {}).get("label")
+            or self.attrs["encoder"]["name"],
             "fingerprint": self.attrs["encoder"]["fingerprint"],
             "dataset": self.attrs["dataset"]["source"],
             "split": self.attrs["dataset"]["split"],
