@@ -153,6 +153,9 @@ def test_bad_run_dirs_are_one_line_errors_and_write_nothing(pair, tmp_path):
     data = bytearray((tampered / "stitch-tlt.safetensors").read_bytes())
     data[-1] ^= 1
     (tampered / "stitch-tlt.safetensors").write_bytes(bytes(data))
+    deep = tmp_path / "deep"
+    shutil.copytree(run, deep)
+    (deep / "config.json").write_text("[" * 200_000 + "]" * 200_000)
     cases = [
         (f"stitched:{unfinished}", ["unfinished", "no metrics.json"]),
         (f"stitched:{run}#lfm", ["Expected a stage of run dir", "ffm, tlt", "'lfm'"]),
@@ -160,6 +163,7 @@ def test_bad_run_dirs_are_one_line_errors_and_write_nothing(pair, tmp_path):
         (f"stitched:{pair['self']}", ["self-stitch of dinov2-tiny"]),
         (f"stitched:{pair['probe']}", ["linear-probe run dir"]),
         (f"stitched:{tmp_path / 'absent'}", ["not a directory"]),
+        (f"stitched:{deep}", ["config.json", "nested too deeply"]),
     ]
     for model, needles in cases:
         out = tmp_path / "out"

@@ -28,6 +28,7 @@ from featcache.store import FeatureStore, StoreError
 from stitchtrain.data.loader import FeatureLoader, Field
 
 runner = CliRunner()
+DEEP = "[" * 200_000 + "]" * 200_000
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,15 @@ METADATA_DAMAGE = {
     "edited num_shards": (
         lambda p, s: _edit_root(p, lambda a: a.update(num_shards=4)),
         ["num_shards", "4"],
+    ),
+    # JSON nested deeper than Python's parser recurses: a RecursionError, not a JSONDecodeError
+    "deeply nested root zarr.json": (
+        lambda p, s: (p / "zarr.json").write_text(DEEP),
+        ["zarr.json", "nested too deeply"],
+    ),
+    "deeply nested marker": (  # shard 1 is then unmarked: fit calls the store incomplete
+        lambda p, s: (p / "markers/shard-000001/zarr.json").write_text(DEEP),
+        ["marker"],
     ),
 }
 DAMAGE = {**SHARD_DAMAGE, **METADATA_DAMAGE}

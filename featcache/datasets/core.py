@@ -52,6 +52,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from featcache.errors import BadImageError, FeatcacheError
+from featcache.jsontext import parse_json
 
 __all__ = [
     "ACCEPTED_DATA",
@@ -609,15 +610,6 @@ def read_text(file: str) -> str:
             f"Expected UTF-8 text in {file}. Got {shown} on line {number} ({err.reason}: byte "
             f"{raw[at : at + 1]!r}) instead."
         ) from None
-
-
-def parse_json(text: str | bytes) -> Any:
-    """``json.loads(text)``; JSON nested deeper than the parser can follow (it recurses once
-    per level: a ``RecursionError``) is a ``ValueError`` too, like any other invalid JSON."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError("JSON nested deeper than the parser can follow (RecursionError)") from None
 
 
 def read_json(file: str, expected: str) -> Any:

@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import json
-
+from featcache.jsontext import parse_json
 from featcache.store.errors import StoreError
 from featcache.store.layout import _STORE_NAMES
 
@@ -16,8 +15,8 @@ def _read_json(fs, path: str) -> tuple[dict | None, str | None]:
     except FileNotFoundError:
         return None, None
     try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        value = parse_json(raw)
+    except ValueError as err:  # not JSON, not UTF-8, nested too deeply
         return None, f"{path} is not valid JSON ({err})"
     if not isinstance(value, dict):
         return None, f"{path} holds {type(value).__name__}, not a JSON object"

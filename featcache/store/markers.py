@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from featcache.jsontext import parse_json
 from featcache.store.claims import _read_json
 from featcache.store.storage import is_local, remove_stale_partials, sync_files, write_atomic
 
@@ -57,8 +58,8 @@ class ShardMarkers:
             meta, problem = None, None
             if isinstance(raw, bytes):
                 try:
-                    meta = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    meta = parse_json(raw)
+                except ValueError as err:  # not JSON, not UTF-8, nested too deeply
                     problem = f"marker is not valid JSON ({err})"
             elif raw is not None:
                 problem = f"marker unreadable ({raw})"

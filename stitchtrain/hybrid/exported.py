@@ -22,6 +22,7 @@ import torch
 
 from featcache.encoders import Encoder, load_encoder
 from featcache.errors import FeatcacheError
+from featcache.jsontext import parse_json
 from stitchtrain.hybrid.errors import HybridError
 from stitchtrain.hybrid.parts import HybridParts, build_loaded_stitch, read_json
 
@@ -51,7 +52,7 @@ def file_digest(path: Path) -> str:
 def is_export(path: Path) -> bool:
     """Whether folder ``path`` is an export folder (its config.json names the format)."""
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = parse_json((path / "config.json").read_bytes())
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and config.get("format") == EXPORT_FORMAT

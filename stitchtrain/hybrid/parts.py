@@ -14,7 +14,6 @@ stitch's tensors have the shapes its kind needs between them. Anything else is a
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from safetensors.torch import load
 
 from featcache.encoders import Encoder
 from featcache.errors import FeatcacheError
+from featcache.jsontext import parse_json
 from featcache.store import FeatureStore
 from stitchtrain.data.names import encoder_label
 from stitchtrain.hybrid.errors import HybridError
@@ -66,7 +66,7 @@ class HybridParts:
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from ``path``; a ``HybridError`` naming ``what`` otherwise."""
     try:
-        data = json.loads(path.read_text())
+        data = parse_json(path.read_bytes())
     except (OSError, ValueError) as err:
         raise HybridError(
             f"Expected {what} {path} to be readable JSON. Got {err} instead."

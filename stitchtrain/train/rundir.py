@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from featcache.errors import FeatcacheError
+from featcache.jsontext import parse_json
 from featcache.store import remove_stale_partials, write_atomic
 from stitchtrain.train.config import OBJECTIVES, FitConfig
 
@@ -69,10 +70,7 @@ _CHECKPOINT_FILES = re.compile(
 def read_json(path: Path) -> Any:
     """The JSON value in ``path``. A file that is not JSON (bad UTF-8, bad syntax, or nested
     deeper than Python's parser recurses) raises ``ValueError``; ``OSError`` passes through."""
-    try:
-        return json.loads(path.read_bytes())
-    except RecursionError:
-        raise ValueError("JSON nested too deeply to parse") from None
+    return parse_json(path.read_bytes())
 
 
 def record_digest(record: dict) -> str:
