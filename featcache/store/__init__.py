@@ -81,7 +81,7 @@ from featcache.store.spec import (
     TOKEN_MODES,
     StoreSpec,
 )
-from featcache.store.storage import remove_stale_partials, write_atomic
+from featcache.store.storage import TEMP_SUFFIX, remove_stale_partials, write_atomic
 
 __all__ = [
     "DIGEST_BYTES",
@@ -89,6 +89,7 @@ __all__ = [
     "FORMAT_VERSION",
     "PRECISIONS",
     "READABLE_FORMAT_VERSIONS",
+    "TEMP_SUFFIX",
     "TOKEN_MODES",
     "DamagedStore",
     "FeatureStore",

@@ -42,6 +42,7 @@ import zarr
 from zarr.core.buffer import Buffer
 
 __all__ = [
+    "TEMP_SUFFIX",
     "ZARR_TEMP_GRACE_S",
     "WriterLocalStore",
     "existing_ancestor",
@@ -56,7 +57,9 @@ __all__ = [
 ZARR_TEMP_GRACE_S = 900.0
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _SEQUENCE = itertools.count()
-_OURS = re.compile(r"\.fc-(\d+)-([0-9a-f]{8})-\d+\.partial$")
+# the suffix of our temp files (pid, host hash, sequence), as a regex others may match names by
+TEMP_SUFFIX = r"\.fc-(\d+)-([0-9a-f]{8})-\d+\.partial"
+_OURS = re.compile(TEMP_SUFFIX + "$")
 _ZARRS = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from featcache.errors import FeatcacheError
 from featcache.jsontext import parse_json
-from featcache.store import remove_stale_partials, write_atomic
+from featcache.store import TEMP_SUFFIX, remove_stale_partials, write_atomic
 from stitchtrain.train.config import OBJECTIVES, FitConfig
 
 __all__ = [
@@ -62,9 +62,7 @@ WRITTEN = re.compile(
     rf"|(stitch|stitch-{_STAGE}|head)\.safetensors"
 )
 # what remove_checkpoint deletes: the checkpoint files and the temp files of their atomic writes
-_CHECKPOINT_FILES = re.compile(
-    rf"(checkpoint\.json|{CHECKPOINT_TENSORS})(\.fc-\d+-[0-9a-f]{{8}}-\d+\.partial)?"
-)
+_CHECKPOINT_FILES = re.compile(rf"(checkpoint\.json|{CHECKPOINT_TENSORS})({TEMP_SUFFIX})?")
 
 
 def read_json(path: Path) -> Any:
