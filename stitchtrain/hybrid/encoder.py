@@ -134,16 +134,19 @@ class HybridEncoder(Encoder):
         return self.target._pool(tokens, final)
 
     # -- what a store can hold -----------------------------------------------------------------
-    def storable_layers(self, layers: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    @property
+    def _source_tokens_fit(self) -> bool:
+        """Whether the source's tokens have the hybrid's shape (then every layer is storable)."""
         source = self.source
-        same = source.layout.num_tokens == self.num_tokens and source.width == self.width
-        return tuple(n for n in layers if same or n > self.source_layers)
+        return source.layout.num_tokens == self.num_tokens and source.width == self.width
+
+    def storable_layers(self, layers: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(n for n in layers if self._source_tokens_fit or n > self.source_layers)
 
     def check_storable(self, layers: list[int] | tuple[int, ...]) -> None:
         super().check_storable(layers)
         source = self.source
-        same = source.layout.num_tokens == self.num_tokens and source.width == self.width
-        bad = [] if same else sorted(n for n in layers if n <= self.source_layers)
+        bad = sorted(set(layers) - set(self.storable_layers(layers)))
         if bad:
             raise LayerIndexError(
                 f"Expected layers in {self.source_layers + 1}..{self.depth} for {self.name}: "
