@@ -251,9 +251,10 @@ def check_pair(
     options = {"stitch": stitch, "objective": objective, "pooled_only": pooled_only}
     allowed = ", ".join(map(str, usable_positions(source, target, **options))) or "none"
     usable = f"for {objective} with a {stitch} stitch, these stores allow: {allowed}"
-    if position < _own_layers_from(target):
+    own = _own_layers_from(target)
+    if position < own:
         raise PairingError(
-            f"Expected --position of at least {_own_layers_from(target)} into the hybrid "
+            f"Expected --position of at least {own} into the hybrid "
             f"{encoder_label(target_encoder)}: its layers before that are its source's, of "
             f"another token shape. Got {position} instead ({usable})."
         )
