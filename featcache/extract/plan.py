@@ -176,15 +176,21 @@ def _changed_file(plan: ExtractPlan, shard: int, marker: dict) -> str | None:
     return None
 
 
-def current_shards(plan: ExtractPlan, store: FeatureStore, shards: Iterable[int]) -> set[int]:
-    """The marked shards of ``shards`` whose files are unchanged since they were written.
+def current_shards(
+    plan: ExtractPlan,
+    store: FeatureStore,
+    shards: Iterable[int],
+    markers: dict[int, dict] | None = None,
+) -> set[int]:
+    """The marked shards of ``shards`` whose files are unchanged since they were written
+    (``markers``: the store's valid markers, as already read; default: read them).
 
     Each marked shard's recorded file stamps are compared with the files now (one ``stat`` per
     row). A changed shard is an error naming the first changed file under
     ``--on-changed-data error`` (the default); under ``reextract`` it is left out, so the run
     extracts it again. Stamps equal in size and mtime hide a change: only a forced re-extract
     sees it. Nothing is written here."""
-    markers = store.valid_markers()
+    markers = store.valid_markers() if markers is None else markers
     current = set()
     for shard in shards:
         if shard not in markers:

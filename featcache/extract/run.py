@@ -61,8 +61,9 @@ def refresh_changed(plan: ExtractPlan, store: FeatureStore, shards) -> set[int]:
     """The marked shards of ``shards`` whose files are unchanged (``current_shards``: a changed
     one is an error under ``--on-changed-data error``); under ``reextract`` each changed
     shard's marker is removed first, so a crash while it is rewritten leaves it unmarked."""
-    current = current_shards(plan, store, shards)
-    for shard in store.marked_shards() & set(shards) - current:
+    markers = store.valid_markers()  # read once: which shards are marked, and their stamps
+    current = current_shards(plan, store, shards, markers)
+    for shard in set(markers) & set(shards) - current:
         store.unmark(shard)
     return current
 
