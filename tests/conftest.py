@@ -247,3 +247,16 @@ def reseal_marker(url: str, *shards: int) -> None:
         objects = {name: store._object_record(name, shard) for name in store.array_names()}
         info = {k: v for k, v in marker.items() if k not in ("shard", "store_id")}
         store.write_marker(shard, {**info, "objects": objects})
+
+
+def folder_with_unreadable_images(data) -> None:
+    """A class folder at ``data`` (classes a, b) of 5 readable PNGs and 2 files that are no
+    image (``--on-bad-image skip`` records them as skipped)."""
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (40, 30), (40 * i, 10, 200)).save(data / "ab"[i % 2] / f"ok{i}.png")
+    (data / "a" / "text.jpg").write_text("not an image")
+    (data / "b" / "empty.jpg").write_bytes(b"")

@@ -16,8 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import extract_demo_stores
-from PIL import Image
+from conftest import extract_demo_stores, folder_with_unreadable_images
 from test_report import write_sweep_dir
 from typer.testing import CliRunner
 
@@ -138,12 +137,7 @@ def skipped_store(tmp_path_factory) -> str:
     """A class-folder store of 5 readable and 2 unreadable images (--on-bad-image skip)."""
     root = tmp_path_factory.mktemp("skips")
     data = root / "data"
-    for name in ("a", "b"):
-        (data / name).mkdir(parents=True)
-    for i in range(5):
-        Image.new("RGB", (40, 30), (40 * i, 10, 200)).save(data / "ab"[i % 2] / f"ok{i}.png")
-    (data / "a" / "text.jpg").write_text("not an image")
-    (data / "b" / "empty.jpg").write_bytes(b"")
+    folder_with_unreadable_images(data)
     plan = plan_extraction(
         ExtractConfig(models=["dinov2-tiny"], data=str(data), out=str(root / "s"), layers=[1],
                       on_bad_image="skip")

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import extract_demo_stores
+from conftest import extract_demo_stores, folder_with_unreadable_images
 from PIL import Image
 from test_report import assert_figures_equal_tables, write_sweep_dir
 from typer.testing import CliRunner
@@ -149,12 +149,7 @@ def _ls_rows(output: str) -> list[dict[str, str]]:
 
 def test_ls_counts_skipped_images_apart_from_images(tmp_path):
     data = tmp_path / "data"
-    for name in ("a", "b"):
-        (data / name).mkdir(parents=True)
-    for i in range(5):
-        Image.new("RGB", (40, 30), (40 * i, 10, 200)).save(data / "ab"[i % 2] / f"ok{i}.png")
-    (data / "a" / "text.jpg").write_text("not an image")
-    (data / "b" / "empty.jpg").write_bytes(b"")
+    folder_with_unreadable_images(data)
     args = ["extract", "--model", "dinov2-tiny", "--data", str(data), "--out", str(tmp_path / "s")]
     result = runner.invoke(featcache_app, [*args, "--layers", "1", "--on-bad-image", "skip"])
     assert result.exit_code == 0, result.output
